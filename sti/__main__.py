@@ -1,0 +1,3 @@
+from sti.cli import main
+
+raise SystemExit(main())

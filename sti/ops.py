@@ -1,0 +1,55 @@
+"""Tensor primitives of the NumPy runtime. Pure functions on float32 arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below float32 resolution of GELU's
+# output scale); NumPy has no erf ufunc and SciPy's costs ~4x more here and 250 ms to import.
+_P = np.float32(0.3275911)
+_A = [np.float32(c) for c in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592)]
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    a = np.abs(x)
+    t = 1.0 / (1.0 + _P * a)
+    poly = _A[0]
+    for c in _A[1:]:
+        poly = poly * t + c
+    y = 1.0 - poly * t * np.exp(-a * a)
+    return np.copysign(y, x)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as BERT uses."""
+    return 0.5 * x * (1.0 + erf(x * np.float32(0.7071067811865476)))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    mu = x.mean(-1, keepdims=True)
+    xc = x - mu
+    var = np.mean(xc * xc, -1, keepdims=True)
+    return xc * (1.0 / np.sqrt(var + np.float32(eps))) * w + b
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(x * x, -1, keepdims=True)
+    return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis, keepdims=True))
+    e /= e.sum(axis, keepdims=True)
+    return e
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T (+ b), with w stored (out, in) as checkpoints store it."""
+    y = x @ w.T
+    if b is not None:
+        y += b
+    return y
