@@ -20,9 +20,27 @@ def erf(x: np.ndarray) -> np.ndarray:
     return np.copysign(y, x)
 
 
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact (erf) GELU, as BERT uses."""
+try:  # vectorised C kernel (setup.py); the NumPy path below is the fallback
+    from sti._fastmath import gelu_ as _gelu_c
+except ImportError:  # pragma: no cover - depends on the build
+    _gelu_c = None
+
+
+def gelu_numpy(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + erf(x * np.float32(0.7071067811865476)))
+
+
+def gelu_(x: np.ndarray) -> np.ndarray:
+    """Exact (erf) GELU, as BERT uses, computed in place on x (a float32 array) and returned."""
+    if _gelu_c is not None and x.flags.c_contiguous and x.flags.writeable:
+        _gelu_c(x)
+    else:
+        x[...] = gelu_numpy(x)
+    return x
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return gelu_(np.array(x, dtype=np.float32, order="C"))
 
 
 def silu(x: np.ndarray) -> np.ndarray:

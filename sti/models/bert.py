@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import gelu, layer_norm, linear, softmax
+from sti.ops import gelu_, layer_norm, linear, softmax
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.n
         attn = np.broadcast_to(w["bo"], x.shape)
     x = layer_norm(x + attn, w["ln1_w"], w["ln1_b"], cfg.layer_norm_eps)
     if w["w_up"].shape[0]:
-        ffn = linear(gelu(linear(x, w["w_up"], w["b_up"])), w["w_down"], w["b_down"])
+        ffn = linear(gelu_(linear(x, w["w_up"], w["b_up"])), w["w_down"], w["b_down"])
     else:
         ffn = np.broadcast_to(w["b_down"], x.shape)
     return layer_norm(x + ffn, w["ln2_w"], w["ln2_b"], cfg.layer_norm_eps)

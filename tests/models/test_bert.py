@@ -67,11 +67,12 @@ def test_elastic_heads_equal_zeroed_output_columns(rng):
 def test_gelu_matches_exact_erf():
     from math import erf, sqrt
 
-    from sti.ops import gelu
+    from sti.ops import gelu, gelu_numpy
 
     x = np.linspace(-8, 8, 2001).astype(np.float32)
     exact = np.array([0.5 * v * (1 + erf(v / sqrt(2))) for v in x.astype(np.float64)])
     assert np.abs(gelu(x) - exact).max() < 2e-6
+    assert np.abs(gelu_numpy(x) - exact).max() < 2e-6
 
 
 @pytest.mark.reference
@@ -96,3 +97,14 @@ def test_minilm_matches_transformers():
             theirs = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
         m = mask[..., None].astype(bool)
         assert np.abs(np.where(m, ours - theirs, 0)).max() <= 1e-4
+
+
+def test_gelu_c_kernel_agrees_with_numpy_fallback():
+    from sti import ops
+
+    if ops._gelu_c is None:
+        pytest.skip("C kernel sti._fastmath not built (no compiler/libmvec); the NumPy path is in use")
+    x = np.random.default_rng(1).standard_normal(10_000).astype(np.float32) * 4
+    c = ops.gelu(x)
+    assert np.abs(c - ops.gelu_numpy(x)).max() < 1e-6
+    assert not np.shares_memory(c, x)
