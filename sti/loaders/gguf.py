@@ -48,12 +48,21 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 
 # Tokenizer data tables.
-# tokenizer.ggml.pre -> how text is split before byte-level BPE ("digits": each digit alone first).
-PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
-    "smollm": ("digits", "byte_level"),
-    "starcoder": ("digits", "byte_level"),
+# tokenizer.ggml.pre -> how text is split before byte-level BPE, as llama.cpp does for that name:
+# "digits" isolates every digit first, "byte_level" is the GPT-2 split and byte alphabet,
+# ("split", regex) splits with a regex, then "byte_level_only" maps to the byte alphabet.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_DIGITS_THEN_GPT2 = {"steps": ("digits", "byte_level")}
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "smollm": _DIGITS_THEN_GPT2,
+    "starcoder": _DIGITS_THEN_GPT2,
+    "refact": _DIGITS_THEN_GPT2,
+    "codeshell": _DIGITS_THEN_GPT2,
+    "llama-bpe": {"steps": (("split", _LLAMA3_SPLIT), "byte_level_only"), "ignore_merges": True},
+    "llama3": {"steps": (("split", _LLAMA3_SPLIT), "byte_level_only"), "ignore_merges": True},
 }
-DEFAULT_PRE_TOKENIZER = ("byte_level",)
+DEFAULT_PRE_TOKENIZER: dict[str, Any] = {"steps": ("byte_level",)}  # GPT-2
 TOKENIZER_MODELS = ("gpt2",)
 # Control tokens that end a turn; their ids join eos/eot in ``special["stop_ids"]``.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<|end|>")
@@ -121,7 +130,7 @@ class GGUFFile:
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as a new C-contiguous float32 array in NumPy order (rows, cols)."""
         info = self._info(name)
-        check_supported(info)
+        check_supported(info, self.path)
         raw = self.raw(name)
         t = info.ggml_type
         if t == GGMLQuantizationType.F32:
@@ -151,9 +160,12 @@ def _dequantize_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarr
     1.5x faster: that function slices the tensor into groups of 16 rows and concatenates them."""
     from gguf import quants
 
-    kernel = getattr(getattr(quants, qtype.name, None), "dequantize_blocks", None)
+    cls = getattr(quants, qtype.name, None)
+    kernel = getattr(cls, "dequantize_blocks", None)
     if kernel is None:
         return quants.dequantize(raw, qtype)
+    if hasattr(cls, "init_grid"):  # lookup tables of the IQ types; a no-op for the others
+        cls.init_grid()
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = raw.reshape(-1, size)
     out = np.empty((blocks.shape[0], block), dtype=np.float32)
@@ -162,9 +174,10 @@ def _dequantize_blocks(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarr
     return out
 
 
-def check_supported(info: TensorInfo) -> None:
+def check_supported(info: TensorInfo, path: Path | None = None) -> None:
     if info.ggml_type not in SUPPORTED_TYPES:
-        raise STIError(f"tensor {info.name!r} has type {info.type_name}, which STI cannot dequantize",
+        where = f" in {path}" if path else ""
+        raise STIError(f"tensor {info.name!r}{where} has type {info.type_name}, which STI cannot dequantize",
                        f"use a GGUF file quantized to one of: {_supported_names()}")
 
 
@@ -327,15 +340,22 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n_head, r // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
-def _pre_tokenizer(kind: str | None):
-    from tokenizers import pre_tokenizers
+def _pre_tokenizer(steps: tuple):
+    from tokenizers import Regex, pre_tokenizers
 
-    parts = {
-        "digits": lambda: pre_tokenizers.Digits(individual_digits=True),
-        "byte_level": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    }
-    steps = [parts[s]() for s in PRE_TOKENIZERS.get(kind or "", DEFAULT_PRE_TOKENIZER)]
-    return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    def build(step):
+        if step == "digits":
+            return pre_tokenizers.Digits(individual_digits=True)
+        if step == "byte_level":
+            return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if step == "byte_level_only":
+            return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        kind, pattern = step
+        assert kind == "split", step
+        return pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+
+    parts = [build(s) for s in steps]
+    return parts[0] if len(parts) == 1 else pre_tokenizers.Sequence(parts)
 
 
 def gguf_tokenizer(meta: dict[str, Any]):
@@ -346,14 +366,20 @@ def gguf_tokenizer(meta: dict[str, Any]):
 
     model = meta.get("tokenizer.ggml.model")
     if model not in TOKENIZER_MODELS:
-        raise STIError(f"the GGUF tokenizer model is {model!r}; STI builds only {', '.join(map(repr, TOKENIZER_MODELS))} "
-                       "(byte-level BPE) tokenizers from GGUF",
+        supported = ", ".join(map(repr, TOKENIZER_MODELS))
+        raise STIError(f"the GGUF tokenizer model is {model!r}; STI builds only {supported} (byte-level BPE) "
+                       "tokenizers from GGUF",
                        "use a Hugging Face model directory with tokenizer.json instead")
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    tokens: list[str] | None = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise STIError("the GGUF file has no tokenizer vocabulary (tokenizer.ggml.tokens)",
+                       "use a GGUF file converted with its tokenizer, or a Hugging Face model directory")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
+    pre = PRE_TOKENIZERS.get(meta.get("tokenizer.ggml.pre") or "", DEFAULT_PRE_TOKENIZER)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                               ignore_merges=pre.get("ignore_merges", False)))
+    tok.pre_tokenizer = _pre_tokenizer(pre["steps"])
     tok.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or []
     control = [AddedToken(t, special=True, normalized=False)
@@ -390,12 +416,14 @@ def load_gguf(path: str | Path, progress: bool = True) -> Checkpoint:
     meta = f.meta
     arch = meta.get("general.architecture")
     if arch not in fam.GGUF_ARCHITECTURES:
-        raise STIError(f"{f.path} holds a {arch!r} model; STI runs GGUF architectures: {', '.join(fam.GGUF_ARCHITECTURES)}",
+        raise STIError(f"{f.path} holds a {arch!r} model; "
+                       f"STI runs GGUF architectures: {', '.join(fam.GGUF_ARCHITECTURES)}",
                        "use a GGUF file of a supported architecture, or a Hugging Face model directory")
     try:
         cfg = fam.LlamaConfig.from_gguf(meta, tie_embeddings="output.weight" not in f.tensors)
     except KeyError as exc:
-        raise STIError(f"{f.path} lacks the metadata key {exc.args[0]!r}", "re-convert the model with a recent llama.cpp") from None
+        raise STIError(f"{f.path} lacks the metadata key {exc.args[0]!r}",
+                       "re-convert the model with a recent llama.cpp") from None
     tokenizer = gguf_tokenizer(meta)
 
     plan: list[tuple[str, str, int]] = []  # canonical name, gguf name, heads to un-permute (0: none)
@@ -409,7 +437,7 @@ def load_gguf(path: str | Path, progress: bool = True) -> Checkpoint:
             heads = getattr(cfg, fam.GGUF_ROPE_PERMUTED[canon]) if canon in fam.GGUF_ROPE_PERMUTED else 0
             plan.append((c, s, heads))
     for _, s, _ in plan:  # fail before any work
-        check_supported(f.tensors[s])
+        check_supported(f.tensors[s], f.path)
 
     from tqdm import tqdm
 
