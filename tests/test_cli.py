@@ -64,7 +64,7 @@ def test_info_json():
     out = json.loads(sti("info", "minilm", "--json").stdout)
     assert out["family"] == "bert"
     assert out["parameters"] == 22_565_376  # 22.7M less the unused pooler (384*384 + 384)
-    assert out["bytes_by_dtype"] == {"float32": 90_852_864}
+    assert out["bytes_by_dtype"] == {"float32": 90_852_864, "int64": 4096}  # + the position_ids buffer
 
 
 @pytest.mark.parametrize("args, needle", [
