@@ -13,6 +13,7 @@ EPILOG = """examples:
   sti classify "Shares in the bank fell 5% after the results"
   sti generate --chat "Write a haiku about autumn" --max-tokens 40
   sti info smollm2
+  sti pack minilm -o minilm.sti && sti verify minilm.sti
   sti eval minilm --task bbc-news
   sti bench engine
 """
@@ -76,8 +77,55 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def cmd_pack(a) -> int:
+    from sti.store import Store, pack
+
+    bits = tuple(int(b) for b in a.bits.split(","))
+    out = pack(a.model, a.output, bits=bits, overwrite=a.overwrite, progress=not a.json)
+    summary = Store.open(out).summary()
+    if a.json:
+        _print_json(summary)
+    else:
+        print(f"packed {a.model} -> {out}: {summary['shards']} shards x {len(summary['versions'])} versions, "
+              f"{summary['total_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from sti.store import Store
+
+    problems = Store.open(a.store).verify()
+    if a.json:
+        _print_json({"store": a.store, "ok": not problems, "problems": problems})
+    else:
+        for p in problems:
+            print(f"BAD  {p}")
+        print(f"{a.store}: {'all checksums match' if not problems else f'{len(problems)} problem(s)'}")
+    return 0 if not problems else 1
+
+
+def _store_info(a) -> int:
+    from sti.store import Store
+
+    s = Store.open(a.model).summary()
+    if a.json:
+        _print_json(s)
+        return 0
+    print(f"{a.model}: STI shard store (format {s['format_version']}) of {s['model']} ({s['family']})")
+    print(f"  layers {s['layers']}, {s['shards_per_layer']} shards per layer, {s['shards']} shards")
+    print("  bytes per version:")
+    for v, n in s["bytes_per_version"].items():
+        print(f"    {v:>6}  {n:>14,}")
+    print(f"  globals {s['globals_bytes']:,}  embeddings {s['embedding_bytes']:,}  total {s['total_bytes']:,}")
+    return 0
+
+
 def cmd_info(a) -> int:
     from sti.loaders import load_checkpoint
+    from sti.store import is_store
+
+    if is_store(a.model):
+        return _store_info(a)
 
     ck = load_checkpoint(a.model, progress=not a.json)
     cfg = ck.config
@@ -167,9 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     sp.add_argument("--json", action="store_true", help='print {"tokens": [generated ids], "text": ...} at the end')
 
-    sp = add("info", cmd_info, "Describe a model: architecture, parameters, bytes by dtype.")
-    sp.add_argument("model", help="built-in name, Hugging Face model directory or .gguf file")
+    sp = add("info", cmd_info, "Describe a model (architecture, parameters, bytes by dtype) or a shard store.")
+    sp.add_argument("model", help="built-in name, Hugging Face model directory, .gguf file or shard store")
     sp.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    sp = add("pack", cmd_pack, "Pack a model into a shard store: per-head vertical shards, each at several bitwidths.")
+    sp.add_argument("model", nargs="?", default="minilm", help="built-in name or HF directory (default: minilm)")
+    sp.add_argument("-o", "--output", required=True, help="store directory to create")
+    sp.add_argument("--bits", default="2,3,4,5,6,8,32", help="fidelity versions to store (default: 2,3,4,5,6,8,32)")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
+    sp.add_argument("--json", action="store_true", help="print the store summary as JSON")
+
+    sp = add("verify", cmd_verify, "Check every checksum of a shard store.")
+    sp.add_argument("store", help="store directory")
+    sp.add_argument("--json", action="store_true", help='print {"store", "ok", "problems"}')
 
     sp = add("eval", cmd_eval, "Held-out accuracy of a model on a task.")
     sp.add_argument("model", help="built-in name or model directory (an encoder)")
