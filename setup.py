@@ -29,6 +29,13 @@ setup(
             extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             libraries=["mvec", "m"],
         ),
+        # Dequantisation of packed k-bit weight codes (sti/quant.py). No fast-math and no FMA
+        # contraction: its output must be bit-identical to the NumPy reference.
+        Extension(
+            "sti._kernels",
+            sources=["sti/_kernels.c"],
+            extra_compile_args=["-O3", "-march=native", "-ffp-contract=off"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -1,0 +1,219 @@
+/* STI dequantisation kernels (sti._kernels): packed k-bit codes -> float32 weights.
+ *
+ * Layout (sti/quant.py): a (rows, cols) matrix is cut into groups of G = group_size columns per
+ * row (G a multiple of 8; the last group of a row is padded). Codes run row-major over the
+ * (rows, n_groups * G) grid, 8 codes of k bits in k bytes, little-endian bit order: code i of a
+ * run of 8 occupies bits k*i .. k*i+k-1 of the 8k-bit little-endian integer. Every group starts
+ * on a byte boundary (G*k/8 bytes per group). scale and offset are float32 per group.
+ *
+ * out[r, c] = (float)code * scale + offset, computed as two float32 operations (multiply,
+ * round; add, round). This file must be compiled with -ffp-contract=off and without
+ * -ffast-math so the compiler neither fuses them into an FMA nor reassociates: the result is
+ * then bit-identical to the NumPy reference, sti.quant.dequantize_numpy. Outliers are
+ * scattered by the caller.
+ *
+ * The inner loops are specialised per k with compile-time shifts and masks so that GCC/Clang
+ * vectorise them; only the buffer protocol is used (no NumPy C API), and the GIL is released
+ * while computing. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define BLOCK 2048 /* codes unpacked per block: a multiple of 8; tmp[] stays in L1 */
+
+/* Decode n codes (n a multiple of 8) of K bits from src into t[0..n). */
+static inline void unpack8(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) t[i] = src[i];
+}
+
+static inline void unpack4(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n / 2; j++) {
+        uint8_t b = src[j];
+        t[2 * j] = b & 15u;
+        t[2 * j + 1] = b >> 4;
+    }
+}
+
+/* k = 2: split bytes into nibbles, then nibbles into 2-bit codes (two interleave-by-2 passes,
+ * each of which vectorises well, rather than one interleave-by-4). */
+static inline void unpack2(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    uint8_t nib[BLOCK / 2];
+    unpack4(src, nib, n / 2);
+    for (Py_ssize_t j = 0; j < n / 2; j++) {
+        uint8_t b = nib[j];
+        t[2 * j] = b & 3u;
+        t[2 * j + 1] = b >> 2;
+    }
+}
+
+/* k = 3: 8 codes in every 3 bytes; gather each run into a 32-bit word (scalar), then split the
+ * words with constant shifts (vectorisable). */
+static inline void unpack3(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    uint32_t w[BLOCK / 8];
+    Py_ssize_t nw = n / 8;
+    for (Py_ssize_t c = 0; c < nw; c++) {
+        const uint8_t *p = src + 3 * c;
+        w[c] = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+    }
+    for (Py_ssize_t c = 0; c < nw; c++) {
+        uint32_t v = w[c];
+        for (int i = 0; i < 8; i++) t[8 * c + i] = (uint8_t)((v >> (3 * i)) & 7u);
+    }
+}
+
+/* k = 6: 4 codes in every 3 bytes (grouped loads of 3, stores of 4: vectorisable). */
+static inline void unpack6(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    for (Py_ssize_t j = 0; j < n / 4; j++) {
+        unsigned b0 = src[3 * j], b1 = src[3 * j + 1], b2 = src[3 * j + 2];
+        t[4 * j] = (uint8_t)(b0 & 63u);
+        t[4 * j + 1] = (uint8_t)((b0 >> 6) | ((b1 & 15u) << 2));
+        t[4 * j + 2] = (uint8_t)((b1 >> 4) | ((b2 & 3u) << 4));
+        t[4 * j + 3] = (uint8_t)(b2 >> 2);
+    }
+}
+
+/* k = 5: gather each run's 5 bytes into a 64-bit word first (scalar), then split the words
+ * into codes with constant shifts (a vectorisable loop over words). */
+static inline void unpack5(const uint8_t *restrict src, uint8_t *restrict t, Py_ssize_t n) {
+    uint64_t w[BLOCK / 8];
+    Py_ssize_t nw = n / 8;
+    for (Py_ssize_t c = 0; c < nw; c++) {
+        const uint8_t *p = src + 5 * c;
+        w[c] = (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24 |
+               (uint64_t)p[4] << 32;
+    }
+    for (Py_ssize_t c = 0; c < nw; c++) {
+        uint64_t v = w[c];
+        for (int i = 0; i < 8; i++) t[8 * c + i] = (uint8_t)((v >> (5 * i)) & 31u);
+    }
+}
+
+/* out[i] = (float)t[i] * s + o for i < n: two roundings (no FMA under -ffp-contract=off). */
+static inline void affine(const uint8_t *restrict t, float *restrict out, Py_ssize_t n, float s, float o) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        float v = (float)t[i] * s;
+        out[i] = v + o;
+    }
+}
+
+/* Codes are one stream over the (rows, n_groups * G) grid, so a block of whole groups (which
+ * may span rows) is unpacked by one long loop, then each group's valid columns get their affine
+ * map. Groups longer than BLOCK codes are done in pieces. */
+#define DEQUANT_K(K)                                                                       \
+    static void dequant##K(const uint8_t *restrict codes, const float *restrict scale,    \
+                           const float *restrict offset, Py_ssize_t G, Py_ssize_t rows,   \
+                           Py_ssize_t cols, float *restrict out) {                         \
+        uint8_t tmp[BLOCK];                                                                \
+        Py_ssize_t ng = (cols + G - 1) / G, ngroups = rows * ng;                           \
+        Py_ssize_t per = G <= BLOCK ? BLOCK / G : 1; /* groups per block */               \
+        Py_ssize_t r = 0, g = 0; /* row and group-in-row of group gi */                    \
+        for (Py_ssize_t gi0 = 0; gi0 < ngroups; gi0 += per) {                              \
+            Py_ssize_t gn = ngroups - gi0 < per ? ngroups - gi0 : per;                     \
+            if (G <= BLOCK) unpack##K(codes + gi0 * G / 8 * (K), tmp, gn * G);             \
+            for (Py_ssize_t gi = gi0; gi < gi0 + gn; gi++) {                               \
+                float s = scale[gi], o = offset[gi];                                       \
+                float *dst = out + r * cols + g * G;                                       \
+                Py_ssize_t n = cols - g * G < G ? cols - g * G : G; /* valid columns */    \
+                if (G <= BLOCK) {                                                          \
+                    affine(tmp + (gi - gi0) * G, dst, n, s, o);                            \
+                } else {                                                                   \
+                    for (Py_ssize_t a = 0; a < n; a += BLOCK) {                            \
+                        Py_ssize_t m = n - a < BLOCK ? n - a : BLOCK;                      \
+                        unpack##K(codes + (gi * G + a) / 8 * (K), tmp, (m + 7) & ~(Py_ssize_t)7); \
+                        affine(tmp, dst + a, m, s, o);                                     \
+                    }                                                                      \
+                }                                                                          \
+                if (++g == ng) g = 0, r++;                                                 \
+            }                                                                              \
+        }                                                                                  \
+    }
+DEQUANT_K(2)
+DEQUANT_K(3)
+DEQUANT_K(4)
+DEQUANT_K(5)
+DEQUANT_K(6)
+DEQUANT_K(8)
+
+/* dequant(codes, bits, scale, offset, group_size, rows, cols, out) */
+static PyObject *py_dequant(PyObject *self, PyObject *args) {
+    Py_buffer codes, scale, offset, out;
+    int bits;
+    Py_ssize_t G, rows, cols;
+    if (!PyArg_ParseTuple(args, "y*iy*y*nnnw*", &codes, &bits, &scale, &offset, &G, &rows, &cols, &out))
+        return NULL;
+    PyObject *ret = NULL;
+    char msg[256];
+    msg[0] = 0;
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) {
+        snprintf(msg, sizeof msg, "dequant: bits must be one of 2, 3, 4, 5, 6, 8, got %d", bits);
+    } else if (G <= 0 || G % 8) {
+        snprintf(msg, sizeof msg, "dequant: group_size must be a positive multiple of 8, got %zd", G);
+    } else if (rows < 0 || cols < 0) {
+        snprintf(msg, sizeof msg, "dequant: rows and cols must be >= 0, got %zd, %zd", rows, cols);
+    } else {
+        Py_ssize_t ng = cols ? (cols - 1) / G + 1 : 0;
+        /* overflow-safe sizes: every product below stays under PY_SSIZE_T_MAX / 8 */
+        Py_ssize_t lim = PY_SSIZE_T_MAX / 16;
+        if ((rows && ng > lim / rows) || (ng && G > lim / ng) || (rows && ng * G > lim / rows)) {
+            snprintf(msg, sizeof msg, "dequant: shape (%zd, %zd) with group_size %zd is too large", rows, cols, G);
+        } else {
+            Py_ssize_t ngroups = rows * ng;
+            Py_ssize_t need_codes = ngroups * G * bits / 8;
+            if (codes.len != need_codes)
+                snprintf(msg, sizeof msg, "dequant: codes has %zd bytes, expected %zd for shape (%zd, %zd), "
+                         "bits %d, group_size %zd", codes.len, need_codes, rows, cols, bits, G);
+            else if (scale.len != 4 * ngroups)
+                snprintf(msg, sizeof msg, "dequant: scale has %zd bytes, expected %zd (float32 per group, "
+                         "%zd groups)", scale.len, 4 * ngroups, ngroups);
+            else if (offset.len != 4 * ngroups)
+                snprintf(msg, sizeof msg, "dequant: offset has %zd bytes, expected %zd (float32 per group, "
+                         "%zd groups)", offset.len, 4 * ngroups, ngroups);
+            else if (out.len != 4 * rows * cols)
+                snprintf(msg, sizeof msg, "dequant: out has %zd bytes, expected %zd (float32 rows * cols)",
+                         out.len, 4 * rows * cols);
+            else if (out.itemsize != 4)
+                snprintf(msg, sizeof msg, "dequant: out must hold float32 items, got itemsize %zd", out.itemsize);
+            else if (((uintptr_t)scale.buf | (uintptr_t)offset.buf | (uintptr_t)out.buf) % 4)
+                snprintf(msg, sizeof msg, "dequant: scale, offset and out must be 4-byte aligned");
+        }
+    }
+    if (msg[0]) {
+        PyErr_SetString(PyExc_ValueError, msg);
+        goto done;
+    }
+    {
+        const uint8_t *c = codes.buf;
+        const float *s = scale.buf, *o = offset.buf;
+        float *d = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        switch (bits) {
+        case 2: dequant2(c, s, o, G, rows, cols, d); break;
+        case 3: dequant3(c, s, o, G, rows, cols, d); break;
+        case 4: dequant4(c, s, o, G, rows, cols, d); break;
+        case 5: dequant5(c, s, o, G, rows, cols, d); break;
+        case 6: dequant6(c, s, o, G, rows, cols, d); break;
+        default: dequant8(c, s, o, G, rows, cols, d); break;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&scale);
+    PyBuffer_Release(&offset);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
+static PyMethodDef methods[] = {
+    {"dequant", py_dequant, METH_VARARGS,
+     "dequant(codes, bits, scale, offset, group_size, rows, cols, out): packed k-bit codes to float32.\n"
+     "out[r, c] = float32(code) * scale[group] + offset[group] (two float32 roundings), written into the\n"
+     "writable C-contiguous buffer out of rows * cols float32. Outliers are not applied here."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
