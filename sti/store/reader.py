@@ -214,24 +214,35 @@ class Store:
                            f"(expected {v.checksum}, got {got})",
                            f"{_REPACK}; sti verify STORE lists every damaged shard")
 
-    def decode_shard(self, layer: int, index: int, bits: int, raw, *, verify: bool = True) -> dict[str, np.ndarray]:
+    def decode_shard(self, layer: int, index: int, bits: int, raw, *, verify: bool = True,
+                     names=None, out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """A shard version's bytes -> its tensors as float32 arrays: wq, wk, wv (head_dim, H),
-        wo_t (head_dim, H), w_up, w_down_t (F/nh, H), and biases bq, bk, bv, b_up.
-        fp32 tensors are views of ``raw``; k-bit ones are dequantized into new arrays."""
+        wo_t (head_dim, H), w_up, w_down_t (F/nh, H), and biases bq, bk, bv, b_up (only
+        ``names`` when given). fp32 tensors are views of ``raw``; k-bit ones are dequantized
+        into new arrays, or into ``out[name]`` (float32 arrays of the tensor's shape) when given,
+        which lets a runtime decode straight into pre-allocated scratch."""
         from sti import quant
 
         v = self._version(layer, index, bits)
         if verify:
             self.check_shard(layer, index, bits, raw)
         mv = memoryview(raw).cast("B")
-        out = {}
+        res = {}
         for e in self.manifest.layouts[v.layout]:
+            if names is not None and e.name not in names:
+                continue
+            dst = None if out is None else out.get(e.name)
             if e.dtype == "quant":
-                out[e.name] = quant.dequantize(quant.from_buffer(mv[e.offset: e.offset + e.nbytes], e.meta))
+                q = quant.from_buffer(mv[e.offset: e.offset + e.nbytes], e.meta)
+                res[e.name] = quant.dequantize(q, out=dst)
             else:
                 n = int(np.prod(e.shape))
-                out[e.name] = np.frombuffer(mv, dtype="<f4", count=n, offset=e.offset).reshape(e.shape)
-        return out
+                view = np.frombuffer(mv, dtype="<f4", count=n, offset=e.offset).reshape(e.shape)
+                if dst is not None:
+                    dst[...] = view
+                    view = dst
+                res[e.name] = view
+        return res
 
     def read_shard(self, layer: int, index: int, bits: int, verify: bool = True) -> dict[str, np.ndarray]:
         """Read, check and decode one shard version (see :meth:`decode_shard`)."""

@@ -63,7 +63,7 @@ def _task(task: str):
 
 
 def evaluate(model="minilm", task: str = "bbc-news", progress: bool = True, split: str = "test",
-             limit: int | None = None, batch_size: int = 32) -> dict:
+             limit: int | None = None, batch_size: int = 16) -> dict:
     """Accuracy of ``model`` with the task's head on a split of the task's data.
 
     ``model`` is a model name or path (loaded with ``Encoder.load``) or an object with the
