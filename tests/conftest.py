@@ -20,6 +20,19 @@ def rand(rng, *shape, scale=0.1):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """(HF dir, canonical weights, packed store dir) of a tiny random BERT, packed once."""
+    from sti.store import pack
+    from tiny_models import bert_weights, write_bert_dir
+
+    root = tmp_path_factory.mktemp("tiny-bert")
+    w = bert_weights(np.random.default_rng(0))
+    write_bert_dir(root / "tiny-bert", w)
+    store = pack(root / "tiny-bert", root / "tiny.sti", progress=False)
+    return root / "tiny-bert", w, store
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -7,7 +7,7 @@ attention heads (rows of wq/wk/wv and matching columns of wo) and only some FFN 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,3 +136,51 @@ def mean_pool(h: np.ndarray, mask: np.ndarray, normalize: bool = True) -> np.nda
     if normalize:
         e /= np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
     return e
+
+
+# A streamed layer runs shard by shard so that only a few shards are ever dequantized at once:
+# first the attention parts of every shard (heads are independent), then, after the first
+# LayerNorm, the FFN parts (neuron slices are independent; their down projections add up).
+ATTN_PARTS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo_t")
+FFN_PARTS = ("w_up", "b_up", "w_down_t")
+
+
+def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Contribution of some heads (rows of wq/wk/wv, rows of wo_t (n*hd, H)) to the attention output (B, T, H)."""
+    B, T, H = x.shape
+    hd = cfg.head_dim
+    nh = w["wq"].shape[0] // hd
+    q = linear(x, w["wq"], w["bq"]).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+    k = linear(x, w["wk"], w["bk"]).reshape(B, T, nh, hd).transpose(0, 2, 3, 1)  # (B, nh, hd, T)
+    v = linear(x, w["wv"], w["bv"]).reshape(B, T, nh, hd).transpose(0, 2, 1, 3)  # (B, nh, T, hd)
+    scores = q @ k
+    scores *= np.float32(1.0 / np.sqrt(hd))
+    scores += bias
+    ctx = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+    return ctx @ w["wo_t"]
+
+
+def ffn_part(x: np.ndarray, w: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Contribution of some FFN neurons (rows of w_up, rows of w_down_t (n, H)) to the FFN output (B, T, H)."""
+    return gelu_(linear(x, w["w_up"], w["b_up"])) @ w["w_down_t"]
+
+
+def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, common: Mapping[str, np.ndarray],
+                   chunks: list, load: Callable[[object, tuple[str, ...]], Mapping[str, np.ndarray]],
+                   done: Callable[[], None] = lambda: None) -> np.ndarray:
+    """``layer`` computed chunk by chunk: ``load(chunk, names)`` returns the named
+    tensors of a group of shards (concatenated along their rows), and ``done()`` is called when
+    they are no longer needed, so only one chunk's tensors exist at a time. Equals ``layer`` on
+    the same shards."""
+    attn = np.zeros_like(x)
+    for c in chunks:
+        attn += attention_part(cfg, x, bias, load(c, ATTN_PARTS))
+        done()
+    attn += common["bo"]
+    x = layer_norm(x + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
+    ffn = np.zeros_like(x)
+    for c in chunks:
+        ffn += ffn_part(x, load(c, FFN_PARTS))
+        done()
+    ffn += common["b_down"]
+    return layer_norm(x + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps)

@@ -1,0 +1,328 @@
+"""Pipelined execution of an encoder from a shard store, under a memory budget.
+
+One IO worker reads the streamed shards in plan order into a bounded buffer while the caller's
+thread computes: layer k starts as soon as its shards are present, runs chunk by chunk (only
+one chunk of shards is dequantized to float32 at a time), then frees its streamed shards so
+the IO worker can read further ahead. Preloaded shards stay in memory across requests.
+
+Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
+(position/type embeddings, LayerNorms, biases), the preload buffer, streamed shards in flight,
+the dequantization scratch and the word-embedding rows of the current input. Its peak never
+exceeds the budget: the IO worker waits for room, and a schedule that could not fit is refused
+before it runs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sti.errors import STIError
+from sti.models import bert
+
+
+@dataclass
+class Schedule:
+    """What the runtime needs from a plan: which shards at which bitwidth, what stays resident."""
+
+    layers: list[dict[int, int]]  # per layer: {shard index: bits}
+    preload: set[tuple[int, int]] = field(default_factory=set)  # (layer, shard) kept in memory
+    memory_budget: int = 0  # bytes; 0 = unbounded
+    chunk_shards: int = 4  # shards dequantized together
+
+    @classmethod
+    def full(cls, store, bits: int = 32, **kw) -> "Schedule":
+        return cls([{i: bits for i in store.shard_indices(layer)} for layer in range(store.num_layers)], **kw)
+
+    def stream_order(self) -> list[tuple[int, int, int]]:
+        return [(layer, s, b) for layer, shards in enumerate(self.layers)
+                for s, b in sorted(shards.items()) if (layer, s) not in self.preload]
+
+
+@dataclass
+class Trace:
+    """What one request did: IO and compute intervals (seconds from the request's start)."""
+
+    io: list[tuple[int, int, int, float, float, int]] = field(default_factory=list)  # layer, shard, bits, t0, t1, bytes
+    compute: list[tuple[int, float, float]] = field(default_factory=list)  # layer, t0, t1
+    stalls: list[tuple[int, float, float]] = field(default_factory=list)  # layer waiting for its shards
+    bytes_read: int = 0
+    resident_peak: int = 0
+    latency: float = 0.0
+    cold: bool = False
+    storage: str = "real"
+
+    @property
+    def stall_time(self) -> float:
+        return sum(t1 - t0 for _, t0, t1 in self.stalls)
+
+    def to_chrome(self) -> dict:
+        """Chrome trace-event JSON (chrome://tracing, Perfetto)."""
+        ev = []
+        for layer, shard, bits, t0, t1, n in self.io:
+            ev.append({"name": f"read L{layer} S{shard} {bits}b", "ph": "X", "pid": 1, "tid": "io",
+                       "ts": t0 * 1e6, "dur": (t1 - t0) * 1e6, "args": {"bytes": n}})
+        for layer, t0, t1 in self.compute:
+            ev.append({"name": f"layer {layer}", "ph": "X", "pid": 1, "tid": "compute", "ts": t0 * 1e6, "dur": (t1 - t0) * 1e6})
+        for layer, t0, t1 in self.stalls:
+            ev.append({"name": f"stall L{layer}", "ph": "X", "pid": 1, "tid": "stall", "ts": t0 * 1e6, "dur": (t1 - t0) * 1e6})
+        return {"traceEvents": ev, "displayTimeUnit": "ms",
+                "otherData": {"bytes_read": self.bytes_read, "resident_peak": self.resident_peak,
+                              "latency_ms": self.latency * 1e3, "cold": self.cold, "storage": self.storage}}
+
+    def save_png(self, path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(10, 2.4))
+        ms = 1e3
+        ax.broken_barh([(t0 * ms, (t1 - t0) * ms) for *_, t0, t1, _n in self.io], (20, 8), color="tab:blue")
+        ax.broken_barh([(t0 * ms, (t1 - t0) * ms) for _, t0, t1 in self.compute], (10, 8), color="tab:green")
+        ax.broken_barh([(t0 * ms, (t1 - t0) * ms) for _, t0, t1 in self.stalls], (0, 8), color="tab:red")
+        ax.set_yticks([4, 14, 24], ["stall", "compute", "IO"])
+        ax.set_xlabel("ms since request start")
+        ax.set_title(f"latency {self.latency * ms:.1f} ms, {self.bytes_read / 1e6:.2f} MB read, "
+                     f"peak resident weights {self.resident_peak / 1e6:.2f} MB ({self.storage} storage"
+                     f"{', cold' if self.cold else ''})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+class Residency:
+    """Bytes of weights held, by the engine's own accounting; blocks IO when the buffer is full."""
+
+    def __init__(self, budget: int):
+        self.budget = budget or (1 << 62)
+        self.now = 0
+        self.peak = 0
+        self._cv = threading.Condition()
+
+    def hold(self, n: int) -> None:
+        with self._cv:
+            if self.now + n > self.budget:
+                raise STIError(f"internal: holding {n} more bytes would exceed the {self.budget}-byte budget "
+                               f"({self.now} held)", "report this; the schedule should have been refused")
+            self._add(n)
+
+    def wait_hold(self, n: int, limit: int, stop: threading.Event) -> bool:
+        """Hold n bytes once ``now + n <= limit`` (the streamed buffer's share of the budget)."""
+        with self._cv:
+            while self.now + n > limit:
+                if stop.is_set():
+                    return False
+                self._cv.wait(0.05)
+            self._add(n)
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cv:
+            self.now -= n
+            self._cv.notify_all()
+
+    def _add(self, n: int) -> None:
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+
+class Throttle:
+    """Emulated slower storage: each read takes at least latency + bytes / bandwidth."""
+
+    def __init__(self, bandwidth: float, latency: float = 0.0, label: str | None = None):
+        self.bandwidth, self.latency = bandwidth, latency
+        self.label = label or f"emulated {bandwidth / 1e6:.0f} MB/s"
+
+    def pace(self, t_start: float, nbytes: int) -> None:
+        due = t_start + self.latency + nbytes / self.bandwidth
+        while (left := due - time.perf_counter()) > 0:
+            time.sleep(left)
+
+
+class StreamingEncoder:
+    """Runs a BERT-family shard store under a ``Schedule``. Requests are serialised: one engine
+    runs one request at a time (a second caller waits), so concurrent use is safe."""
+
+    def __init__(self, store, schedule: Schedule, cold: bool = False, throttle: Throttle | None = None):
+        if store.family != "bert":
+            raise STIError(f"the store holds a {store.family} model; the streaming encoder runs BERT-family stores",
+                           "pack an encoder such as minilm")
+        if len(schedule.layers) != store.num_layers:
+            raise STIError(f"the schedule has {len(schedule.layers)} layers, the store {store.num_layers}",
+                           "plan against this store")
+        self.store, self.schedule, self.cold, self.throttle = store, schedule, cold, throttle
+        self.cfg = store.config
+        self._lock = threading.Lock()
+        self.res = Residency(schedule.memory_budget)
+        g = store.globals()
+        self.embed_table = g.pop("embed.word")
+        self.globals = g
+        self.common = [store.layer_common(layer) for layer in range(store.num_layers)]
+        self.fixed_bytes = sum(a.nbytes for a in g.values()) + sum(a.nbytes for c in self.common for a in c.values())
+        self._row_bytes = {name: self._tensor_row_bytes(name) for name in bert.ATTN_PARTS + bert.FFN_PARTS}
+        self.scratch_bytes = self._scratch_need()
+        self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
+        self._check_fits()
+        self.res.hold(self.fixed_bytes)
+        self.preloaded: dict[tuple[int, int], bytes] = {}
+        for layer, s in sorted(schedule.preload):
+            raw = store.read_shard_bytes(layer, s, schedule.layers[layer][s], verify=True)
+            self.res.hold(len(raw))
+            self.preloaded[(layer, s)] = raw
+
+    # ------------------------------------------------------------------ sizes
+
+    def _tensor_row_bytes(self, name: str) -> tuple[tuple[int, ...], int]:
+        """(shape of the tensor in one shard, float32 bytes)."""
+        layer = 0
+        s0 = self.store.shard_indices(layer)[0]
+        bits = next(iter(self.store.bits))
+        v = self.store._version(layer, s0, bits)
+        e = next(e for e in self.store.manifest.layouts[v.layout] if e.name == name)
+        return tuple(e.shape), int(np.prod(e.shape)) * 4
+
+    def _scratch_need(self) -> int:
+        n = self.schedule.chunk_shards
+        per = lambda names: sum(self._row_bytes[x][1] for x in names)  # noqa: E731
+        return n * max(per(bert.ATTN_PARTS), per(bert.FFN_PARTS))
+
+    def _embed_bytes(self, ntok: int) -> int:
+        return ntok * self.cfg.hidden_size * 4
+
+    def _check_fits(self, ntok: int | None = None) -> None:
+        """Refuse a schedule (or a request of ``ntok`` tokens; default: one sequence of the
+        model's full length) that could not run within the budget."""
+        budget = self.schedule.memory_budget
+        if not budget:
+            return
+        ntok = self.cfg.max_position if ntok is None else ntok
+        before = self.fixed_bytes + self.preload_bytes + self._embed_bytes(ntok)
+        need = max((sum(self.store.shard_nbytes(layer, s, b) for s, b in shards.items()
+                        if (layer, s) not in self.schedule.preload)
+                    for layer, shards in enumerate(self.schedule.layers)), default=0)
+        if before + need > self._stream_limit():
+            smallest = before + self.scratch_bytes + need
+            raise STIError(f"memory budget {budget:,} B cannot hold this schedule for {ntok} tokens: a layer "
+                           f"streams {need:,} B, {before:,} B are resident before any streaming and "
+                           f"dequantization needs {self.scratch_bytes:,} B",
+                           f"raise the budget to at least {smallest:,} B or plan for this budget")
+
+    def _stream_limit(self) -> int:
+        """The level of residency up to which the IO worker may read ahead: all but the
+        dequantization scratch (the input's embedding rows are held before IO starts)."""
+        return self.res.budget - self.scratch_bytes
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, Trace]:
+        """ids, mask (B, T) -> last hidden states (B, T, H) and the request's trace."""
+        with self._lock:
+            return self._run(ids, mask)
+
+    def _run(self, ids, mask):
+        trace = Trace(cold=self.cold, storage=self.throttle.label if self.throttle else "real")
+        if self.cold:
+            self.store.evict()
+        order = self.schedule.stream_order()
+        arrived: dict[tuple[int, int], bytes] = {}
+        cv = threading.Condition()
+        stop = threading.Event()
+        failure: list[BaseException] = []
+        limit = self._stream_limit()
+        t_start = time.perf_counter()
+
+        def io_worker():
+            try:
+                for layer, s, bits in order:
+                    n = self.store.shard_nbytes(layer, s, bits)
+                    if not self.res.wait_hold(n, limit, stop):
+                        return
+                    t0 = time.perf_counter()
+                    raw = self.store.read_shard_bytes(layer, s, bits)
+                    if self.throttle:
+                        self.throttle.pace(t0, n)
+                    t1 = time.perf_counter()
+                    trace.io.append((layer, s, bits, t0 - t_start, t1 - t_start, n))
+                    with cv:
+                        arrived[(layer, s)] = raw
+                        cv.notify_all()
+            except BaseException as e:  # surfaced to the caller
+                failure.append(e)
+                with cv:
+                    cv.notify_all()
+
+        if ids.shape[1] > self.cfg.max_position:
+            raise STIError(f"input has {ids.shape[1]} tokens; the model takes at most {self.cfg.max_position}",
+                           "truncate the input")
+        self._check_fits(ids.size)
+        held_embed = self._embed_bytes(ids.size)
+        self.res.hold(held_embed)
+        worker = threading.Thread(target=io_worker, name="sti-io", daemon=True)
+        worker.start()
+        try:
+            g = dict(self.globals, **{"embed.word": self.embed_table})
+            x = bert.embed(self.cfg, g, ids)
+            bias = bert.attention_bias(mask)
+            for layer, shards in enumerate(self.schedule.layers):
+                need = [s for s in sorted(shards) if (layer, s) not in self.schedule.preload]
+                t0 = time.perf_counter()
+                with cv:
+                    while not failure and any((layer, s) not in arrived for s in need):
+                        cv.wait()
+                if failure:
+                    raise failure[0]
+                t1 = time.perf_counter()
+                if t1 - t0 > 1e-4:
+                    trace.stalls.append((layer, t0 - t_start, t1 - t_start))
+                raws = {s: self.preloaded.get((layer, s)) or arrived[(layer, s)] for s in shards}
+                x = self._layer(layer, x, bias, shards, raws)
+                trace.compute.append((layer, t1 - t_start, time.perf_counter() - t_start))
+                freed = 0
+                with cv:
+                    for s in need:
+                        freed += len(arrived.pop((layer, s)))
+                self.res.release(freed)
+        finally:
+            stop.set()
+            worker.join()
+            self.res.release(held_embed)
+            leftover = sum(len(r) for r in arrived.values())
+            self.res.release(leftover)
+        trace.latency = time.perf_counter() - t_start
+        trace.bytes_read = sum(e[5] for e in trace.io)
+        trace.resident_peak = self.res.peak
+        return x, trace
+
+    def _layer(self, layer: int, x, bias, shards: Mapping[int, int], raws) -> np.ndarray:
+        idx = sorted(shards)
+        chunks = [idx[i:i + self.schedule.chunk_shards] for i in range(0, len(idx), self.schedule.chunk_shards)]
+
+        def load(chunk, names):
+            out = {}
+            for name in names:
+                shape, _ = self._row_bytes[name]
+                out[name] = np.empty((shape[0] * len(chunk),) + shape[1:], np.float32)
+            nbytes = sum(a.nbytes for a in out.values())
+            self.res.hold(nbytes)
+            try:
+                for j, s in enumerate(chunk):
+                    dst = {n: a[j * a.shape[0] // len(chunk):(j + 1) * a.shape[0] // len(chunk)] for n, a in out.items()}
+                    self.store.decode_shard(layer, s, shards[s], raws[s], verify=True, names=names, out=dst)
+            except BaseException:
+                self.res.release(nbytes)
+                raise
+            self._scratch_held = nbytes
+            return out
+
+        def release():
+            self.res.release(self._scratch_held)
+            self._scratch_held = 0
+
+        self._scratch_held = 0
+        return bert.streamed_layer(self.cfg, x, bias, self.common[layer], chunks, load, release)
+

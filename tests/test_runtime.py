@@ -1,0 +1,156 @@
+"""The pipelined streaming encoder on a tiny packed BERT."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from sti.errors import STIError
+from sti.models import bert
+from sti.runtime import Schedule, StreamingEncoder, Throttle
+from sti.store import Store
+from tiny_models import CFG
+
+
+def inputs():
+    rng = np.random.default_rng(1)
+    ids = rng.integers(5, CFG.vocab_size, (2, 7))
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def in_memory(w, ids, mask):
+    g = {n: w[n] for n in bert.GLOBAL_NAMES}
+    return bert.encode(CFG, g, [bert.layer_weights(w, i) for i in range(CFG.num_layers)], ids, mask)
+
+
+def close_on_mask(a, b, mask, tol):
+    m = mask[..., None].astype(bool)
+    return np.abs(np.where(m, a - b, 0)).max() <= tol
+
+
+def test_fp32_stream_equals_in_memory(tiny_bert):
+    _, w, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        h, trace = StreamingEncoder(st, Schedule.full(st, 32, chunk_shards=3)).run(ids, mask)
+    assert close_on_mask(h, in_memory(w, ids, mask), mask, 1e-5)
+    assert len(trace.compute) == CFG.num_layers
+    assert trace.bytes_read == sum(e[5] for e in trace.io) > 0
+
+
+def test_streamed_layer_equals_assembled_layer_at_every_bitwidth(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        for bits in (2, 4, 8):
+            layers = [{0: bits, 2: 32, 3: bits}, {1: bits}]
+            h, _ = StreamingEncoder(st, Schedule(layers, chunk_shards=2)).run(ids, mask)
+            ref = bert.encode(CFG, st.globals(), [st.assemble_layer(i, s) for i, s in enumerate(layers)], ids, mask)
+            assert close_on_mask(h, ref, mask, 1e-5), bits
+
+
+def test_resident_bytes_never_exceed_the_budget_and_results_do_not_change(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        free, _ = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=1)).run(ids, mask)
+        probe = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=1))
+        layer_bytes = sum(st.shard_nbytes(0, s, 4) for s in st.shard_indices(0))
+        budget = probe.res.now + probe.scratch_bytes + probe._embed_bytes(CFG.max_position) + layer_bytes
+        assert ids.size <= CFG.max_position
+        eng = StreamingEncoder(st, Schedule.full(st, 4, memory_budget=budget, chunk_shards=1))
+        for _ in range(3):
+            h, trace = eng.run(ids, mask)
+            assert trace.resident_peak <= budget
+            np.testing.assert_array_equal(h, free)
+
+
+def test_a_batch_too_large_for_the_budget_is_refused_not_deadlocked(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        probe = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=1))
+        layer_bytes = sum(st.shard_nbytes(0, s, 4) for s in st.shard_indices(0))
+        budget = probe.res.now + probe.scratch_bytes + probe._embed_bytes(CFG.max_position) + layer_bytes
+        eng = StreamingEncoder(st, Schedule.full(st, 4, memory_budget=budget, chunk_shards=1))
+        ids = np.ones((4, CFG.max_position), np.int64)
+        with pytest.raises(STIError, match="for 64 tokens"):
+            eng.run(ids, np.ones_like(ids))
+
+
+def test_impossible_budget_names_the_smallest_feasible_one(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        with pytest.raises(STIError, match="raise the budget to at least") as exc:
+            StreamingEncoder(st, Schedule.full(st, 32, memory_budget=20_000))
+        smallest = int(str(exc.value).split("at least ")[1].split(" B")[0].replace(",", ""))
+        StreamingEncoder(st, Schedule.full(st, 32, memory_budget=smallest, chunk_shards=4))  # accepted
+
+
+def test_preloaded_shards_are_not_read_per_request(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        sch = Schedule.full(st, 8, preload={(0, 0), (0, 1), (0, 2), (0, 3)})
+        eng = StreamingEncoder(st, sch)
+        h, trace = eng.run(ids, mask)
+        assert {(l, s) for l, s, *_ in trace.io} == {(1, s) for s in st.shard_indices(1)}
+        ref, _ = StreamingEncoder(st, Schedule.full(st, 8)).run(ids, mask)
+        np.testing.assert_array_equal(h, ref)
+
+
+def test_damaged_shard_is_reported_at_load(tiny_bert, tmp_path):
+    import shutil
+
+    _, _, path = tiny_bert
+    dst = tmp_path / "bad.sti"
+    shutil.copytree(path, dst)
+    with Store.open(dst) as st:
+        f, off, n = st.shard_location(1, 2, 4)
+    data = bytearray(f.read_bytes())
+    data[off + 10] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with Store.open(dst) as st:
+        with pytest.raises(STIError, match=r"layer 1, index 2\) 4-bit") as exc:
+            StreamingEncoder(st, Schedule.full(st, 4)).run(*inputs())
+        assert "shards-4bit" in str(exc.value)
+
+
+def test_concurrent_requests_are_serialised_and_correct(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        eng = StreamingEncoder(st, Schedule.full(st, 8, chunk_shards=2))
+        ref, _ = eng.run(ids, mask)
+        out, errors = [], []
+
+        def call():
+            try:
+                out.append(eng.run(ids, mask)[0])
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(out) == 4
+    for h in out:
+        np.testing.assert_array_equal(h, ref)
+
+
+def test_trace_exports_and_throttle_is_labelled(tiny_bert, tmp_path):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        eng = StreamingEncoder(st, Schedule.full(st, 4), throttle=Throttle(50e6, 1e-4))
+        _, trace = eng.run(*inputs())
+    for *_, t0, t1, n in trace.io:  # each read paced to at least latency + bytes / bandwidth
+        assert t1 - t0 >= 1e-4 + n / 50e6 - 1e-6
+    doc = json.loads(json.dumps(trace.to_chrome()))
+    assert {e["tid"] for e in doc["traceEvents"]} >= {"io", "compute"}
+    assert doc["otherData"]["storage"] == "emulated 50 MB/s"
+    trace.save_png(tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 1000
