@@ -482,6 +482,39 @@ def from_buffer(buf, meta: dict) -> QuantizedTensor:
                            outlier_idx=arrs["outlier_idx"], outlier_val=arrs["outlier_val"])
 
 
+class Decoder:
+    """A serialized layout parsed and validated once, to dequantize many buffers laid out the
+    same way (every shard of a store version shares its layouts) without per-call parsing.
+    ``decoder(buf, out)`` equals ``dequantize(from_buffer(buf, meta), out)``."""
+
+    def __init__(self, meta: dict):
+        q = from_buffer(bytes(int(meta.get("nbytes") or _layout(
+            tuple(meta["shape"]), int(meta["bits"]), int(meta["group_size"]), int(meta["n_outliers"]))[1])), meta)
+        self.meta, self.bits, self.shape, self.group_size = meta, q.bits, q.shape, q.group_size
+        sizes = _section_sizes(q.shape, q.bits, q.group_size, q.n_outliers)
+        self.spans = {n: (int(meta["offsets"][n]), int(meta["offsets"][n]) + sizes[n]) for n in SECTIONS}
+        self.n_outliers = q.n_outliers
+        self.nbytes = max(b for _, b in self.spans.values())
+
+    def __call__(self, buf, out: np.ndarray | None = None) -> np.ndarray:
+        mv = memoryview(buf).cast("B")
+        if mv.nbytes < self.nbytes:
+            raise ValueError(f"Decoder: buffer holds {mv.nbytes} bytes, the layout needs {self.nbytes}")
+        if _ck is None:
+            return dequantize_numpy(from_buffer(mv, self.meta), out)
+        if out is None:
+            out = np.empty(self.shape, dtype=np.float32)
+        else:
+            _check_out(out, self.shape)
+        sp = self.spans
+        _ck.dequant(mv[slice(*sp["codes"])], self.bits, mv[slice(*sp["scale"])], mv[slice(*sp["offset"])],
+                    self.group_size, self.shape[0], self.shape[1], out)
+        if self.n_outliers:
+            idx = np.frombuffer(mv[slice(*sp["outlier_idx"])], dtype=np.uint32)
+            out.reshape(-1)[idx] = np.frombuffer(mv[slice(*sp["outlier_val"])], dtype=np.float32)
+        return out
+
+
 # --------------------------------------------------------------------------- errors and speed
 
 

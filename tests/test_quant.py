@@ -324,3 +324,17 @@ def test_bench_dequant_shape():
     rows = Q.bench_dequant(bits_list=(3,), rows=16, cols=72, repeats=2)
     assert rows[0]["bits"] == 3 and rows[0]["numpy_gbps"] > 0
     assert (rows[0]["c_gbps"] is None) == (not Q.has_c_kernel())
+
+
+def test_decoder_equals_from_buffer_dequantize():
+    from sti import quant
+
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((40, 100)) * 0.1).astype(np.float32)
+    for bits in (2, 3, 4, 5, 6, 8):
+        q = quant.quantize(w, bits, 64)
+        buf = quant.to_bytes(q)
+        dec = quant.Decoder(q.meta())
+        np.testing.assert_array_equal(dec(buf), quant.dequantize(quant.from_buffer(buf, q.meta())))
+        with pytest.raises(ValueError, match="buffer holds"):
+            dec(buf[: len(buf) // 2])

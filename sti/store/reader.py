@@ -86,6 +86,7 @@ class Store:
         self._globals_buf: bytes | None = None
         self._checked: set[str] = set()
         self._row_crcs: np.ndarray | None = None
+        self._decoders: dict = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -233,8 +234,7 @@ class Store:
                 continue
             dst = None if out is None else out.get(e.name)
             if e.dtype == "quant":
-                q = quant.from_buffer(mv[e.offset: e.offset + e.nbytes], e.meta)
-                res[e.name] = quant.dequantize(q, out=dst)
+                res[e.name] = self._decoder(v.layout, e)(mv[e.offset: e.offset + e.nbytes], dst)
             else:
                 n = int(np.prod(e.shape))
                 view = np.frombuffer(mv, dtype="<f4", count=n, offset=e.offset).reshape(e.shape)
@@ -243,6 +243,16 @@ class Store:
                     view = dst
                 res[e.name] = view
         return res
+
+    def _decoder(self, layout, e):
+        """The layout entry's parsed :class:`sti.quant.Decoder`, made once per store."""
+        from sti import quant
+
+        key = (layout, e.name)
+        d = self._decoders.get(key)
+        if d is None:
+            d = self._decoders[key] = quant.Decoder(e.meta)
+        return d
 
     def read_shard(self, layer: int, index: int, bits: int, verify: bool = True) -> dict[str, np.ndarray]:
         """Read, check and decode one shard version (see :meth:`decode_shard`)."""
