@@ -33,12 +33,22 @@ class Schedule:
     preload: set[tuple[int, int]] = field(default_factory=set)  # (layer, shard) kept in memory
     memory_budget: int = 0  # bytes; 0 = unbounded
     chunk_shards: int = 4  # shards dequantized together
+    order: list[tuple[int, int, int]] | None = None  # the IO worker's read order; default layer-major
+
+    @classmethod
+    def from_plan(cls, plan, chunk_shards: int = 4) -> "Schedule":
+        """The runtime's view of a ``sti.plan.Plan``."""
+        return cls([dict(zip(lp.shards, lp.bits)) for lp in plan.layers], preload=set(map(tuple, plan.preload)),
+                   memory_budget=plan.memory_budget, chunk_shards=chunk_shards,
+                   order=[tuple(r) for r in plan.stream_order])
 
     @classmethod
     def full(cls, store, bits: int = 32, **kw) -> "Schedule":
         return cls([{i: bits for i in store.shard_indices(layer)} for layer in range(store.num_layers)], **kw)
 
     def stream_order(self) -> list[tuple[int, int, int]]:
+        if self.order is not None:
+            return list(self.order)
         return [(layer, s, b) for layer, shards in enumerate(self.layers)
                 for s, b in sorted(shards.items()) if (layer, s) not in self.preload]
 

@@ -1,0 +1,333 @@
+"""The planner: the pipeline model on hand-computed cases, both planners against it, the
+exact planner against the heuristic, infeasibility reports, JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import random
+from dataclasses import asdict
+
+import pytest
+
+from sti.errors import STIError
+from sti.plan import (
+    DeviceProfile,
+    Importance,
+    InfeasiblePlanError,
+    ModelShape,
+    Plan,
+    accumulated_io_budget,
+    min_latency,
+    min_memory,
+    plan,
+    plan_exact,
+    plan_heuristic,
+    simulate,
+)
+
+needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None,
+                                 reason="the exact planner needs scipy (pip install 'sti[solver]')")
+
+TOL = 1e-9
+
+
+def fits(p: Plan, shape, dev) -> bool:
+    """The plan meets its T and M under the simulator, predicts what the simulator says, keeps
+    every AIB >= 0, and streams in the canonical order."""
+    tl = simulate(p, shape, dev)
+    aib = accumulated_io_budget(p.bits_matrix(), shape, dev, p.target_latency, p.seq_len, preload=p.preload)
+    canonical = sorted(p.stream_order, key=lambda r: (r[0], -r[2], r[1]))
+    return (tl.feasible and tl.latency <= p.target_latency * (1 + TOL)
+            and tl.peak_resident_bytes <= p.memory_budget
+            and tl.latency == pytest.approx(p.predicted_latency, rel=1e-12)
+            and tl.peak_resident_bytes == p.resident_bytes_peak
+            and min(aib) >= -TOL * p.target_latency
+            and p.stream_order == canonical)
+
+
+def instance(seed: int):
+    """A small random (shape, importance, device, seq_len, T, M), budgets drawn between the
+    smallest plan's needs and the full model's."""
+    rng = random.Random(seed)
+    L, S = rng.randint(3, 4), rng.randint(3, 4)
+    bits = sorted(rng.sample([2, 3, 4, 5, 6, 8], rng.randint(2, 3))) + [32]
+    params = rng.randint(2_000, 8_000)
+    shape = ModelShape(L, S, {b: params * b // 8 + (0 if b == 32 else 2 * params // 64 * 4) for b in bits},
+                       fixed_bytes=rng.randint(0, 20_000), scratch_bytes=params * 4)
+    dev = DeviceProfile(io_bandwidth=rng.uniform(2e6, 2e7), io_latency=rng.uniform(0, 2e-4),
+                        c0=rng.uniform(0, 2e-4), c1=rng.uniform(1e-7, 1e-6), c2=rng.uniform(0, 1e-9),
+                        dequant_per_byte={b: rng.uniform(0, 5e-9) for b in bits if b != 32},
+                        label="synthetic")
+    n = rng.choice([16, 64, 128])
+    imp = Importance.synthetic(shape, seed)
+    t_lo = min_latency(shape, dev, n, method="heuristic")
+    full = [[32] * S for _ in range(L)]
+    t_hi = simulate(full, shape, dev, n).latency
+    m_lo = min_memory(shape, dev, n)
+    m_hi = shape.base_bytes + L * S * shape.shard_bytes[32]
+    T = t_lo + rng.uniform(0.05, 0.8) * (t_hi - t_lo)
+    M = int(m_lo + rng.uniform(0.05, 0.6) * (m_hi - m_lo))
+    return shape, imp, dev, n, T, M
+
+
+# ---------------------------------------------------------------------------- the pipeline model
+
+
+def tiny():
+    # 2 layers x 2 shards of 100 B; reads take 1 s each; a layer takes 1 s per active shard
+    shape = ModelShape(2, 2, {4: 100}, fixed_bytes=10, scratch_bytes=5)
+    dev = DeviceProfile(io_bandwidth=100.0, c1=1.0)
+    return shape, dev, [[4, 4], [4, 4]]
+
+
+def test_timeline_unbounded_hand_computed():
+    shape, dev, bits = tiny()
+    tl = simulate(bits, shape, dev, 1)
+    assert [(r.start, r.end) for r in tl.reads] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert [(x.start, x.end, x.stall) for x in tl.layers] == [(2, 4, 2), (4, 6, 0)]
+    assert (tl.latency, tl.stall, tl.io_wait) == (6, 2, 0)
+    assert tl.peak_resident_bytes == 15 + 400  # nothing frees before layer 0 ends at t=4
+
+
+def test_timeline_bounded_buffer_waits_for_layers_to_finish():
+    shape, dev, bits = tiny()
+    # buffer of 200 B: layer 1's first read waits for layer 0 to end (t=4)
+    tl = simulate(bits, shape, dev, 1, memory_budget=15 + 200)
+    assert [(r.start, r.end, r.wait) for r in tl.reads] == [(0, 1, 0), (1, 2, 0), (4, 5, 2), (5, 6, 0)]
+    assert [(x.start, x.end) for x in tl.layers] == [(2, 4), (6, 8)]
+    assert (tl.latency, tl.stall, tl.io_wait, tl.peak_resident_bytes) == (8, 4, 2, 215)
+    # buffer of 300 B: only layer 1's second read waits
+    tl = simulate(bits, shape, dev, 1, memory_budget=15 + 300)
+    assert [r.start for r in tl.reads] == [0, 1, 2, 4]
+    assert (tl.latency, tl.stall, tl.io_wait, tl.peak_resident_bytes) == (7, 3, 1, 315)
+    # a layer that cannot fit the buffer at all: infeasible, not a hang
+    tl = simulate(bits, shape, dev, 1, memory_budget=15 + 199)
+    assert not tl.feasible and math.isinf(tl.latency)
+
+
+def test_timeline_preload_and_stall_accounting():
+    shape, dev, bits = tiny()
+    tl = simulate(bits, shape, dev, 1, preload=[(0, 0)])
+    # layer 0 waits only for shard (0, 1): reads (0,1) 0-1, (1,0) 1-2, (1,1) 2-3
+    assert [(x.start, x.end, x.stall) for x in tl.layers] == [(1, 3, 1), (3, 5, 0)]
+    assert (tl.latency, tl.stall, tl.preload_bytes) == (5, 1, 100)
+    # fully preloaded layer 0 starts at once; dropped shards cost nothing
+    tl = simulate([[4, 4], [4, 0]], shape, dev, 1, preload=[(0, 0), (0, 1)])
+    assert [(x.start, x.end, x.width) for x in tl.layers] == [(0, 2, 2), (2, 3, 1)]
+    assert tl.stall == 0 and len(tl.reads) == 1
+
+
+def test_canonical_order_reads_wider_shards_first():
+    shape = ModelShape(1, 3, {4: 100, 8: 200}, fixed_bytes=0, scratch_bytes=0)
+    dev = DeviceProfile(io_bandwidth=100.0, c1=1.0)
+    tl = simulate([[4, 8, 8]], shape, dev, 1)
+    assert [(r.shard, r.bits, r.start, r.end) for r in tl.reads] == [(1, 8, 0, 2), (2, 8, 2, 4), (0, 4, 4, 5)]
+    assert (tl.latency, tl.stall) == (8, 5)
+
+
+def test_aib_matches_unbounded_latency():
+    shape, dev, bits = tiny()
+    assert accumulated_io_budget(bits, shape, dev, 6.0, 1) == [0.0, 0.0]
+    assert min(accumulated_io_budget(bits, shape, dev, 5.9, 1)) < 0
+    for seed in range(10):
+        shape, _, dev, n, T, _ = instance(seed)
+        rng = random.Random(seed)
+        bits = [[rng.choice((0,) + shape.bits) for _ in range(shape.shards_per_layer)]
+                for _ in range(shape.num_layers)]
+        pre = [(l, s) for l, row in enumerate(bits) for s, b in enumerate(row) if b and rng.random() < 0.3]
+        lat = simulate(bits, shape, dev, n, preload=pre).latency
+        aib = accumulated_io_budget(bits, shape, dev, lat, n, preload=pre)
+        assert min(aib) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stream_order_must_be_layer_major_and_complete():
+    shape, dev, bits = tiny()
+    with pytest.raises(STIError):
+        simulate(bits, shape, dev, 1, stream_order=[(1, 0, 4), (0, 0, 4), (0, 1, 4), (1, 1, 4)])
+    with pytest.raises(STIError):
+        simulate(bits, shape, dev, 1, stream_order=[(0, 0, 4)])
+
+
+# ---------------------------------------------------------------------------- the planners
+
+
+@needs_scipy
+def test_plans_respect_budgets_and_exact_is_never_worse():
+    checked = 0
+    for seed in range(20):
+        shape, imp, dev, n, T, M = instance(seed)
+        try:
+            h = plan_heuristic(shape, imp, dev, T, M, n)
+        except InfeasiblePlanError:
+            h = None
+        try:
+            e = plan_exact(shape, imp, dev, T, M, n)
+        except InfeasiblePlanError:
+            assert h is None, f"seed {seed}: exact found nothing where the heuristic did"
+            continue
+        assert fits(e, shape, dev) and e.method == "exact" and e.solver["optimal"]
+        assert e.predicted_loss == pytest.approx(sum(
+            imp.loss[l][s][b] for l, row in enumerate(e.bits_matrix()) for s, b in enumerate(row)))
+        if h is not None:
+            checked += 1
+            assert fits(h, shape, dev) and h.method == "heuristic"
+            assert e.predicted_loss <= h.predicted_loss + 1e-9, f"seed {seed}"
+            assert all(w >= 1 for w in h.widths) and all(w >= 1 for w in e.widths)
+    assert checked >= 12  # the instance generator mostly draws feasible budgets
+
+
+@needs_scipy
+def test_exact_loss_is_monotone_in_memory_and_latency():
+    for seed in (3, 10):
+        shape, imp, dev, n, T, M = instance(seed)
+        t0 = min_latency(shape, dev, n, None)
+        m0 = min_memory(shape, dev, n, None)
+        losses = [plan_exact(shape, imp, dev, T, M, n).predicted_loss for M in
+                  [int(m0 * f) for f in (1.5, 2.5, 4, 8)]]
+        assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:])), losses
+        M = int(m0 * 3)
+        losses = []
+        for f in (1.1, 1.5, 2.2, 4):
+            losses.append(plan_exact(shape, imp, dev, t0 * f, M, n).predicted_loss)
+        assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:])), losses
+
+
+def brute_force(shape, imp, dev, n, T, M):
+    """Least loss over every plan (each shard dropped, streamed or preloaded at each bitwidth),
+    judged by the simulator; None if none fits."""
+    S = shape.shards_per_layer
+    options = [(0, False)] + [(b, pre) for b in shape.bits for pre in (False, True)]
+    best = None
+    for combo in itertools.product(options, repeat=shape.num_layers * S):
+        bits = [[combo[l * S + s][0] for s in range(S)] for l in range(shape.num_layers)]
+        if any(not any(row) for row in bits):
+            continue
+        pre = [(l, s) for l in range(shape.num_layers) for s in range(S) if combo[l * S + s][1]]
+        tl = simulate(bits, shape, dev, n, preload=pre, memory_budget=M)
+        if tl.feasible and tl.latency <= T * (1 + TOL) and tl.peak_resident_bytes <= M:
+            loss = sum(imp.loss[l][s][b] for l, row in enumerate(bits) for s, b in enumerate(row))
+            best = loss if best is None else min(best, loss)
+    return best
+
+
+@needs_scipy
+def test_exact_matches_brute_force_on_tiny_models():
+    for seed in range(6):
+        rng = random.Random(100 + seed)
+        L, S = rng.choice([(2, 2), (3, 2)])
+        params = rng.randint(2_000, 8_000)
+        shape = ModelShape(L, S, {4: params // 2 + 64, 32: params * 4}, fixed_bytes=rng.randint(0, 9_000),
+                           scratch_bytes=params * 4)
+        dev = DeviceProfile(io_bandwidth=rng.uniform(2e6, 2e7), io_latency=rng.uniform(0, 2e-4),
+                            c0=rng.uniform(0, 2e-4), c1=rng.uniform(1e-7, 1e-6), dequant_per_byte={4: 2e-9})
+        imp = Importance.synthetic(shape, seed)
+        n = 32
+        t_lo, t_hi = min_latency(shape, dev, n, None), simulate([[32] * S] * L, shape, dev, n).latency
+        m_lo, m_hi = min_memory(shape, dev, n), shape.base_bytes + L * S * shape.shard_bytes[32]
+        T = t_lo + rng.uniform(0.0, 0.6) * (t_hi - t_lo)
+        M = int(m_lo + rng.uniform(0.0, 0.5) * (m_hi - m_lo))
+        want = brute_force(shape, imp, dev, n, T, M)
+        if want is None:
+            with pytest.raises(InfeasiblePlanError):
+                plan_exact(shape, imp, dev, T, M, n)
+        else:
+            got = plan_exact(shape, imp, dev, T, M, n)
+            assert got.predicted_loss == pytest.approx(want, rel=1e-7, abs=1e-12), seed
+
+
+def test_upgrades_use_the_slack():
+    shape, imp, dev, n, T, M = instance(3)
+    roomy = plan_heuristic(shape, imp, dev, T * 100, M * 100, n)
+    assert roomy.predicted_loss == 0 and set(b for lp in roomy.layers for b in lp.bits) == {32}
+
+
+@pytest.mark.parametrize("method", ["heuristic", pytest.param("exact", marks=needs_scipy)])
+def test_infeasible_names_both_minima_and_they_are_feasible(method):
+    shape, imp, dev, n, _, _ = instance(5)
+    t_abs = min_latency(shape, dev, n, None, method=method)
+    m_abs = min_memory(shape, dev, n, None, method=method)
+    # a tight memory (one layer of small shards in flight) makes the pipeline nearly serial
+    M = m_abs + 2 * shape.shard_bytes[min(shape.bits)]
+    t_at_M = min_latency(shape, dev, n, M, method=method)
+    assert t_at_M > t_abs * 1.05
+    T = (t_abs + t_at_M) / 2  # reachable with more memory, not within M
+    with pytest.raises(InfeasiblePlanError) as ei:
+        plan(shape, imp, dev, T, M, n, method=method)
+    err = ei.value
+    assert isinstance(err, STIError)
+    assert err.min_latency == pytest.approx(t_at_M) and err.min_latency > T
+    assert err.min_memory is not None and err.min_memory > M
+    assert err.abs_min_memory == m_abs and err.abs_min_latency == pytest.approx(t_abs)
+    msg = str(err)
+    assert "smallest latency" in msg and "at least" in msg
+    assert any(u in msg for u in (" ms", " µs", " s ")) and "MB" in msg and f"{err.min_memory:,} bytes" in msg
+    p1 = plan(shape, imp, dev, err.min_latency, M, n, method=method)
+    p2 = plan(shape, imp, dev, T, err.min_memory, n, method=method)
+    assert fits(p1, shape, dev) and fits(p2, shape, dev)
+    # just below either minimum it is infeasible again
+    with pytest.raises(InfeasiblePlanError):
+        plan(shape, imp, dev, T, err.min_memory - 1, n, method=method)
+    with pytest.raises(InfeasiblePlanError):
+        plan(shape, imp, dev, err.min_latency * (1 - 1e-6), M, n, method=method)
+
+
+@needs_scipy
+def test_infeasible_below_absolute_minima():
+    shape, imp, dev, n, _, _ = instance(2)
+    m_abs = min_memory(shape, dev, n, None)
+    t_abs = min_latency(shape, dev, n, None)
+    with pytest.raises(InfeasiblePlanError) as ei:
+        plan_exact(shape, imp, dev, t_abs * 0.5, m_abs - 1, n)
+    err = ei.value
+    assert err.min_latency is None and err.min_memory is None
+    assert err.abs_min_memory == m_abs and err.abs_min_latency == pytest.approx(t_abs)
+    assert "below the smallest model" in str(err) and "below the fastest plan" in str(err)
+    plan_exact(shape, imp, dev, t_abs, m_abs * 100, n)  # the absolute minima are feasible too
+    plan_exact(shape, imp, dev, t_abs * 1000, m_abs, n)
+
+
+@needs_scipy
+def test_exact_minima_never_above_heuristic_minima():
+    for seed in (0, 4):
+        shape, _, dev, n, T, M = instance(seed)
+        for m in (M, None):
+            assert min_latency(shape, dev, n, m) <= min_latency(shape, dev, n, m, method="heuristic") * (1 + TOL)
+        assert min_memory(shape, dev, n, T) <= min_memory(shape, dev, n, T, method="heuristic")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_json_round_trip():
+    shape, imp, dev, n, T, M = instance(2)
+    methods = ["heuristic"] + (["exact"] if importlib.util.find_spec("scipy") else [])
+    for method in methods:
+        p = plan(shape, imp, dev, T, M, n, method=method)
+        text = p.to_json()
+        json.loads(text)
+        q = Plan.from_json(text)
+        assert q == p
+        assert simulate(q, shape, dev).latency == p.predicted_latency
+    for obj, cls in ((shape, ModelShape), (imp, Importance), (dev, DeviceProfile)):
+        assert cls.from_dict(json.loads(json.dumps(asdict(obj)))) == obj
+
+
+def test_synthetic_importance_and_input_checks():
+    shape = ModelShape(3, 4, {2: 10, 4: 20, 8: 40, 32: 160})
+    imp = Importance.synthetic(shape, 1)
+    for row in imp.loss:
+        for d in row:
+            vals = [d[0]] + [d[b] for b in shape.bits]
+            assert all(a >= b for a, b in zip(vals, vals[1:])) and d[32] == 0 and d[0] > 0
+    dev = DeviceProfile(io_bandwidth=1e6)
+    with pytest.raises(STIError):
+        plan(shape, imp, dev, 1.0, 10**6, 16, method="magic")
+    with pytest.raises(STIError):
+        plan(shape, Importance.synthetic(ModelShape(2, 4, {4: 20}), 0), dev, 1.0, 10**6, 16)
+    with pytest.raises(STIError):
+        plan(shape, imp, dev, -1.0, 10**6, 16)
+    with pytest.raises(STIError):
+        ModelShape(3, 4, {7: 10})
