@@ -37,19 +37,53 @@ class Encoder:
         from sti.models import bert
 
         self.ckpt, self.cfg, self.strict = ckpt, ckpt.config, strict
+        self.tokenizer = ckpt.tokenizer
         w = ckpt.weights
         self.globals = {n: w[n] for n in bert.GLOBAL_NAMES}
         self.layers = [bert.layer_weights(w, i) for i in range(self.cfg.num_layers)]
+        self.engine = self.plan = self.last_trace = None
+        self.traces = []
+        self.max_tokens = self.cfg.max_position
 
     @classmethod
     def load(cls, model: str = "minilm", strict: bool = False) -> "Encoder":
         return cls(load_checkpoint(model), strict=strict)
 
+    @classmethod
+    def from_store(cls, store, latency: str | float, memory: str | int, seq_len: int = 128,
+                   method: str = "heuristic", storage: str | None = None, cold: bool = False,
+                   strict: bool = False, chunk_shards: int = 4) -> "Encoder":
+        """An encoder that streams a shard store under a plan for ``latency`` (e.g. "40ms") and
+        ``memory`` (e.g. "2MB", resident weight bytes) at inputs of up to ``seq_len`` tokens
+        (longer texts are truncated to it). ``storage`` names the emulated storage profile to
+        plan and run with (``emmc``, ``ufs``, ``<N>MBps``); ``cold`` evicts the store's pages
+        from the page cache before every request."""
+        from sti import plan as planner
+        from sti.profile import load_profile, model_shape, parse_storage
+        from sti.runtime import Schedule, StreamingEncoder
+        from sti.store import Store
+        from sti.units import parse_bytes, parse_latency
+
+        st = Store.open(store)
+        imp, dev, _ = load_profile(st.path, storage)
+        shape = model_shape(st, chunk_shards=chunk_shards, input_tokens=seq_len)
+        p = planner.plan(shape, imp, dev, parse_latency(latency), parse_bytes(memory), seq_len, method=method)
+        self = cls.__new__(cls)
+        self.ckpt, self.cfg, self.strict = None, st.config, strict
+        self.tokenizer = st.tokenizer()
+        self.globals = self.layers = None
+        self.plan = p
+        self.engine = StreamingEncoder(st, Schedule.from_plan(p, chunk_shards), cold=cold, throttle=parse_storage(storage))
+        self.last_trace = None
+        self.traces = []  # one per request since the last embed/classify call
+        self.max_tokens = seq_len
+        return self
+
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> ids, mask (B, T), truncated to the model's positions (an error if strict)."""
         texts = _check_texts(texts)
-        encs = self.ckpt.tokenizer.encode_batch(texts)
-        limit = self.cfg.max_position
+        encs = self.tokenizer.encode_batch(texts)
+        limit = self.max_tokens
         rows = []
         for i, e in enumerate(encs):
             ids = e.ids
@@ -57,7 +91,7 @@ class Encoder:
                 if self.strict:
                     raise STIError(f"text #{i + 1} has {len(ids)} tokens; the model takes at most {limit}",
                                    "shorten the text, or drop --strict to truncate it")
-                _notice(f"text #{i + 1} has {len(ids)} tokens; truncated to the model's {limit}")
+                _notice(f"text #{i + 1} has {len(ids)} tokens; truncated to {limit}")
                 ids = ids[: limit - 1] + ids[-1:]  # keep the closing [SEP]
             rows.append(ids)
         T = max(len(r) for r in rows)
@@ -69,8 +103,14 @@ class Encoder:
         return ids, mask
 
     def hidden_states(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Last hidden states (B, T, H); through the streaming engine for a store-backed encoder
+        (its trace is kept in ``last_trace``)."""
         from sti.models import bert
 
+        if self.engine is not None:
+            h, self.last_trace = self.engine.run(ids, mask)
+            self.traces.append(self.last_trace)
+            return h
         return bert.encode(self.cfg, self.globals, self.layers, ids, mask)
 
     def embed(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> np.ndarray:
@@ -78,6 +118,9 @@ class Encoder:
         from sti.models import bert
 
         texts = _check_texts(texts)
+        self.traces = []
+        if self.engine is not None:
+            batch_size = 1  # one request per text: the plan is for one input of up to seq_len tokens
         # Batch texts of similar length together: padding costs compute.
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.cfg.hidden_size), np.float32)

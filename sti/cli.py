@@ -24,30 +24,82 @@ def _print_json(obj) -> None:
     sys.stdout.write("\n")
 
 
-def cmd_embed(a) -> int:
+def _encoder(a):
     from sti.api import Encoder
 
-    enc = Encoder.load(a.model, strict=a.strict)
+    if a.store is None:
+        for opt in ("latency", "memory"):
+            if getattr(a, opt) is not None:
+                raise STIError(f"--{opt} needs --store", "pack the model (sti pack) and pass --store STORE")
+        return Encoder.load(a.model, strict=a.strict)
+    if a.latency is None or a.memory is None:
+        raise STIError("--store needs both --latency and --memory", "e.g. --latency 40ms --memory 2MB")
+    return Encoder.from_store(a.store, a.latency, a.memory, seq_len=a.seq_len, method=a.planner,
+                              storage=a.storage, cold=a.cold, strict=a.strict)
+
+
+def _stream_report(enc, a) -> dict:
+    """The keys a store-backed run adds to --json output; also writes --trace files."""
+    if enc.engine is None:
+        return {}
+    if a.trace:
+        _write_trace(enc.last_trace, a.trace)
+    return {"latency_ms": [round(t.latency * 1e3, 3) for t in enc.traces],
+            "resident_bytes_peak": max(t.resident_peak for t in enc.traces),
+            "plan": enc.plan.to_dict()}
+
+
+def _write_trace(trace, path: str) -> None:
+    import json as _json
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix.lower() == ".png":
+        trace.save_png(p)
+    else:
+        p.write_text(_json.dumps(trace.to_chrome()))
+        trace.save_png(p.with_suffix(".png"))
+
+
+def _print_stream_summary(enc, a) -> None:
+    if enc.engine is None:
+        return
+    from sti.units import fmt_bytes
+
+    p, lat = enc.plan, [t.latency for t in enc.traces]
+    lat.sort()
+    med = lat[len(lat) // 2]
+    print(f"plan ({p.method}): widths {p.widths}, {len(p.preload)} shards preloaded; "
+          f"predicted {p.predicted_latency * 1e3:.1f} ms")
+    print(f"latency {med * 1e3:.1f} ms (median of {len(lat)}) vs target {p.target_latency * 1e3:.1f} ms; "
+          f"resident weights peak {fmt_bytes(max(t.resident_peak for t in enc.traces))} "
+          f"vs budget {fmt_bytes(p.memory_budget)}", file=sys.stderr)
+    if a.trace:
+        _write_trace(enc.last_trace, a.trace)
+
+
+def cmd_embed(a) -> int:
+    enc = _encoder(a)
     emb = enc.embed(a.text, progress=len(a.text) > 64)
     if a.json:
-        _print_json({"model": a.model, "embeddings": emb.tolist()})
+        _print_json({"model": a.store or a.model, "embeddings": emb.tolist(), **_stream_report(enc, a)})
     else:
         for t, e in zip(a.text, emb):
             head = " ".join(f"{v:+.4f}" for v in e[:6])
             print(f"[{head} ... ] ({e.size} dims)  {t[:60]}")
+        _print_stream_summary(enc, a)
     return 0
 
 
 def cmd_classify(a) -> int:
-    from sti.api import Encoder
-
-    enc = Encoder.load(a.model, strict=a.strict)
+    enc = _encoder(a)
     labels, scores = enc.classify(a.text, head=a.head)
     if a.json:
-        _print_json({"labels": labels, "scores": scores.tolist()})
+        _print_json({"labels": labels, "scores": scores.tolist(), **_stream_report(enc, a)})
     else:
         for t, lab, s in zip(a.text, labels, scores):
             print(f"{lab:<14} {s.max():.3f}  {t[:70]}")
+        _print_stream_summary(enc, a)
     return 0
 
 
@@ -153,13 +205,74 @@ def cmd_info(a) -> int:
 
 
 def cmd_eval(a) -> int:
+    from sti.store import is_store
     from sti.tasks import evaluate
 
-    res = evaluate(a.model, a.task, progress=not a.json)
+    model = a.model
+    enc = None
+    if is_store(a.model):
+        a.store = a.model
+        enc = model = _encoder(a)
+    elif a.latency or a.memory:
+        raise STIError("--latency/--memory need a shard store as MODEL", "pack it first: sti pack MODEL -o STORE")
+    res = evaluate(model, a.task, progress=not a.json, limit=a.limit)
+    if enc is not None:
+        import numpy as np
+
+        lat = np.array([t.latency for t in enc.traces])
+        res.update({
+            "model": a.model, "seq_len": a.seq_len,
+            "latency_ms": {"median": float(np.median(lat) * 1e3), "p10": float(np.percentile(lat, 10) * 1e3),
+                           "p90": float(np.percentile(lat, 90) * 1e3), "max": float(lat.max() * 1e3)},
+            "deadline_met": float(np.mean(lat <= enc.plan.target_latency)),
+            "resident_bytes_peak": max(t.resident_peak for t in enc.traces),
+            "plan": enc.plan.to_dict(),
+        })
+    if a.json:
+        _print_json(res)
+        return 0
+    print(f"{a.task} held-out accuracy of {a.model}: {res['accuracy']:.4f} ({res['n']} texts)")
+    if enc is not None:
+        m = res["latency_ms"]
+        print(f"latency median {m['median']:.1f} ms (p10 {m['p10']:.1f}, p90 {m['p90']:.1f}) vs target "
+              f"{enc.plan.target_latency * 1e3:.1f} ms: deadline met in {res['deadline_met']:.1%} of requests; "
+              f"resident weights peak {res['resident_bytes_peak']:,} B vs budget {enc.plan.memory_budget:,} B")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    from sti.profile import run_profile
+
+    res = run_profile(a.store, task=a.task, storage=a.storage, progress=not a.json)
     if a.json:
         _print_json(res)
     else:
-        print(f"{a.task} held-out accuracy of {a.model}: {res['accuracy']:.4f} ({res['n']} texts)")
+        print(json.dumps(res, indent=2)[:4000])
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from sti import plan as planner
+    from sti.profile import load_profile, model_shape
+    from sti.store import Store
+    from sti.units import parse_bytes, parse_latency
+
+    with Store.open(a.store) as st:
+        imp, dev, _ = load_profile(st.path, a.storage)
+        shape = model_shape(st, input_tokens=a.seq_len)
+    p = planner.plan(shape, imp, dev, parse_latency(a.latency), parse_bytes(a.memory), a.seq_len, method=a.planner)
+    if a.json:
+        _print_json(p.to_dict())
+        return 0
+    print(f"plan ({p.method}) for T={p.target_latency * 1e3:.1f} ms, M={p.memory_budget:,} B, {p.seq_len} tokens "
+          f"on {dev.label}")
+    for layer, lp in enumerate(p.layers):
+        bits = " ".join(f"{s}:{b}" + ("*" if (layer, s) in set(map(tuple, p.preload)) else "")
+                        for s, b in zip(lp.shards, lp.bits))
+        print(f"  layer {layer}: width {len(lp.shards):>2}  {bits}")
+    print("  (shard:bits, * = preloaded)")
+    print(f"predicted latency {p.predicted_latency * 1e3:.2f} ms (stall {p.stall_time * 1e3:.2f} ms), "
+          f"loss {p.predicted_loss:.4g}, resident peak {p.resident_bytes_peak:,} B, preload {p.preload_bytes:,} B")
     return 0
 
 
@@ -192,18 +305,35 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default=default,
                         help=f"built-in name, Hugging Face model directory or .gguf file (default: {default})")
 
+    def budget_opts(sp, store_required=False):
+        g = sp.add_argument_group("streaming from a shard store (sti pack, sti profile)")
+        g.add_argument("--store", required=store_required, help="shard store directory to stream from")
+        g.add_argument("--latency", help="target latency per request, e.g. 40ms")
+        g.add_argument("--memory", help="budget of resident weight bytes, e.g. 2MB")
+        g.add_argument("--seq-len", type=int, default=128, help="plan for inputs of up to this many tokens; "
+                       "longer texts are truncated (default: 128)")
+        g.add_argument("--planner", choices=["heuristic", "exact"], default="heuristic",
+                       help="STI's two-stage heuristic or the exact MILP (default: heuristic)")
+        g.add_argument("--storage", help="emulated storage profile to plan and run with: emmc, ufs, <N>MBps")
+        g.add_argument("--cold", action="store_true", help="evict the store from the page cache before every request")
+        g.add_argument("--trace", help="write the last request's trace: Chrome trace JSON (+ a PNG beside it), or a .png")
+
     sp = add("embed", cmd_embed, "Embed texts (mean-pooled, L2-normalised sentence embeddings).")
     model_opt(sp, "minilm")
     sp.add_argument("text", nargs="+", help="texts to embed")
     sp.add_argument("--strict", action="store_true", help="error on texts longer than the model's positions instead of truncating")
-    sp.add_argument("--json", action="store_true", help='print {"model": ..., "embeddings": [[...], ...]}')
+    sp.add_argument("--json", action="store_true", help='print {"model": ..., "embeddings": [[...], ...]} '
+                    '(+ "latency_ms", "resident_bytes_peak", "plan" with --store)')
+    budget_opts(sp)
 
     sp = add("classify", cmd_classify, "Classify texts with a linear head on the embeddings (BBC News topics by default).")
     model_opt(sp, "minilm")
     sp.add_argument("text", nargs="+", help="texts to classify")
     sp.add_argument("--head", default="bbc-news", help="classification head (default: bbc-news)")
     sp.add_argument("--strict", action="store_true", help="error on over-long texts instead of truncating")
-    sp.add_argument("--json", action="store_true", help='print {"labels": [...], "scores": [[...], ...]}')
+    sp.add_argument("--json", action="store_true", help='print {"labels": [...], "scores": [[...], ...]} '
+                    '(+ "latency_ms", "resident_bytes_peak", "plan" with --store)')
+    budget_opts(sp)
 
     sp = add("generate", cmd_generate, "Generate text from a prompt, streaming tokens as they are produced.")
     model_opt(sp, "smollm2")
@@ -230,10 +360,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("store", help="store directory")
     sp.add_argument("--json", action="store_true", help='print {"store", "ok", "problems"}')
 
-    sp = add("eval", cmd_eval, "Held-out accuracy of a model on a task.")
-    sp.add_argument("model", help="built-in name or model directory (an encoder)")
+    sp = add("eval", cmd_eval, "Held-out accuracy of a model, or of a shard store under a plan, on a task.")
+    sp.add_argument("model", help="built-in name or model directory (an encoder), or a shard store")
     sp.add_argument("--task", default="bbc-news", help="task (default: bbc-news)")
-    sp.add_argument("--json", action="store_true", help='print {"accuracy": ..., ...}')
+    sp.add_argument("--limit", type=int, default=None, help="evaluate a class-balanced subset of this many texts")
+    sp.add_argument("--json", action="store_true", help='print {"accuracy": ..., ...} (+ latency and plan for a store)')
+    sp.add_argument("--strict", action="store_true", help=argparse.SUPPRESS)
+    budget_opts(sp)
+
+    sp = add("profile", cmd_profile, "Profile a shard store: importance of every shard on a task's calibration "
+             "split, and this device's IO and compute speed.")
+    sp.add_argument("store", help="shard store directory")
+    sp.add_argument("--task", default="bbc-news", help="task whose calibration split is used (default: bbc-news)")
+    sp.add_argument("--storage", help="emulate slower storage: emmc, ufs, <N>MBps (labelled as emulated)")
+    sp.add_argument("--json", action="store_true", help="print the profile summary as JSON")
+
+    sp = add("plan", cmd_plan, "Plan a store's execution for a latency target and a memory budget.")
+    sp.add_argument("store", help="profiled shard store directory")
+    sp.add_argument("--latency", required=True, help="target latency, e.g. 40ms")
+    sp.add_argument("--memory", required=True, help="budget of resident weight bytes, e.g. 2MB")
+    sp.add_argument("--seq-len", type=int, default=128, help="input length to plan for (default: 128)")
+    sp.add_argument("--planner", choices=["heuristic", "exact"], default="heuristic", help="planning method")
+    sp.add_argument("--storage", help="plan with the profile of an emulated storage: emmc, ufs, <N>MBps")
+    sp.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     sp = add("bench", cmd_bench, "Benchmarks: a table (Markdown + JSON) against the reference implementations.")
     sp.add_argument("suite", choices=["engine"], help="engine: STI vs Hugging Face transformers, warm, cold start, decode, load")

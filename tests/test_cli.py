@@ -16,7 +16,7 @@ def sti(*args, check=True):
     return p
 
 
-@pytest.mark.parametrize("cmd", ["embed", "classify", "generate", "info", "pack", "verify", "eval", "bench", "demo"])
+@pytest.mark.parametrize("cmd", ["embed", "classify", "generate", "info", "pack", "verify", "profile", "plan", "eval", "bench", "demo"])
 def test_every_command_has_help(cmd):
     out = sti(cmd, "--help").stdout
     assert out.startswith("usage: sti " + cmd)
