@@ -31,8 +31,44 @@ static PyObject *py_gelu_(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static void softmax_rows_f32(float *x, Py_ssize_t rows, Py_ssize_t n) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *row = x + r * n;
+        float m = row[0];
+        for (Py_ssize_t i = 1; i < n; i++) m = row[i] > m ? row[i] : m;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float e = expf(row[i] - m);
+            row[i] = e;
+            sum += e;
+        }
+        float inv = 1.0f / sum;
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) row[i] *= inv;
+    }
+}
+
+/* softmax_(buf, n): softmax in place over each run of n float32 values (the last axis). */
+static PyObject *py_softmax_(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "w*n", &b, &n)) return NULL;
+    if (b.itemsize != 4 || n <= 0 || b.len % (4 * n) || !PyBuffer_IsContiguous(&b, 'C')) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_TypeError, "softmax_ needs a C-contiguous float32 buffer whose size is a multiple of n");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    softmax_rows_f32((float *)b.buf, b.len / (4 * n), n);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"gelu_", py_gelu_, METH_VARARGS, "In-place exact GELU on a float32 buffer."},
+    {"softmax_", py_softmax_, METH_VARARGS, "In-place softmax over runs of n float32 values."},
     {NULL, NULL, 0, NULL},
 };
 

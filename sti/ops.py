@@ -20,10 +20,11 @@ def erf(x: np.ndarray) -> np.ndarray:
     return np.copysign(y, x)
 
 
-try:  # vectorised C kernel (setup.py); the NumPy path below is the fallback
+try:  # vectorised C kernels (setup.py); the NumPy paths are the fallback
     from sti._fastmath import gelu_ as _gelu_c
+    from sti._fastmath import softmax_ as _softmax_c
 except ImportError:  # pragma: no cover - depends on the build
-    _gelu_c = None
+    _gelu_c = _softmax_c = None
 
 
 def gelu_numpy(x: np.ndarray) -> np.ndarray:
@@ -59,10 +60,25 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
 
 
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+def softmax_numpy(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - x.max(axis, keepdims=True))
     e /= e.sum(axis, keepdims=True)
     return e
+
+
+def softmax_(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed in place on x (float32) and returned. The C kernel
+    agrees with the NumPy path to ~1e-7 relative. Inputs must be finite (mask with the float32
+    minimum, not -inf: the kernel is built with fast math)."""
+    if _softmax_c is not None and x.flags.c_contiguous and x.flags.writeable and x.size:
+        _softmax_c(x, x.shape[-1])
+    else:
+        x[...] = softmax_numpy(x)
+    return x
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return softmax_numpy(x, axis)
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import gelu_, layer_norm, linear, softmax
+from sti.ops import gelu_, layer_norm, linear, softmax_
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.n
         scores = q @ k
         scores *= np.float32(1.0 / np.sqrt(hd))
         scores += bias
-        ctx = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+        ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
         attn = linear(ctx, w["wo"], w["bo"])
     else:
         attn = np.broadcast_to(w["bo"], x.shape)
@@ -163,7 +163,7 @@ def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[
     scores = q @ k
     scores *= np.float32(1.0 / np.sqrt(hd))
     scores += bias
-    ctx = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
+    ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return ctx @ w["wo_t"]
 
 

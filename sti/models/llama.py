@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import linear, rms_norm, silu, softmax
+from sti.ops import linear, rms_norm, silu, softmax_
 
 
 @dataclass(frozen=True)
@@ -170,8 +170,8 @@ def layer(cfg: LlamaConfig, x: np.ndarray, w: Mapping[str, np.ndarray], k_cache:
         scores *= np.float32(1.0 / np.sqrt(hd))
         if T > 1:  # causal: query t (at start+t) sees keys 0..start+t
             qpos = np.tile(np.arange(start, end), g)[:, None]
-            scores += np.where(np.arange(end)[None, :] <= qpos, 0.0, -np.inf).astype(np.float32)
-        ctx = softmax(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
+            scores += np.where(np.arange(end)[None, :] <= qpos, 0.0, np.finfo(np.float32).min).astype(np.float32)
+        ctx = softmax_(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
         ctx = ctx.reshape(B, n_q, T, hd).transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)  # (B, T, n_q*hd)
         x = x + linear(ctx, w["wo"])
     h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)

@@ -108,3 +108,14 @@ def test_gelu_c_kernel_agrees_with_numpy_fallback():
     c = ops.gelu(x)
     assert np.abs(c - ops.gelu_numpy(x)).max() < 1e-6
     assert not np.shares_memory(c, x)
+
+
+def test_softmax_kernel_agrees_with_numpy():
+    from sti import ops
+
+    x = np.random.default_rng(2).standard_normal((3, 5, 77)).astype(np.float32) * 5
+    x[0, 0, :10] = np.finfo(np.float32).min  # masked keys
+    ref = ops.softmax_numpy(x)
+    got = ops.softmax_(x.copy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got.sum(-1), 1, rtol=1e-5)
