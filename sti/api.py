@@ -73,7 +73,8 @@ class Encoder:
         self.tokenizer = st.tokenizer()
         self.globals = self.layers = None
         self.plan = p
-        self.engine = StreamingEncoder(st, Schedule.from_plan(p, chunk_shards), cold=cold, throttle=parse_storage(storage))
+        self.engine = StreamingEncoder(st, Schedule.from_plan(p, chunk_shards), cold=cold,
+                                       throttle=parse_storage(storage), max_tokens=seq_len)
         self.last_trace = None
         self.traces = []  # one per request since the last embed/classify call
         self.max_tokens = seq_len

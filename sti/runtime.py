@@ -158,7 +158,8 @@ class StreamingEncoder:
     """Runs a BERT-family shard store under a ``Schedule``. Requests are serialised: one engine
     runs one request at a time (a second caller waits), so concurrent use is safe."""
 
-    def __init__(self, store, schedule: Schedule, cold: bool = False, throttle: Throttle | None = None):
+    def __init__(self, store, schedule: Schedule, cold: bool = False, throttle: Throttle | None = None,
+                 max_tokens: int | None = None):
         if store.family != "bert":
             raise STIError(f"the store holds a {store.family} model; the streaming encoder runs BERT-family stores",
                            "pack an encoder such as minilm")
@@ -167,6 +168,7 @@ class StreamingEncoder:
                            "plan against this store")
         self.store, self.schedule, self.cold, self.throttle = store, schedule, cold, throttle
         self.cfg = store.config
+        self.max_tokens = max_tokens or self.cfg.max_position  # tokens per request the budget must allow
         self._lock = threading.Lock()
         self.res = Residency(schedule.memory_budget)
         g = store.globals()
@@ -206,11 +208,11 @@ class StreamingEncoder:
 
     def _check_fits(self, ntok: int | None = None) -> None:
         """Refuse a schedule (or a request of ``ntok`` tokens; default: one sequence of the
-        model's full length) that could not run within the budget."""
+        model's full length, or ``max_tokens``) that could not run within the budget."""
         budget = self.schedule.memory_budget
         if not budget:
             return
-        ntok = self.cfg.max_position if ntok is None else ntok
+        ntok = self.max_tokens if ntok is None else ntok
         before = self.fixed_bytes + self.preload_bytes + self._embed_bytes(ntok)
         need = max((sum(self.store.shard_nbytes(layer, s, b) for s, b in shards.items()
                         if (layer, s) not in self.schedule.preload)

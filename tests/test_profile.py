@@ -1,0 +1,202 @@
+"""Profiling on a tiny packed BERT: importance, device fit, storage specs, saved profiles."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sti import profile as prof
+from sti.errors import STIError
+from sti.models import bert
+from sti.plan import DeviceProfile, Importance, ModelShape
+from sti.runtime import Schedule, StreamingEncoder, Throttle
+from sti.store import Store
+from tiny_models import CFG
+
+
+def calib(n=6, T=12, seed=3):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, CFG.vocab_size, (n, T))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0  # one padded text
+    mask[4, 10:] = 0
+    W = rng.standard_normal((4, CFG.hidden_size)).astype(np.float32) * 8
+    b = rng.standard_normal(4).astype(np.float32)
+    labels = rng.integers(0, 4, n)
+    return ids, mask, W, b, labels
+
+
+def kl_direct(st, layers, ids, mask, W, b):
+    """KL(full || config) by the reference path: assembled layers through bert.encode."""
+    g = st.globals()
+
+    def logp(cfg_layers):
+        h = bert.encode(st.config, g, [st.assemble_layer(i, s) for i, s in enumerate(cfg_layers)], ids, mask)
+        z = (bert.mean_pool(h, mask) @ W.T + b).astype(np.float64)
+        z -= z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    full = [{s: 32 for s in st.shard_indices(i)} for i in range(st.num_layers)]
+    lp, lq = logp(full), logp(layers)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def importance(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask, W, b, labels = calib()
+    with Store.open(path) as st:
+        imp, info = prof.shard_importance(st, ids, mask, W, b, labels=labels, batch=4, additivity_checks=4)
+    return imp, info
+
+
+def test_fast_layer_equals_bert_layer(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask, *_ = calib()
+    with Store.open(path) as st:
+        g = st.globals()
+        x = bert.embed(st.config, g, ids)
+        bias = bert.attention_bias(mask)
+        for shards in ({0: 32, 1: 4, 2: 32, 3: 2}, {1: 8, 3: 32}, {}):
+            ref = bert.layer(st.config, x, bias, st.assemble_layer(0, shards))
+            P = prof._prep_layer(st.layer_common(0), [st.read_shard(0, s, bb) for s, bb in sorted(shards.items())])
+            got = prof._layer(st.config, x.reshape(-1, CFG.hidden_size), *ids.shape, bias, P).reshape(ref.shape)
+            assert np.abs(got - ref).max() < 1e-4
+
+
+def test_importance_shape_fp32_and_order(importance, tiny_bert):
+    imp, info = importance
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        shape = prof.model_shape(st)
+    imp.check(shape)  # every shard, dropped and every stored bitwidth
+    assert len(imp.loss) == CFG.num_layers and all(len(r) == CFG.num_heads for r in imp.loss)
+    arr = np.array(info["kl_raw"])  # (L, S, V) measured, versions 0, 2, 3, ...
+    assert info["versions"][0] == 0 and arr.shape == (CFG.num_layers, CFG.num_heads, len(info["versions"]))
+    assert (arr >= 0).all()
+    for row in imp.loss:
+        for d in row:
+            assert d[32] == 0.0
+            vals = [d[b] for b in sorted(d)]
+            assert all(x >= y for x, y in zip(vals, vals[1:]))  # non-increasing in bits
+    mean = arr.mean((0, 1))
+    j2, j8 = info["versions"].index(2), info["versions"].index(8)
+    assert mean[0] >= mean[j2] >= mean[j8] > 0  # dropped >= 2-bit >= 8-bit on average
+    assert 0 <= info["full_accuracy"] <= 1
+    assert set(info["split_half"]) >= {"dropped", "8-bit"}
+
+
+def test_single_shard_kl_matches_the_reference_path(importance, tiny_bert):
+    imp, info = importance
+    _, _, path = tiny_bert
+    ids, mask, W, b, _ = calib()
+    arr = np.array(info["kl_raw"])
+    with Store.open(path) as st:
+        for layer, s, bits in [(0, 1, 0), (1, 2, 3), (0, 3, 8), (1, 0, 0)]:
+            cfg_layers = [{i: 32 for i in st.shard_indices(k)} for k in range(st.num_layers)]
+            if bits:
+                cfg_layers[layer][s] = bits
+            else:
+                del cfg_layers[layer][s]
+            ref = kl_direct(st, cfg_layers, ids, mask, W, b)
+            got = arr[layer, s, info["versions"].index(bits)]
+            assert got == pytest.approx(ref, rel=2e-3, abs=1e-8), (layer, s, bits)
+
+
+def test_additivity_check_reports_actual_kl(importance, tiny_bert):
+    _, info = importance
+    add = info["additivity"]
+    assert len(add["configs"]) == 4
+    _, _, path = tiny_bert
+    ids, mask, W, b, _ = calib()
+    c = add["configs"][0]  # "uniform": every shard at the lowest bitwidth
+    assert c["kind"] == "uniform" and c["actual_kl"] > 0 and c["predicted_kl"] > 0
+    with Store.open(path) as st:
+        lo = min(x for x in info["versions"] if x)
+        ref = kl_direct(st, [{i: lo for i in st.shard_indices(k)} for k in range(st.num_layers)], ids, mask, W, b)
+    assert c["actual_kl"] == pytest.approx(ref, rel=2e-3)
+
+
+def test_device_profile_fit(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        dev, meta = prof._profile_device(st, seq_lens=(4, 8, 16), repeats=2)
+    assert isinstance(dev, DeviceProfile)
+    assert dev.io_bandwidth > 0 and dev.io_latency >= 0
+    assert "cold (posix_fadvise DONTNEED)" in dev.label
+    assert dev.c1 + dev.c2 > 0 and min(dev.c0, dev.c1, dev.c2) >= 0
+    assert dev.compute_time(4, 16) > dev.compute_time(1, 16) and dev.compute_time(2, 16) > dev.compute_time(2, 4)
+    assert set(dev.dequant_per_byte) == set(Store.open(path).bits) and all(v > 0 for v in dev.dequant_per_byte.values())
+    assert meta["compute"]["fit"]["max_rel_error"] >= 0 and len(meta["io_measured"]["by_sequence"]) >= 4
+
+
+def test_emulated_storage_profile(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        dev, meta = prof._profile_device(st, storage="emmc", seq_lens=(8, 16), repeats=1)
+    assert dev.io_bandwidth == 200e6 and dev.io_latency == pytest.approx(0.5e-3)
+    assert dev.label.startswith("emulated eMMC") and meta["storage"] == "emmc"
+
+
+def test_parse_storage():
+    assert prof.parse_storage(None) is None and prof.parse_storage("real") is None
+    t = prof.parse_storage("ufs")
+    assert isinstance(t, Throttle) and t.bandwidth == 1e9 and t.latency == pytest.approx(1e-4)
+    t = prof.parse_storage("50MBps")
+    assert t.bandwidth == 50e6 and t.latency == 0 and "emulated" in t.label
+    t = prof.parse_storage("12.5mb/s:2ms")
+    assert t.bandwidth == 12.5e6 and t.latency == pytest.approx(2e-3)
+    assert prof.storage_key("EMMC") == "emmc" and prof.storage_key("50MBps") == "50MBps"
+    for bad in ("floppy", "50", "0MBps", "50Mbit", "-3MBps"):
+        with pytest.raises(STIError) as e:
+            prof.parse_storage(bad)
+        assert "emmc" in str(e.value) and "MBps" in str(e.value)
+
+
+def test_model_shape_matches_runtime_accounting(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        shape = prof.model_shape(st, chunk_shards=3)
+        enc = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=3))
+        assert isinstance(shape, ModelShape)
+        assert shape.num_layers == CFG.num_layers and shape.shards_per_layer == CFG.num_heads
+        assert shape.fixed_bytes == enc.fixed_bytes and shape.scratch_bytes == enc.scratch_bytes
+        assert shape.shard_bytes == {b: st.shard_nbytes(0, 0, b) for b in st.bits}
+        assert prof.model_shape(st, 3, input_tokens=10).fixed_bytes == enc.fixed_bytes + 10 * CFG.hidden_size * 4
+
+
+def test_save_load_round_trip(tiny_bert, tmp_path):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        shape = prof.model_shape(st)
+    imp = Importance.synthetic(shape, seed=1)
+    dev = DeviceProfile(io_bandwidth=3e8, io_latency=1e-4, c0=1e-5, c1=2e-7, c2=1e-9,
+                        dequant_per_byte={b: 1e-9 for b in shape.bits}, label="test")
+    p = prof.save_profile(path, imp, dev, {"task": "synthetic", "numbers": np.float32(1.5)})
+    assert p.name == "profile.json" and not list(p.parent.glob(".profile*tmp*"))
+    imp2, dev2, meta = prof.load_profile(path)
+    assert imp2.loss == imp.loss and dev2 == dev
+    assert meta["meta"]["task"] == "synthetic" and meta["sti_version"] and meta["created"]
+    p2 = prof.save_profile(path, imp, dev, {}, storage="ufs")
+    assert p2.name == "profile-ufs.json"
+    assert prof.load_profile(path, "ufs")[1] == dev
+    with pytest.raises(STIError, match="run sti profile"):
+        prof.load_profile(path, "emmc")
+    with pytest.raises(STIError, match="run sti profile"):
+        prof.load_profile(tmp_path)  # no profile there
+    doc = json.loads(p.read_text())
+    doc["store_fingerprint"] = "0" * 16
+    p.write_text(json.dumps(doc))
+    with pytest.raises(STIError, match="stale"):
+        prof.load_profile(path)
+    p.unlink()
+    p2.unlink()
+
+
+def test_bbc_task_refuses_a_store_of_another_model(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        with pytest.raises(STIError, match="hidden size"):
+            prof.calibration_set(st, "bbc-news", 4, 8)
+        with pytest.raises(STIError, match="unknown task"):
+            prof.calibration_set(st, "imdb", 4, 8)
