@@ -73,7 +73,7 @@ def _print_stream_summary(enc, a) -> None:
           f"predicted {p.predicted_latency * 1e3:.1f} ms")
     print(f"latency {med * 1e3:.1f} ms (median of {len(lat)}) vs target {p.target_latency * 1e3:.1f} ms; "
           f"resident weights peak {fmt_bytes(max(t.resident_peak for t in enc.traces))} "
-          f"vs budget {fmt_bytes(p.memory_budget)}", file=sys.stderr)
+          f"vs budget {fmt_bytes(p.memory_budget)}")
     if a.trace:
         _write_trace(enc.last_trace, a.trace)
 
