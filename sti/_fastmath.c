@@ -66,7 +66,50 @@ static PyObject *py_softmax_(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static void layer_norm_rows_f32(float *x, const float *w, const float *b, Py_ssize_t rows, Py_ssize_t n,
+                                float eps) {
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        float *row = x + r * n;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (Py_ssize_t i = 0; i < n; i++) sum += row[i];
+        float mu = sum / (float)n;
+#pragma omp simd reduction(+ : sq)
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float d = row[i] - mu;
+            sq += d * d;
+        }
+        float inv = 1.0f / sqrtf(sq / (float)n + eps);
+#pragma omp simd
+        for (Py_ssize_t i = 0; i < n; i++) row[i] = (row[i] - mu) * inv * w[i] + b[i];
+    }
+}
+
+/* layer_norm_(buf, w, b, eps): LayerNorm in place over each run of len(w) float32 values. */
+static PyObject *py_layer_norm_(PyObject *self, PyObject *args) {
+    Py_buffer x, w, b;
+    float eps;
+    if (!PyArg_ParseTuple(args, "w*y*y*f", &x, &w, &b, &eps)) return NULL;
+    Py_ssize_t n = w.len / 4;
+    int ok = x.itemsize == 4 && n > 0 && w.len == b.len && w.len % 4 == 0 && x.len % (4 * n) == 0 &&
+             PyBuffer_IsContiguous(&x, 'C') && PyBuffer_IsContiguous(&w, 'C') && PyBuffer_IsContiguous(&b, 'C');
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        layer_norm_rows_f32((float *)x.buf, (const float *)w.buf, (const float *)b.buf, x.len / (4 * n), n, eps);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&b);
+    if (!ok) {
+        PyErr_SetString(PyExc_TypeError, "layer_norm_ needs C-contiguous float32 x (rows of len(w)), w and b");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"layer_norm_", py_layer_norm_, METH_VARARGS, "In-place LayerNorm over rows of len(w) float32 values."},
     {"gelu_", py_gelu_, METH_VARARGS, "In-place exact GELU on a float32 buffer."},
     {"softmax_", py_softmax_, METH_VARARGS, "In-place softmax over runs of n float32 values."},
     {NULL, NULL, 0, NULL},

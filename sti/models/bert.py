@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import gelu_, layer_norm, linear, softmax_
+from sti.ops import gelu_, layer_norm, layer_norm_, linear, softmax_
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,10 @@ def embed(cfg: BertConfig, g: Mapping[str, np.ndarray], ids: np.ndarray,
     return layer_norm(x, g["embed.ln_w"], g["embed.ln_b"], cfg.layer_norm_eps)
 
 
-def attention_bias(mask: np.ndarray) -> np.ndarray:
-    """Padding mask (B, T) of 1/0 -> additive bias (B, 1, 1, T)."""
+def attention_bias(mask: np.ndarray) -> np.ndarray | None:
+    """Padding mask (B, T) of 1/0 -> additive bias (B, 1, 1, T); None when nothing is padded."""
+    if mask.all():
+        return None
     return np.where(mask[:, None, None, :] > 0, 0.0, np.finfo(np.float32).min).astype(np.float32)
 
 
@@ -100,7 +102,7 @@ def _heads(y: np.ndarray, nh: int, hd: int, axes: tuple[int, ...]) -> np.ndarray
     return np.ascontiguousarray(y.reshape(B, T, nh, hd).transpose(axes))
 
 
-def layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.ndarray]) -> np.ndarray:
+def layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, w: Mapping[str, np.ndarray]) -> np.ndarray:
     """One post-LN encoder layer at the width its weights have. x: (B, T, H)."""
     B, T, H = x.shape
     hd = cfg.head_dim
@@ -110,19 +112,20 @@ def layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.n
         q = _heads(linear(x, w["wq"], w["bq"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
         k = _heads(linear(x, w["wk"], w["bk"]), nh, hd, (0, 2, 3, 1))  # (B, nh, hd, T)
         v = _heads(linear(x, w["wv"], w["bv"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
+        q *= np.float32(1.0 / np.sqrt(hd))  # scale the (T, hd) queries, not the (T, T) scores
         scores = q @ k
-        scores *= np.float32(1.0 / np.sqrt(hd))
-        scores += bias
+        if bias is not None:
+            scores += bias
         ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
         attn = linear(ctx, w["wo"], w["bo"])
     else:
         attn = np.broadcast_to(w["bo"], x.shape)
-    x = layer_norm(x + attn, w["ln1_w"], w["ln1_b"], cfg.layer_norm_eps)
+    x = layer_norm_(x + attn, w["ln1_w"], w["ln1_b"], cfg.layer_norm_eps)
     if w["w_up"].shape[0]:
         ffn = linear(gelu_(linear(x, w["w_up"], w["b_up"])), w["w_down"], w["b_down"])
     else:
         ffn = np.broadcast_to(w["b_down"], x.shape)
-    return layer_norm(x + ffn, w["ln2_w"], w["ln2_b"], cfg.layer_norm_eps)
+    return layer_norm_(x + ffn, w["ln2_w"], w["ln2_b"], cfg.layer_norm_eps)
 
 
 def encode(cfg: BertConfig, g: Mapping[str, np.ndarray], layers: Iterable[Mapping[str, np.ndarray]],
@@ -160,9 +163,10 @@ def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[
     q = _heads(linear(x, w["wq"], w["bq"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
     k = _heads(linear(x, w["wk"], w["bk"]), nh, hd, (0, 2, 3, 1))  # (B, nh, hd, T)
     v = _heads(linear(x, w["wv"], w["bv"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
+    q *= np.float32(1.0 / np.sqrt(hd))
     scores = q @ k
-    scores *= np.float32(1.0 / np.sqrt(hd))
-    scores += bias
+    if bias is not None:
+        scores += bias
     ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
     return ctx @ w["wo_t"]
 

@@ -119,3 +119,13 @@ def test_softmax_kernel_agrees_with_numpy():
     got = ops.softmax_(x.copy())
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got.sum(-1), 1, rtol=1e-5)
+
+
+def test_layer_norm_kernel_agrees_with_numpy():
+    from sti import ops
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 7, 384)).astype(np.float32) * 3 + 1
+    w, b = rng.standard_normal(384).astype(np.float32), rng.standard_normal(384).astype(np.float32)
+    np.testing.assert_allclose(ops.layer_norm_(x.copy(), w, b, 1e-12), ops.layer_norm(x, w, b, 1e-12),
+                               rtol=1e-5, atol=2e-5)
