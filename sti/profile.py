@@ -953,13 +953,9 @@ def _loadavg() -> float | None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from sti.machine import cpu_model
+
+    return cpu_model()
 
 
 def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15, chunk_shards=4, seed=0,

@@ -238,13 +238,9 @@ def _numpy_blas() -> str:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from sti.machine import cpu_model
+
+    return cpu_model()
 
 
 def _git_commit() -> str | None:
