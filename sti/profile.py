@@ -944,6 +944,34 @@ def _measure_dequant(store, repeats, rng) -> dict:
     return {"per_byte": out, "ms_per_shard": detail}
 
 
+def _calibrate_runtime_overhead(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, repeats: int = 7) -> dict:
+    """Per-layer time the isolated layer measurements miss (the IO handshake, checksums, decode
+    calls, scratch accounting): run the real ``StreamingEncoder`` with every shard preloaded at
+    4 bits (no IO, so the pipeline time is pure compute side) and compare with the model's
+    prediction. The median excess per shard is returned (the caller adds it to each shard's cost)."""
+    from sti.runtime import Schedule, StreamingEncoder
+
+    bits = 4 if 4 in store.bits else max(b for b in store.bits if b != FP32)
+    L = store.num_layers
+    layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
+    preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
+    eng = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards))
+    rows = []
+    for n in sorted(set(seq_lens)):
+        n = min(int(n), store.config.max_position)
+        ids = rng.integers(0, store.config.vocab_size, (1, n))
+        mask = np.ones_like(ids)
+        eng.run(ids, mask)  # warm-up
+        measured = min(eng.run(ids, mask)[1].latency for _ in range(repeats))
+        w = len(layers[0])
+        shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
+        predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
+        rows.append({"seq_len": n, "measured_ms": round(measured * 1e3, 3), "predicted_ms": round(predicted * 1e3, 3)})
+    w = len(layers[0])
+    excess = float(np.median([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / (L * w) for r in rows]))
+    return {"bits": bits, "rows": rows, "per_shard_overhead": max(0.0, excess)}
+
+
 def _loadavg() -> float | None:
     """The 1-minute load average (other processes compete for the cores when it exceeds ours)."""
     try:
@@ -992,7 +1020,16 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
                       f"{emul * 1e3:.3g} ms per {shard} B read), so emulation is exact only for warm reads")
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label)
-    meta = {"io_measured": io, "compute": comp, "dequant": deq, "storage": storage_key(storage),
+    _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
+    calib = _calibrate_runtime_overhead(store, dev, seq_lens, chunk_shards, rng)
+    if calib["per_shard_overhead"] > 0:
+        # All shards of one version have the same size, so a per-shard constant is exactly a
+        # per-byte term of that version: fold it into the dequantization cost.
+        per_byte = {b: v + calib["per_shard_overhead"] / store.shard_nbytes(0, min(store.shard_indices(0)), b)
+                    for b, v in dev.dequant_per_byte.items()}
+        dev = DeviceProfile(**{**dev.__dict__, "dequant_per_byte": per_byte})
+    meta = {"io_measured": io, "compute": comp, "dequant": deq, "runtime_calibration": calib,
+            "storage": storage_key(storage),
             "seconds": {"io": round(t_io, 3), "compute": round(t_comp, 3), "dequant": round(t_deq, 3),
                         "total": round(time.perf_counter() - t0, 3)},
             "cpu": cpu, "platform": platform.platform(), "numpy": np.__version__,
