@@ -148,7 +148,7 @@ class Encoder:
 class GenerationResult:
     tokens: list[int]
     text: str
-    stopped: str  # "eos" | "max_tokens" | "context"
+    stopped: str  # "max_tokens" (the limit was reached) | "eos" (an end token, or the context filled)
 
 
 class Generator:

@@ -117,20 +117,13 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
         if old is not None:
             os.rename(old, out)
         raise
-    _fsync_dir(out.parent)
+    _fsync(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries, to storage."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -252,7 +245,7 @@ def _write_store(ckpt, model: str, tmp: Path, bits, group_size: int, algo: str, 
     tok_bytes = (tok_src.read_bytes() if tok_src is not None and tok_src.is_file()
                  else ckpt.tokenizer.to_str().encode())
     (tmp / fmt.TOKENIZER).write_bytes(tok_bytes)
-    _fsync_file(tmp / fmt.TOKENIZER)
+    _fsync(tmp / fmt.TOKENIZER)
     tokenizer = {"file": fmt.TOKENIZER, "nbytes": len(tok_bytes), "checksum": fmt.checksum(tok_bytes, algo)}
 
     # globals.bin: global tensors, then each layer's unsharded tensors
@@ -309,4 +302,4 @@ def _write_manifest(tmp: Path, manifest: fmt.Manifest) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    _fsync(tmp)
