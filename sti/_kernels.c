@@ -18,6 +18,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 #define BLOCK 2048 /* codes unpacked per block: a multiple of 8; tmp[] stays in L1 */
 
@@ -206,11 +207,146 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * decode(raw, program, outs): every tensor of one shard version in one call.
+ *
+ * A streamed layer decodes a few hundred tensors per request; through Python each costs
+ * microseconds of argument handling. `program` is an int64 array of rows of PROG_FIELDS
+ * describing the tensors of one shard layout (sti.quant.Program builds it once per layout),
+ * `outs` a tuple of writable float32 buffers, one per row. Row fields:
+ *   kind (0: sti-q1 quantized matrix, 1: raw float32), bits, group_size, rows, cols,
+ *   offset of codes (kind 1: of the floats), scale, offset, outlier_idx, outlier_val, n_outliers
+ * Offsets are relative to raw. Outliers are written after the affine map in index order
+ * (a later duplicate index wins), exactly as the NumPy reference scatters them. */
+enum { F_KIND, F_BITS, F_G, F_ROWS, F_COLS, F_CODES, F_SCALE, F_OFFSET, F_OIDX, F_OVAL, F_NOUT, PROG_FIELDS };
+
+static int check_span(const char *what, Py_ssize_t i, long long off, long long len, Py_ssize_t total,
+                      long long align, char *msg, size_t msgn) {
+    if (off < 0 || len < 0 || off > total || len > total - off) {
+        snprintf(msg, msgn, "decode: tensor %zd: %s [%lld, +%lld) lies outside the %zd-byte buffer", i, what, off,
+                 len, total);
+        return -1;
+    }
+    if (off % align) {
+        snprintf(msg, msgn, "decode: tensor %zd: %s offset %lld is not %lld-byte aligned", i, what, off, align);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_decode(PyObject *self, PyObject *args) {
+    Py_buffer raw, prog;
+    PyObject *outs;
+    if (!PyArg_ParseTuple(args, "y*y*O!", &raw, &prog, &PyTuple_Type, &outs)) return NULL;
+    PyObject *ret = NULL;
+    char msg[320];
+    msg[0] = 0;
+    Py_ssize_t n = prog.len / (Py_ssize_t)(PROG_FIELDS * sizeof(long long));
+    Py_buffer *ob = NULL;
+    Py_ssize_t got = 0;
+    if (prog.len % (PROG_FIELDS * sizeof(long long)) || ((uintptr_t)prog.buf % sizeof(long long))) {
+        snprintf(msg, sizeof msg, "decode: program must be an aligned int64 array of rows of %d fields", PROG_FIELDS);
+    } else if (PyTuple_GET_SIZE(outs) != n) {
+        snprintf(msg, sizeof msg, "decode: %zd output buffers for %zd program rows", PyTuple_GET_SIZE(outs), n);
+    }
+    if (msg[0]) goto fail;
+    ob = PyMem_Calloc(n ? n : 1, sizeof(Py_buffer));
+    if (!ob) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const long long *P = prog.buf;
+    for (got = 0; got < n; got++) {
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(outs, got), &ob[got], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        const long long *r = P + got * PROG_FIELDS;
+        long long kind = r[F_KIND], bits = r[F_BITS], G = r[F_G], rows = r[F_ROWS], cols = r[F_COLS];
+        if (rows < 0 || cols < 0 || rows > (1LL << 31) || cols > (1LL << 31)) {
+            snprintf(msg, sizeof msg, "decode: tensor %zd: bad shape (%lld, %lld)", got, rows, cols);
+            goto fail;
+        }
+        if (ob[got].len != 4 * rows * cols || ((uintptr_t)ob[got].buf % 4)) {
+            snprintf(msg, sizeof msg, "decode: tensor %zd: output has %zd bytes, expected an aligned %lld", got,
+                     ob[got].len, 4 * rows * cols);
+            goto fail;
+        }
+        if (kind == 1) {
+            if (check_span("floats", got, r[F_CODES], 4 * rows * cols, raw.len, 4, msg, sizeof msg)) goto fail;
+            continue;
+        }
+        if (kind != 0 || !(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8) || G <= 0 ||
+            G % 8 || G > (1 << 20)) {
+            snprintf(msg, sizeof msg, "decode: tensor %zd: bad kind %lld / bits %lld / group_size %lld", got, kind,
+                     bits, G);
+            goto fail;
+        }
+        long long ngroups = rows * ((cols + G - 1) / G);
+        if (check_span("codes", got, r[F_CODES], ngroups * G * bits / 8, raw.len, 1, msg, sizeof msg) ||
+            check_span("scale", got, r[F_SCALE], 4 * ngroups, raw.len, 4, msg, sizeof msg) ||
+            check_span("offset", got, r[F_OFFSET], 4 * ngroups, raw.len, 4, msg, sizeof msg) ||
+            check_span("outlier_idx", got, r[F_OIDX], 4 * r[F_NOUT], raw.len, 4, msg, sizeof msg) ||
+            check_span("outlier_val", got, r[F_OVAL], 4 * r[F_NOUT], raw.len, 4, msg, sizeof msg))
+            goto fail;
+    }
+    long long bad_idx = -1;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *base = raw.buf;
+    for (Py_ssize_t i = 0; i < n && bad_idx < 0; i++) {
+        const long long *r = P + i * PROG_FIELDS;
+        float *d = ob[i].buf;
+        Py_ssize_t G = r[F_G], rows = r[F_ROWS], cols = r[F_COLS];
+        if (r[F_KIND] == 1) {
+            memcpy(d, base + r[F_CODES], 4 * (size_t)rows * (size_t)cols);
+            continue;
+        }
+        const uint8_t *c = base + r[F_CODES];
+        const float *s = (const float *)(base + r[F_SCALE]), *o = (const float *)(base + r[F_OFFSET]);
+        switch (r[F_BITS]) {
+        case 2: dequant2(c, s, o, G, rows, cols, d); break;
+        case 3: dequant3(c, s, o, G, rows, cols, d); break;
+        case 4: dequant4(c, s, o, G, rows, cols, d); break;
+        case 5: dequant5(c, s, o, G, rows, cols, d); break;
+        case 6: dequant6(c, s, o, G, rows, cols, d); break;
+        default: dequant8(c, s, o, G, rows, cols, d); break;
+        }
+        const uint32_t *idx = (const uint32_t *)(base + r[F_OIDX]);
+        const float *val = (const float *)(base + r[F_OVAL]);
+        uint64_t size = (uint64_t)rows * (uint64_t)cols;
+        for (long long k = 0; k < r[F_NOUT]; k++) {
+            if (idx[k] >= size) {
+                bad_idx = i;
+                break;
+            }
+            d[idx[k]] = val[k];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (bad_idx >= 0) {
+        snprintf(msg, sizeof msg, "decode: tensor %lld: an outlier index lies outside the matrix", bad_idx);
+        goto fail;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+    goto done;
+fail:
+    PyErr_SetString(PyExc_ValueError, msg);
+done:
+    for (Py_ssize_t i = 0; i < got + (ob && got < n && ob[got].obj ? 1 : 0); i++) PyBuffer_Release(&ob[i]);
+    PyMem_Free(ob);
+    PyBuffer_Release(&raw);
+    PyBuffer_Release(&prog);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"dequant", py_dequant, METH_VARARGS,
      "dequant(codes, bits, scale, offset, group_size, rows, cols, out): packed k-bit codes to float32.\n"
      "out[r, c] = float32(code) * scale[group] + offset[group] (two float32 roundings), written into the\n"
      "writable C-contiguous buffer out of rows * cols float32. Outliers are not applied here."},
+    {"decode", py_decode, METH_VARARGS,
+     "decode(raw, program, outs): every tensor a program (int64 rows, see sti.quant.Program) describes,\n"
+     "from raw into the float32 buffers of the tuple outs: k-bit matrices dequantized as dequant() does,\n"
+     "outliers applied; float32 tensors copied."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -769,13 +769,13 @@ def _fsync_store(store) -> None:
 
 
 def _stream_reads(store, plan) -> tuple[float, int, int]:
-    """Evict, then read ``plan`` [(layer, shard, bits)] in order as the runtime's IO worker does:
-    (seconds, bytes, reads)."""
+    """Evict, then read and check ``plan`` [(layer, shard, bits)] in order as the runtime's IO
+    worker does: (seconds, bytes, reads)."""
     store.evict()
     n = 0
     t0 = time.perf_counter()
     for layer, s, b in plan:
-        n += len(store.read_shard_bytes(layer, s, b))
+        n += len(store.read_shard_bytes(layer, s, b, verify=True))
     return time.perf_counter() - t0, n, len(plan)
 
 
@@ -881,12 +881,14 @@ def _measure_compute(store, seq_lens, repeats, chunk_shards, rng) -> dict:
         for w in widths:
             sel = idx[:w]
             chunks = [tuple(sel[i:i + chunk_shards]) for i in range(0, w, chunk_shards)]
-            pre = {c: {name: np.concatenate([dec[s][name] for s in c]) for name in _ATTN + _FFN} for c in chunks}
+            pre = {c: {part: {name: np.concatenate([dec[s][t] for t in tensors for s in c])
+                              for name, tensors in arrays.items()}
+                       for part, arrays in bert.STREAM_PARTS.items()} for c in chunks}
             configs.append((w, n, x, bias, chunks, pre))
     times = {(w, n): [] for w, n, *_ in configs}
     for rep in range(repeats + 1):  # round-robin over configurations; the first round warms up
         for w, n, x, bias, chunks, pre in configs:
-            load = lambda c, names, pre=pre: {k: pre[c][k] for k in names}  # noqa: E731
+            load = lambda c, part, pre=pre: pre[c][part]  # noqa: E731
             t0 = time.perf_counter()
             bert.streamed_layer(cfg, x, bias, common, chunks, load)
             dt = time.perf_counter() - t0
@@ -919,10 +921,16 @@ def _measure_compute(store, seq_lens, repeats, chunk_shards, rng) -> dict:
 
 
 def _measure_dequant(store, repeats, rng) -> dict:
-    """Seconds per stored byte to check and dequantize a shard, as the runtime does it: two
-    ``decode_shard(verify=True)`` calls (attention parts, then FFN parts) into float32 scratch
-    (best of ``repeats`` per shard, median over six shards)."""
+    """Seconds per stored byte to dequantize a shard as the runtime does it: its three parts
+    (attention, up and down projections) each decoded by one program call into the runtime's
+    scratch arena (best of ``repeats`` per shard, median over six shards). The checksum is
+    not included: the IO worker computes it (see ``_stream_reads``)."""
+    from sti.runtime import Schedule, StreamingEncoder
+
+    from sti.models import bert
+
     L = store.num_layers
+    eng = StreamingEncoder(store, Schedule([{} for _ in range(L)], chunk_shards=1))
     pairs = [(layer, s) for layer in range(L) for s in store.shard_indices(layer)]
     pick = [pairs[j] for j in rng.choice(len(pairs), size=min(6, len(pairs)), replace=False)]
     out, detail = {}, {}
@@ -930,13 +938,12 @@ def _measure_dequant(store, repeats, rng) -> dict:
         per = []
         for layer, s in pick:
             raw = store.read_shard_bytes(layer, s, b)
-            shapes = {e.name: tuple(e.shape) for e in store.manifest.layouts[store._version(layer, s, b).layout]}
-            dst = {n: np.empty(shapes[n], np.float32) for n in _ATTN + _FFN}
+            calls = [(eng._program(layer, s, b, part), eng._views[(1, part)][1][0]) for part in bert.STREAM_PARTS]
             ts = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                store.decode_shard(layer, s, b, raw, verify=True, names=_ATTN, out=dst)
-                store.decode_shard(layer, s, b, raw, verify=True, names=_FFN, out=dst)
+                for prog, dst in calls:
+                    prog(raw, dst)
                 ts.append(time.perf_counter() - t0)
             per.append(float(min(ts[1:])) / len(raw))
         out[b] = float(np.median(per))

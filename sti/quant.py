@@ -515,6 +515,55 @@ class Decoder:
         return out
 
 
+class Program:
+    """Decoding of several tensors of one buffer layout in one step: the tensors a streamed
+    shard version holds (k-bit matrices in this module's layout, or raw float32 ones), each
+    written into its own float32 output. Built once per layout; ``program(buf, outs)`` with
+    ``outs`` a tuple of C-contiguous float32 arrays of the tensors' shapes.
+
+    ``entries``: (kind, offset, shape, meta) per tensor, kind "quant" (meta as
+    :meth:`QuantizedTensor.meta`, offsets relative to the tensor's ``offset``) or "float32".
+    With the C kernel this is one call (``sti._kernels.decode``); the NumPy path decodes each
+    tensor as :func:`dequantize_numpy` does, so both are bit-identical to :func:`dequantize`."""
+
+    FIELDS = 11  # kind, bits, group_size, rows, cols, codes, scale, offset, outlier_idx, outlier_val, n_outliers
+
+    def __init__(self, entries):
+        rows = []
+        self.shapes, self._numpy = [], []
+        for kind, off, shape, meta in entries:
+            shape = tuple(int(n) for n in shape)
+            if kind == "quant":
+                d = Decoder(meta)
+                if d.shape != (shape[0], int(np.prod(shape[1:]))):
+                    raise ValueError(f"Program: quantized shape {d.shape} does not match {shape}")
+                sp = d.spans
+                rows.append((0, d.bits, d.group_size, *d.shape, *(off + sp[n][0] for n in SECTIONS), d.n_outliers))
+                self._numpy.append((off, d.nbytes, d))
+            elif kind == "float32":
+                n = int(np.prod(shape))
+                rows.append((1, 32, 8, 1, n, off, 0, 0, 0, 0, 0))
+                self._numpy.append((off, 4 * n, None))
+            else:
+                raise ValueError(f"Program: unknown tensor kind {kind!r}")
+            self.shapes.append(shape)
+        self.prog = np.array(rows, dtype=np.int64).reshape(-1, self.FIELDS)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __call__(self, buf, outs: tuple) -> None:
+        if _ck is not None:
+            _ck.decode(buf, self.prog, outs)
+            return
+        mv = memoryview(buf).cast("B")
+        for (off, n, dec), out in zip(self._numpy, outs):
+            if dec is None:
+                out.reshape(-1)[...] = np.frombuffer(mv, dtype="<f4", count=n // 4, offset=off)
+            else:
+                dequantize_numpy(from_buffer(mv[off: off + n], dec.meta), out.reshape(dec.shape))
+
+
 # --------------------------------------------------------------------------- errors and speed
 
 

@@ -1,13 +1,15 @@
 """Pipelined execution of an encoder from a shard store, under a memory budget.
 
-One IO worker reads the streamed shards in plan order into a bounded buffer while the caller's
-thread computes: layer k starts as soon as its shards are present, runs chunk by chunk (only
-one chunk of shards is dequantized to float32 at a time), then frees its streamed shards so
-the IO worker can read further ahead. Preloaded shards stay in memory across requests.
+One IO worker reads the streamed shards in plan order into a bounded buffer and checks their
+checksums (off the compute thread) while the caller's thread computes: a layer runs chunk by
+chunk, each chunk as soon as its shards are present, dequantizing one part of one chunk at a
+time into a fixed float32 scratch arena (one C call per shard and part), and frees a chunk's
+streamed shards when it is done so the IO worker can read further ahead. Preloaded shards stay
+in memory across requests.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, streamed shards in flight,
-the dequantization scratch and the word-embedding rows of the current input. Its peak never
+the dequantization scratch arena and the word-embedding rows of the current input. Its peak never
 exceeds the budget: the IO worker waits for room, and a schedule that could not fit is refused
 before it runs.
 """
@@ -176,32 +178,80 @@ class StreamingEncoder:
         self.globals = g
         self.common = [store.layer_common(layer) for layer in range(store.num_layers)]
         self.fixed_bytes = sum(a.nbytes for a in g.values()) + sum(a.nbytes for c in self.common for a in c.values())
-        self._row_bytes = {name: self._tensor_row_bytes(name) for name in bert.ATTN_PARTS + bert.FFN_PARTS}
+        self._shapes = self._shard_rows()
         self.scratch_bytes = self._scratch_need()
+        self._arena = np.empty(self.scratch_bytes // 4, np.float32)
+        self._views = self._make_views()
+        self._programs: dict = {}
         self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
         self._check_fits()
-        self.res.hold(self.fixed_bytes)
+        self.res.hold(self.fixed_bytes + self.scratch_bytes)
         self.preloaded: dict[tuple[int, int], bytes] = {}
         for layer, s in sorted(schedule.preload):
             raw = store.read_shard_bytes(layer, s, schedule.layers[layer][s], verify=True)
             self.res.hold(len(raw))
             self.preloaded[(layer, s)] = raw
 
-    # ------------------------------------------------------------------ sizes
+    # ------------------------------------------------------------------ sizes and scratch
 
-    def _tensor_row_bytes(self, name: str) -> tuple[tuple[int, ...], int]:
-        """(shape of the tensor in one shard, float32 bytes)."""
-        layer = 0
-        s0 = self.store.shard_indices(layer)[0]
-        bits = next(iter(self.store.bits))
-        v = self.store._version(layer, s0, bits)
-        e = next(e for e in self.store.manifest.layouts[v.layout] if e.name == name)
-        return tuple(e.shape), int(np.prod(e.shape)) * 4
+    def _shard_rows(self) -> dict[str, tuple[int, ...]]:
+        """Shape of each tensor in one shard; every shard of the store has the same."""
+        shapes = None
+        for layer in range(self.store.num_layers):
+            for s in self.store.shard_indices(layer):
+                for bits in self.store.bits:
+                    got = {e.name: tuple(e.shape) for e in self.store.manifest.layouts[self.store._version(layer, s, bits).layout]}
+                    if shapes is None:
+                        shapes = got
+                    elif got != shapes:
+                        raise STIError(f"shard (layer {layer}, index {s}) has tensor shapes {got}, others {shapes}",
+                                       "the streaming encoder needs equal shards; re-pack the store with sti pack")
+        return shapes
+
+    def _part_floats(self, part: str) -> int:
+        """float32 elements one shard needs in the scratch arena for ``part``."""
+        return sum(int(np.prod(self._shapes[t])) for ts in bert.STREAM_PARTS[part].values() for t in ts)
 
     def _scratch_need(self) -> int:
-        n = self.schedule.chunk_shards
-        per = lambda names: sum(self._row_bytes[x][1] for x in names)  # noqa: E731
-        return n * max(per(bert.ATTN_PARTS), per(bert.FFN_PARTS))
+        return 4 * self.schedule.chunk_shards * max(self._part_floats(p) for p in bert.STREAM_PARTS)
+
+    def _make_views(self) -> dict:
+        """(chunk size m, part) -> (the arrays ``streamed_layer`` gets, and per position j in the
+        chunk the tuple of destinations of shard j's tensors, in ``_part_names(part)`` order).
+        All are views of the one arena, which is why only one part of one chunk exists at a time."""
+        views = {}
+        for m in range(1, self.schedule.chunk_shards + 1):
+            for part, arrays in bert.STREAM_PARTS.items():
+                at, full, dst = 0, {}, [[] for _ in range(m)]
+                for name, tensors in arrays.items():
+                    rows = [self._shapes[t][0] for t in tensors]
+                    tail = self._shapes[tensors[0]][1:]
+                    n = m * sum(rows) * int(np.prod(tail))
+                    a = full[name] = self._arena[at:at + n].reshape((m * sum(rows),) + tail)
+                    at += n
+                    base = 0
+                    for t, r in zip(tensors, rows):  # every shard's rows of t, then of the next tensor
+                        for j in range(m):
+                            dst[j].append(a[base + j * r: base + (j + 1) * r])
+                        base += m * r
+                views[(m, part)] = (full, [tuple(d) for d in dst])
+        return views
+
+    @staticmethod
+    def _part_names(part: str) -> tuple[str, ...]:
+        return tuple(t for ts in bert.STREAM_PARTS[part].values() for t in ts)
+
+    def _program(self, layer: int, s: int, bits: int, part: str):
+        """The decode program of shard ``s``'s ``part`` tensors at ``bits`` (one per layout)."""
+        from sti import quant
+
+        layout = self.store._version(layer, s, bits).layout
+        prog = self._programs.get((layout, part))
+        if prog is None:
+            entries = {e.name: e for e in self.store.manifest.layouts[layout]}
+            prog = self._programs[(layout, part)] = quant.Program(
+                [(entries[n].dtype, entries[n].offset, entries[n].shape, entries[n].meta) for n in self._part_names(part)])
+        return prog
 
     def _embed_bytes(self, ntok: int) -> int:
         return ntok * self.cfg.hidden_size * 4
@@ -217,17 +267,12 @@ class StreamingEncoder:
         need = max((sum(self.store.shard_nbytes(layer, s, b) for s, b in shards.items()
                         if (layer, s) not in self.schedule.preload)
                     for layer, shards in enumerate(self.schedule.layers)), default=0)
-        if before + need > self._stream_limit():
-            smallest = before + self.scratch_bytes + need
+        smallest = before + self.scratch_bytes + need
+        if smallest > budget:
             raise STIError(f"memory budget {budget:,} B cannot hold this schedule for {ntok} tokens: a layer "
                            f"streams {need:,} B, {before:,} B are resident before any streaming and "
                            f"dequantization needs {self.scratch_bytes:,} B",
                            f"raise the budget to at least {smallest:,} B or plan for this budget")
-
-    def _stream_limit(self) -> int:
-        """The level of residency up to which the IO worker may read ahead: all but the
-        dequantization scratch (the input's embedding rows are held before IO starts)."""
-        return self.res.budget - self.scratch_bytes
 
     # ------------------------------------------------------------------ running
 
@@ -238,6 +283,10 @@ class StreamingEncoder:
 
     def _run(self, ids, mask):
         trace = Trace(cold=self.cold, storage=self.throttle.label if self.throttle else "real")
+        if ids.shape[1] > self.cfg.max_position:
+            raise STIError(f"input has {ids.shape[1]} tokens; the model takes at most {self.cfg.max_position}",
+                           "truncate the input")
+        self._check_fits(ids.size)
         if self.cold:
             self.store.evict()
         order = self.schedule.stream_order()
@@ -245,17 +294,20 @@ class StreamingEncoder:
         cv = threading.Condition()
         stop = threading.Event()
         failure: list[BaseException] = []
-        limit = self._stream_limit()
         t_start = time.perf_counter()
 
         def io_worker():
             try:
                 for layer, s, bits in order:
                     n = self.store.shard_nbytes(layer, s, bits)
-                    if not self.res.wait_hold(n, limit, stop):
+                    if not self.res.wait_hold(n, self.res.budget, stop):
                         return
                     t0 = time.perf_counter()
-                    raw = self.store.read_shard_bytes(layer, s, bits)
+                    try:  # the checksum runs here, beside the compute thread (crc32 releases the GIL)
+                        raw = self.store.read_shard_bytes(layer, s, bits, verify=True)
+                    except BaseException:
+                        self.res.release(n)
+                        raise
                     if self.throttle:
                         self.throttle.pace(t0, n)
                     t1 = time.perf_counter()
@@ -268,10 +320,6 @@ class StreamingEncoder:
                 with cv:
                     cv.notify_all()
 
-        if ids.shape[1] > self.cfg.max_position:
-            raise STIError(f"input has {ids.shape[1]} tokens; the model takes at most {self.cfg.max_position}",
-                           "truncate the input")
-        self._check_fits(ids.size)
         held_embed = self._embed_bytes(ids.size)
         self.res.hold(held_embed)
         worker = threading.Thread(target=io_worker, name="sti-io", daemon=True)
@@ -281,60 +329,56 @@ class StreamingEncoder:
             x = bert.embed(self.cfg, g, ids)
             bias = bert.attention_bias(mask)
             for layer, shards in enumerate(self.schedule.layers):
-                need = [s for s in sorted(shards) if (layer, s) not in self.schedule.preload]
-                t0 = time.perf_counter()
-                with cv:
-                    while not failure and any((layer, s) not in arrived for s in need):
-                        cv.wait()
-                if failure:
-                    raise failure[0]
-                t1 = time.perf_counter()
-                if t1 - t0 > 1e-4:
-                    trace.stalls.append((layer, t0 - t_start, t1 - t_start))
-                raws = {s: self.preloaded.get((layer, s)) or arrived[(layer, s)] for s in shards}
-                x = self._layer(layer, x, bias, shards, raws)
-                trace.compute.append((layer, t1 - t_start, time.perf_counter() - t_start))
-                freed = 0
-                with cv:
-                    for s in need:
-                        freed += len(arrived.pop((layer, s)))
-                self.res.release(freed)
+                x = self._layer(layer, x, bias, shards, arrived, cv, failure, trace, t_start)
         finally:
             stop.set()
             worker.join()
             self.res.release(held_embed)
-            leftover = sum(len(r) for r in arrived.values())
-            self.res.release(leftover)
+            self.res.release(sum(len(r) for r in arrived.values()))
         trace.latency = time.perf_counter() - t_start
         trace.bytes_read = sum(e[5] for e in trace.io)
         trace.resident_peak = self.res.peak
         return x, trace
 
-    def _layer(self, layer: int, x, bias, shards: Mapping[int, int], raws) -> np.ndarray:
+    def _layer(self, layer: int, x, bias, shards: Mapping[int, int], arrived: dict, cv: threading.Condition,
+               failure: list, trace: Trace, t_start: float) -> np.ndarray:
+        """One layer, chunk by chunk: a chunk's parts are decoded from its shards' bytes (waiting
+        for the IO worker when they are not there yet) and its streamed bytes are released once
+        its last part (the down projection) is decoded."""
+        n = self.schedule.chunk_shards
         idx = sorted(shards)
-        chunks = [idx[i:i + self.schedule.chunk_shards] for i in range(0, len(idx), self.schedule.chunk_shards)]
+        chunks = [tuple(idx[i:i + n]) for i in range(0, len(idx), n)]
+        preloaded = self.preloaded
+        seg = [time.perf_counter()]  # start of the current compute segment
 
-        def load(chunk, names):
-            out = {}
-            for name in names:
-                shape, _ = self._row_bytes[name]
-                out[name] = np.empty((shape[0] * len(chunk),) + shape[1:], np.float32)
-            nbytes = sum(a.nbytes for a in out.values())
-            self.res.hold(nbytes)
-            try:
-                for j, s in enumerate(chunk):
-                    dst = {n: a[j * a.shape[0] // len(chunk):(j + 1) * a.shape[0] // len(chunk)] for n, a in out.items()}
-                    self.store.decode_shard(layer, s, shards[s], raws[s], verify=True, names=names, out=dst)
-            except BaseException:
-                self.res.release(nbytes)
-                raise
-            self._scratch_held = nbytes
-            return out
+        def raw_of(s):
+            return preloaded.get((layer, s)) or arrived[(layer, s)]
 
-        def release():
-            self.res.release(self._scratch_held)
-            self._scratch_held = 0
+        def load(chunk, part):
+            if part == "attn":
+                missing = [s for s in chunk if (layer, s) not in preloaded and (layer, s) not in arrived]
+                if missing:
+                    t0 = time.perf_counter()
+                    trace.compute.append((layer, seg[0] - t_start, t0 - t_start))
+                    with cv:
+                        while not failure and any((layer, s) not in arrived for s in missing):
+                            cv.wait()
+                    if failure:
+                        raise failure[0]
+                    seg[0] = t1 = time.perf_counter()
+                    trace.stalls.append((layer, t0 - t_start, t1 - t_start))
+            views, dst = self._views[(len(chunk), part)]
+            for j, s in enumerate(chunk):
+                self._program(layer, s, shards[s], part)(raw_of(s), dst[j])
+            if part == "down":
+                freed = 0
+                with cv:
+                    for s in chunk:
+                        if (layer, s) not in preloaded:
+                            freed += len(arrived.pop((layer, s)))
+                self.res.release(freed)
+            return views
 
-        self._scratch_held = 0
-        return bert.streamed_layer(self.cfg, x, bias, self.common[layer], chunks, load, release)
-
+        x = bert.streamed_layer(self.cfg, x, bias, self.common[layer], chunks, load)
+        trace.compute.append((layer, seg[0] - t_start, time.perf_counter() - t_start))
+        return x

@@ -338,3 +338,55 @@ def test_decoder_equals_from_buffer_dequantize():
         np.testing.assert_array_equal(dec(buf), quant.dequantize(quant.from_buffer(buf, q.meta())))
         with pytest.raises(ValueError, match="buffer holds"):
             dec(buf[: len(buf) // 2])
+
+
+def _program_case(rng):
+    """A shard-like buffer: two quantized matrices (with outliers) and a float32 vector."""
+    mats = [(rng.standard_t(3, (12, 100)) * 0.1).astype(np.float32), (rng.standard_normal((7, 64)) * 0.2).astype(np.float32)]
+    vec = rng.standard_normal(9).astype(np.float32)
+    buf, entries = bytearray(), []
+    for w, bits in zip(mats, (3, 6)):
+        q = Q.quantize(w, bits, 64, outlier_frac=0.02)
+        assert q.n_outliers
+        entries.append(("quant", len(buf), w.shape, q.meta()))
+        buf += Q.to_bytes(q)
+    entries.append(("float32", len(buf), vec.shape, None))
+    buf += vec.tobytes() + bytes(28)
+    return bytes(buf), entries
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+def test_program_decodes_like_dequantize(use_c, rng, monkeypatch):
+    if use_c and not Q.has_c_kernel():
+        pytest.skip("C kernels not built")
+    if not use_c:
+        monkeypatch.setattr(Q, "_ck", None)
+    buf, entries = _program_case(rng)
+    prog = Q.Program(entries)
+    outs = tuple(np.full(s, np.nan, np.float32) for _, _, s, _ in entries)
+    prog(buf, outs)
+    for (kind, off, shape, meta), out in zip(entries, outs):
+        if kind == "quant":
+            ref = Q.dequantize_numpy(Q.from_buffer(memoryview(buf)[off:], meta))
+        else:
+            ref = np.frombuffer(buf, np.float32, count=shape[0], offset=off)
+        assert np.array_equal(bits_of(out), bits_of(ref))
+
+
+@needs_c
+def test_program_c_rejects_bad_buffers(rng):
+    buf, entries = _program_case(rng)
+    prog = Q.Program(entries)
+    outs = tuple(np.empty(s, np.float32) for _, _, s, _ in entries)
+    with pytest.raises(ValueError, match="outside"):
+        prog(buf[:100], outs)
+    with pytest.raises(ValueError, match="output"):
+        prog(buf, (np.empty((12, 99), np.float32),) + outs[1:])
+    with pytest.raises(ValueError, match="buffers"):
+        prog(buf, outs[:2])
+    bad = bytearray(buf)  # an outlier index past the end of its matrix
+    meta = entries[0][3]
+    idx_at = entries[0][1] + meta["offsets"]["outlier_idx"]
+    bad[idx_at: idx_at + 4] = np.uint32(10**6).tobytes()
+    with pytest.raises(ValueError, match="outlier index"):
+        prog(bytes(bad), outs)

@@ -148,50 +148,53 @@ def mean_pool(h: np.ndarray, mask: np.ndarray, normalize: bool = True) -> np.nda
     return e
 
 
-# A streamed layer runs shard by shard so that only a few shards are ever dequantized at once:
-# first the attention parts of every shard (heads are independent), then, after the first
-# LayerNorm, the FFN parts (neuron slices are independent; their down projections add up).
-ATTN_PARTS = ("wq", "bq", "wk", "bk", "wv", "bv", "wo_t")
-FFN_PARTS = ("w_up", "b_up", "w_down_t")
+# A streamed layer runs chunk by chunk so that only a few shards are ever dequantized at once:
+# first the attention of every chunk of shards (heads are independent), then, after the first
+# LayerNorm, the FFN of every chunk (neuron slices are independent; their down projections add
+# up). The runtime hands each chunk's weights over in three parts, each array holding the
+# chunk's shards one after another along its rows. STREAM_PARTS: part -> array -> the shard
+# tensors stacked into it (every shard's rows of the first, then of the second, ...), so that
+# q, k and v of a chunk come from one matrix product.
+STREAM_PARTS = {
+    "attn": {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "wo_t": ("wo_t",)},
+    "up": {"w_up": ("w_up",), "b_up": ("b_up",)},
+    "down": {"w_down_t": ("w_down_t",)},
+}
 
 
-def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, w: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Contribution of some heads (rows of wq/wk/wv, rows of wo_t (n*hd, H)) to the attention output (B, T, H)."""
+def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, w: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Contribution of some heads to the attention output (B, T, H): ``wqkv`` (3*n*hd, H) their
+    rows of wq, then wk, then wv; ``bqkv`` (3*n*hd,); ``wo_t`` (n*hd, H) their rows of wo.T."""
     B, T, H = x.shape
     hd = cfg.head_dim
-    nh = w["wq"].shape[0] // hd
-    q = _heads(linear(x, w["wq"], w["bq"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
-    k = _heads(linear(x, w["wk"], w["bk"]), nh, hd, (0, 2, 3, 1))  # (B, nh, hd, T)
-    v = _heads(linear(x, w["wv"], w["bv"]), nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
+    m = w["wo_t"].shape[0]  # n * hd
+    nh = m // hd
+    qkv = linear(x, w["wqkv"], w["bqkv"])  # (B, T, 3*n*hd)
+    q = _heads(qkv[..., :m], nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
+    k = _heads(qkv[..., m:2 * m], nh, hd, (0, 2, 3, 1))  # (B, nh, hd, T)
+    v = _heads(qkv[..., 2 * m:], nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
     q *= np.float32(1.0 / np.sqrt(hd))
     scores = q @ k
     if bias is not None:
         scores += bias
-    ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, nh * hd)  # (B, T, nh*hd)
-    return ctx @ w["wo_t"]
+    ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, m)  # (B, T, n*hd)
+    return linear(ctx, w["wo_t"].T)
 
 
-def ffn_part(x: np.ndarray, w: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Contribution of some FFN neurons (rows of w_up, rows of w_down_t (n, H)) to the FFN output (B, T, H)."""
-    return gelu_(linear(x, w["w_up"], w["b_up"])) @ w["w_down_t"]
-
-
-def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray, common: Mapping[str, np.ndarray],
-                   chunks: list, load: Callable[[object, tuple[str, ...]], Mapping[str, np.ndarray]],
-                   done: Callable[[], None] = lambda: None) -> np.ndarray:
-    """``layer`` computed chunk by chunk: ``load(chunk, names)`` returns the named
-    tensors of a group of shards (concatenated along their rows), and ``done()`` is called when
-    they are no longer needed, so only one chunk's tensors exist at a time. Equals ``layer`` on
-    the same shards."""
+def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, common: Mapping[str, np.ndarray],
+                   chunks: list, load: Callable[[object, str], Mapping[str, np.ndarray]]) -> np.ndarray:
+    """``layer`` computed chunk by chunk: ``load(chunk, part)`` returns the ``STREAM_PARTS[part]``
+    arrays of a group of shards, valid until the next ``load`` call (so only one part of one
+    chunk is ever dequantized). Equals ``layer`` on the same shards up to float rounding."""
     attn = np.zeros_like(x)
     for c in chunks:
-        attn += attention_part(cfg, x, bias, load(c, ATTN_PARTS))
-        done()
+        attn += attention_part(cfg, x, bias, load(c, "attn"))
     attn += common["bo"]
-    x = layer_norm(x + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
+    x = layer_norm_(x + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
     ffn = np.zeros_like(x)
     for c in chunks:
-        ffn += ffn_part(x, load(c, FFN_PARTS))
-        done()
+        up = load(c, "up")
+        h = gelu_(linear(x, up["w_up"], up["b_up"]))  # (B, T, n*f)
+        ffn += linear(h, load(c, "down")["w_down_t"].T)
     ffn += common["b_down"]
-    return layer_norm(x + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps)
+    return layer_norm_(x + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps)
