@@ -4,8 +4,13 @@ Reads are ``os.pread`` on file descriptors opened once, so one ``Store`` can ser
 thread and a compute thread at the same time. The split an elastic runtime needs is:
 ``read_shard_bytes`` (IO: one contiguous, 4096-aligned read), ``check_shard`` (checksum) and
 ``decode_shard`` (dequantize to float32), then ``combine_shards`` (the canonical layer dict that
-``sti.models.bert.layer`` runs at whatever width it is given). ``read_shard`` and
-``assemble_layer`` do it all in one call.
+``sti.models.bert.layer`` / ``sti.models.llama.layer`` run at whatever width they are given).
+``read_shard`` and ``assemble_layer`` do it all in one call. Kernels that compute on the stored
+form itself (fused low-bit matrix-vector products) take ``shard_tensors_raw`` instead of
+``decode_shard``: zero-copy :class:`RawTensor` views of a shard version's bytes.
+
+A decoder store also has LM-head shards, addressed as layer ``HEAD``: the same calls read,
+check, decode and combine them (``combine_shards(HEAD, ...)`` gives ``{"lm_head": (rows, H)}``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +37,6 @@ def is_store(path: str | Path) -> bool:
     return p.is_dir() and (p / fmt.MANIFEST).is_file()
 
 
-def _label(bits: int) -> str:
-    return "fp32" if bits == fmt.FP32 else f"{bits}-bit"
-
-
 def _config(family: str, d: dict):
     if family == "bert":
         from sti.models.bert import BertConfig
@@ -45,6 +47,36 @@ def _config(family: str, d: dict):
 
         return LlamaConfig(**d)
     raise STIError(f"the store holds an unknown model family {family!r}", "re-pack it with this STI")
+
+
+def _where(layer: int, index: int) -> str:
+    return f"LM-head shard {index}" if layer == fmt.HEAD else f"shard (layer {layer}, index {index})"
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A shard tensor as stored, for kernels that compute on it without decoding to float32.
+    ``buf`` is a zero-copy view of the shard version's bytes (keep those alive), by ``kind``:
+
+    - ``"f32"``: a float32 array of ``shape``;
+    - ``"sti-q1"``: the uint8 bytes of :mod:`sti.quant`'s layout; ``meta`` is its
+      ``QuantizedTensor.meta()``, so ``sti.quant.from_buffer(buf, meta)`` gives the tensor;
+    - ``"ggml-<type>"`` (``"ggml-q4_1"``, ``"ggml-q8_0"``, ...): the rows' GGML blocks, uint8
+      (rows, cols / block * block_bytes); ``meta`` is {"ggml_type", "block", "block_bytes"}.
+
+    ``shape`` is (rows, cols) as stored: (out, in) for every LLaMA matrix, so y = W @ x;
+    the manifest's ``ShardTensor`` says which slice of which canonical tensor it is."""
+
+    kind: str
+    shape: tuple[int, ...]
+    meta: dict | None
+    buf: np.ndarray
+
+
+def _ggml_type(meta: dict):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[meta["ggml_type"]]
 
 
 class EmbeddingTable:
@@ -78,7 +110,7 @@ class Store:
         self._by_layer: dict[int, list[int]] = {}
         for s in manifest.shards:
             self._by_layer.setdefault(s.layer, []).append(s.index)
-        self.num_layers = len(self._by_layer)
+        self.num_layers = sum(1 for layer in self._by_layer if layer != fmt.HEAD)
         self._fds: dict[str, int] = {}
         for name in manifest.files:
             fd = self._fds[name] = os.open(path / name, os.O_RDONLY)
@@ -171,22 +203,47 @@ class Store:
                            f"{offset} returned {got}", _REPACK)
         return buf
 
+    @property
+    def special(self) -> dict:
+        """Generation settings of a decoder: bos_id, eos_id, stop_ids, add_bos."""
+        return dict(self.manifest.special)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.manifest.chat_template
+
     def shard_indices(self, layer: int) -> list[int]:
-        """The shard indices of ``layer`` (0 .. num_heads-1 for BERT)."""
+        """The shard indices of ``layer`` (0 .. num_heads-1 for BERT, 0 .. num_kv_heads-1 for
+        LLaMA) or of the LM head (``layer=HEAD``)."""
         if layer not in self._by_layer:
+            if layer == fmt.HEAD:
+                raise STIError("the store has no LM-head shards", "a decoder store has them: sti pack a LLaMA model")
             raise STIError(f"layer {layer} is not in the store", f"layers are 0..{self.num_layers - 1}")
         return list(self._by_layer[layer])
+
+    def shard_ranges(self, layer: int, index: int) -> dict[str, list[int]]:
+        """Which slices shard ``index`` of ``layer`` holds: {range: [start, stop)} (BERT: attn,
+        ffn; LLaMA: attn, kv, ffn; HEAD: vocab, the rows of the logits it computes)."""
+        self.shard_indices(layer)
+        s = self._shards.get((layer, index))
+        if s is None:
+            raise STIError(f"{_where(layer, index)} is not in the store", f"it has shards {self._by_layer[layer]}")
+        return {k: list(v) for k, v in s.ranges.items()}
+
+    def tensors(self, layer: int) -> list[fmt.ShardTensor]:
+        """What each tensor of ``layer``'s shards is (the HEAD shards have their own)."""
+        return self.manifest.head_tensors if layer == fmt.HEAD else self.manifest.shard_tensors
 
     def _version(self, layer: int, index: int, bits: int) -> fmt.ShardVersion:
         s = self._shards.get((layer, index))
         if s is None:
             self.shard_indices(layer)
-            raise STIError(f"shard {index} of layer {layer} is not in the store",
-                           f"layer {layer} has shards {self._by_layer[layer]}")
+            raise STIError(f"{_where(layer, index)} is not in the store",
+                           f"it has shards {self._by_layer[layer]}")
         v = s.versions.get(int(bits))
         if v is None:
-            raise STIError(f"the store has no {bits}-bit version of shard (layer {layer}, index {index})",
-                           f"its versions: {', '.join(map(str, sorted(s.versions)))} (32 = fp32)")
+            raise STIError(f"the store has no {fmt.label(int(bits))} version of {_where(layer, index)}",
+                           f"its versions: {', '.join(f'{b} ({fmt.label(b)})' for b in sorted(s.versions))}")
         return v
 
     def shard_location(self, layer: int, index: int, bits: int) -> tuple[Path, int, int]:
@@ -212,19 +269,22 @@ class Store:
         v = self._version(layer, index, bits)
         got = fmt.checksum(memoryview(raw).cast("B")[: v.length], self.manifest.checksum)
         if got != v.checksum:
-            raise STIError(f"shard (layer {layer}, index {index}) {_label(bits)} version is damaged: checksum "
+            raise STIError(f"{_where(layer, index)} {fmt.label(bits)} version is damaged: checksum "
                            f"mismatch in {self.path / v.file} at offset {v.offset} "
                            f"(expected {v.checksum}, got {got})",
                            f"{_REPACK}; sti verify STORE lists every damaged shard")
 
     def decode_shard(self, layer: int, index: int, bits: int, raw, *, verify: bool = True,
                      names=None, out: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """A shard version's bytes -> its tensors as float32 arrays: wq, wk, wv (head_dim, H),
-        wo_t (head_dim, H), w_up, w_down_t (F/nh, H), and biases bq, bk, bv, b_up (only
-        ``names`` when given). fp32 tensors are views of ``raw``; k-bit ones are dequantized
-        into new arrays, or into ``out[name]`` (float32 arrays of the tensor's shape) when given,
-        which lets a runtime decode straight into pre-allocated scratch."""
-        from sti import quant
+        """A shard version's bytes -> its tensors as float32 arrays (only ``names`` when given),
+        named and shaped as ``tensors(layer)`` says: BERT wq, wk, wv (head_dim, H), wo_t
+        (head_dim, H), w_up, w_down_t (F/nh, H), biases bq, bk, bv, b_up; LLaMA wq (g*hd, H), wk,
+        wv (hd, H), wo (H, g*hd), w_gate, w_up (F/n_kv, H), w_down (H, F/n_kv); HEAD lm_head
+        (rows, H). fp32 tensors are views of ``raw``; k-bit and source ones are decoded into new
+        arrays, or into ``out[name]`` (float32 arrays of the tensor's shape) when given, which
+        lets a runtime decode straight into pre-allocated scratch. The source version decodes to
+        exactly the float32 weights its source loads as."""
+        from gguf.quants import dequantize
 
         v = self._version(layer, index, bits)
         if verify:
@@ -237,14 +297,36 @@ class Store:
             dst = None if out is None else out.get(e.name)
             if e.dtype == "quant":
                 res[e.name] = self._decoder(v.layout, e)(mv[e.offset: e.offset + e.nbytes], dst)
-            else:
-                n = int(np.prod(e.shape))
-                view = np.frombuffer(mv, dtype="<f4", count=n, offset=e.offset).reshape(e.shape)
-                if dst is not None:
-                    dst[...] = view
-                    view = dst
-                res[e.name] = view
+                continue
+            t = self._raw_tensor(mv, e)
+            a = t.buf if e.dtype == "float32" else dequantize(t.buf, _ggml_type(e.meta))
+            if dst is not None:
+                dst[...] = a
+                a = dst
+            res[e.name] = a
         return res
+
+    def shard_tensors_raw(self, layer: int, index: int, bits: int, raw, *, verify: bool = True,
+                          names=None) -> dict[str, RawTensor]:
+        """A shard version's tensors as stored, without decoding: {name: :class:`RawTensor`}
+        (only ``names`` when given), zero-copy views of ``raw`` (from :meth:`read_shard_bytes`)."""
+        v = self._version(layer, index, bits)
+        if verify:
+            self.check_shard(layer, index, bits, raw)
+        mv = memoryview(raw).cast("B")
+        return {e.name: self._raw_tensor(mv, e) for e in self.manifest.layouts[v.layout]
+                if names is None or e.name in names}
+
+    @staticmethod
+    def _raw_tensor(mv: memoryview, e: fmt.TensorEntry) -> RawTensor:
+        shape = tuple(e.shape)
+        if e.dtype == "float32":
+            buf = np.frombuffer(mv, dtype="<f4", count=int(np.prod(shape)), offset=e.offset).reshape(shape)
+            return RawTensor("f32", shape, None, buf)
+        buf = np.frombuffer(mv, dtype=np.uint8, count=e.nbytes, offset=e.offset)
+        if e.dtype == "quant":
+            return RawTensor(e.meta["layout"], shape, e.meta, buf)
+        return RawTensor(e.dtype, shape, e.meta, buf.reshape(shape[0], -1))
 
     def _decoder(self, layout, e):
         """The layout entry's parsed :class:`sti.quant.Decoder`, made once per store."""
@@ -279,15 +361,20 @@ class Store:
         return np.frombuffer(mv, dtype="<f4").reshape(e.shape)
 
     def globals(self) -> dict:
-        """The global tensors (``embed.pos``, ``embed.type``, ``embed.ln_w``, ``embed.ln_b``) as
-        float32 arrays, and ``embed.word`` as an :class:`EmbeddingTable` that reads rows on
-        demand: the dict ``sti.models.bert.embed`` / ``encode`` take."""
+        """The global tensors as float32 arrays (BERT: ``embed.pos``, ``embed.type``,
+        ``embed.ln_w``, ``embed.ln_b``; LLaMA: ``norm``) and the word embedding (``embed.word``,
+        ``embed``) as an :class:`EmbeddingTable` that reads rows on demand: the dict
+        ``sti.models.bert.encode`` takes; for ``sti.models.llama.forward`` it serves the
+        embedding lookup and the final norm (the LM head comes from the HEAD shards)."""
         out = {n: self._global(n) for n in self.manifest.globals if not n.startswith("layers.")}
         out[self.manifest.embedding.name] = EmbeddingTable(self)
         return out
 
     def layer_common(self, layer: int) -> dict[str, np.ndarray]:
-        """A layer's unsharded tensors (BERT: bo, b_down, ln1_w, ln1_b, ln2_w, ln2_b)."""
+        """A layer's unsharded tensors (BERT: bo, b_down, ln1_w, ln1_b, ln2_w, ln2_b; LLaMA:
+        attn_norm, ffn_norm; the HEAD pseudo-layer has none)."""
+        if layer == fmt.HEAD:
+            return {}
         self.shard_indices(layer)
         return {n: self._global(f"layers.{layer}.{n}") for n in self.manifest.common}
 
@@ -345,32 +432,35 @@ class Store:
 
     # ------------------------------------------------------------------ layers
 
-    def _row_tail(self, layer: int, name: str) -> tuple[int, ...]:
-        """Shape of a shard tensor without its first axis (for zero-width layers)."""
+    def _empty(self, layer: int, st: fmt.ShardTensor) -> np.ndarray:
+        """A zero-width ``st`` of ``layer`` (no shard of it taken), as stored."""
         s = self._shards[(layer, self._by_layer[layer][0])]
         lay = self.manifest.layouts[next(iter(s.versions.values())).layout]
-        return tuple(next(e.shape for e in lay if e.name == name)[1:])
+        shape = list(next(e.shape for e in lay if e.name == st.name))
+        shape[st.stored_axis] = 0
+        return np.zeros(shape, np.float32)
 
     def combine_shards(self, layer: int, decoded: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        """Decoded shards {index: decode_shard(...)} of one layer -> the canonical layer dict
-        (BERT: wq (n*hd, H) ... wo (H, n*hd), w_up (n*F/nh, H), w_down (H, n*F/nh)) in shard
-        index order. An empty mapping gives a zero-width layer (only the unsharded parts act)."""
+        """Decoded shards {index: decode_shard(...)} of one layer -> the canonical layer dict in
+        shard index order (BERT: wq (n*hd, H) ... wo (H, n*hd), w_up (n*F/nh, H), w_down (H, n*F/nh);
+        LLaMA: wq (n*g*hd, H), wk, wv (n*hd, H), wo (H, n*g*hd), w_gate, w_up (n*F/n_kv, H),
+        w_down (H, n*F/n_kv); HEAD: lm_head (rows, H)). An empty mapping gives a zero-width layer
+        (only the unsharded parts act)."""
         self.shard_indices(layer)
         idx = sorted(decoded)
         for i in idx:
             if (layer, i) not in self._shards:
-                raise STIError(f"shard {i} of layer {layer} is not in the store",
-                               f"layer {layer} has shards {self._by_layer[layer]}")
+                raise STIError(f"{_where(layer, i)} is not in the store", f"it has shards {self._by_layer[layer]}")
         out = dict(self.layer_common(layer))
-        for st in self.manifest.shard_tensors:
+        for st in self.tensors(layer):
             parts = [decoded[i][st.name] for i in idx]
             if not parts:
-                cat = np.zeros((0,) + self._row_tail(layer, st.name), np.float32)
+                cat = self._empty(layer, st)
             elif len(parts) == 1:
                 cat = parts[0]
             else:
-                cat = np.concatenate(parts, axis=0)
-            out[st.target] = cat if st.axis == 0 else cat.T
+                cat = np.concatenate(parts, axis=st.stored_axis)
+            out[st.target] = cat.T if st.transposed else cat
         return out
 
     def assemble_layer(self, layer: int, shards: Mapping[int, int], verify: bool = True) -> dict[str, np.ndarray]:
@@ -437,14 +527,22 @@ class Store:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def summary(self) -> dict:
-        """Facts about the store for ``sti info STORE`` (JSON-able)."""
+        """Facts about the store for ``sti info STORE`` (JSON-able). Bytes per version count every
+        shard, the LM head's included; bytes per shard are the largest layer (and head) shard."""
         m = self.manifest
-        per_version = {}
-        shard_bytes = {}
+        per_version, shard_bytes, head_bytes = {}, {}, {}
         for b in self.bits:
-            lengths = [s.versions[b].length for s in m.shards if b in s.versions]
-            per_version[_label(b)] = sum(lengths)
-            shard_bytes[_label(b)] = max(lengths) if lengths else 0
+            name = fmt.label(b)
+            of_layers = [s.versions[b].length for s in m.shards if b in s.versions and s.layer != fmt.HEAD]
+            of_head = [s.versions[b].length for s in m.shards if b in s.versions and s.layer == fmt.HEAD]
+            per_version[name] = sum(of_layers) + sum(of_head)
+            shard_bytes[name] = max(of_layers, default=0)
+            if of_head:
+                head_bytes[name] = max(of_head)
+        source_types = sorted({e.meta["ggml_type"] if e.meta else "F32" for s in m.shards
+                               if fmt.SOURCE in s.versions for e in m.layouts[s.versions[fmt.SOURCE].layout]})
+        head = self._by_layer.get(fmt.HEAD, [])
+        manifest_bytes = (self.path / fmt.MANIFEST).stat().st_size
         return {
             "path": str(self.path),
             "format_version": m.format_version,
@@ -454,16 +552,20 @@ class Store:
             "source": m.source.get("path"),
             "created": m.created,
             "layers": self.num_layers,
-            "shards_per_layer": len(self._by_layer[0]) if self._by_layer else 0,
-            "shards": len(m.shards),
-            "versions": [_label(b) for b in self.bits],
+            "shards_per_layer": len(self._by_layer[0]) if 0 in self._by_layer else 0,
+            "shards": len(m.shards) - len(head),
+            "head_shards": len(head),
+            "versions": [fmt.label(b) for b in self.bits],
+            "source_types": source_types,
             "bytes_per_version": per_version,
             "bytes_per_shard": shard_bytes,
+            "bytes_per_head_shard": head_bytes,
             "globals_bytes": m.files[fmt.GLOBALS_FILE],
             "embedding_bytes": m.files[fmt.EMBED_FILE],
-            "manifest_bytes": (self.path / fmt.MANIFEST).stat().st_size,
-            "total_bytes": sum(m.files.values()) + m.tokenizer["nbytes"] + (self.path / fmt.MANIFEST).stat().st_size,
+            "manifest_bytes": manifest_bytes,
+            "total_bytes": sum(m.files.values()) + m.tokenizer["nbytes"] + manifest_bytes,
             "group_size": m.group_size,
             "checksum": m.checksum,
+            "notes": list(m.notes),
             "config": dict(m.config),
         }
