@@ -338,11 +338,54 @@ done:
     return ret;
 }
 
+/* ------------------------------------------------------------------------------------------
+ * sum64(buf) -> int: the "sum64" checksum of sti.checksums. The buffer is read as little-endian
+ * uint64 words w_i (the tail zero-padded); s = sum_i w_i * (2i + 1) * K (mod 2^64), with K the
+ * 64-bit golden-ratio constant, so every multiplier is odd and any change to one word changes
+ * s. Four independent accumulators keep the multiplier busy; the sum is order-free, so the
+ * NumPy reference computes the same value. The caller mixes s with the length. */
+#define SUM64_K 0x9E3779B97F4A7C15ULL
+
+static PyObject *py_sum64(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    if (!PyArg_ParseTuple(args, "y*", &b)) return NULL;
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    Py_BEGIN_ALLOW_THREADS
+    const unsigned char *p = b.buf;
+    Py_ssize_t n = b.len / 8, i = 0;
+    uint64_t m = SUM64_K, step = 2 * SUM64_K;
+    for (; i + 4 <= n; i += 4) {
+        uint64_t w[4];
+        memcpy(w, p + 8 * i, 32); /* little-endian host (x86-64, aarch64) */
+        s0 += w[0] * m;
+        s1 += w[1] * (m + step);
+        s2 += w[2] * (m + 2 * step);
+        s3 += w[3] * (m + 3 * step);
+        m += 4 * step;
+    }
+    for (; i < n; i++, m += step) {
+        uint64_t w;
+        memcpy(&w, p + 8 * i, 8);
+        s0 += w * m;
+    }
+    Py_ssize_t tail = b.len - 8 * n;
+    if (tail) {
+        uint64_t w = 0;
+        memcpy(&w, p + 8 * n, (size_t)tail);
+        s0 += w * m;
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    return PyLong_FromUnsignedLongLong(s0 + s1 + s2 + s3);
+}
+
 static PyMethodDef methods[] = {
     {"dequant", py_dequant, METH_VARARGS,
      "dequant(codes, bits, scale, offset, group_size, rows, cols, out): packed k-bit codes to float32.\n"
      "out[r, c] = float32(code) * scale[group] + offset[group] (two float32 roundings), written into the\n"
      "writable C-contiguous buffer out of rows * cols float32. Outliers are not applied here."},
+    {"sum64", py_sum64, METH_VARARGS,
+     "sum64(buf): sum of little-endian uint64 words times odd multipliers (2i+1)*K mod 2^64 (sti.checksums)."},
     {"decode", py_decode, METH_VARARGS,
      "decode(raw, program, outs): every tensor a program (int64 rows, see sti.quant.Program) describes,\n"
      "from raw into the float32 buffers of the tuple outs: k-bit matrices dequantized as dequant() does,\n"
