@@ -36,6 +36,15 @@ setup(
             sources=["sti/_kernels.c"],
             extra_compile_args=["-O3", "-march=native", "-ffp-contract=off"],
         ),
+        # Fused low-bit matrix-vector products and dequantization (sti/lowbit.py), on a small
+        # pthread pool. -ffp-contract=off keeps its dequantization bit-identical to the NumPy
+        # references (the dot products use explicit FMA intrinsics).
+        Extension(
+            "sti._lowbit",
+            sources=["sti/_lowbit.c"],
+            extra_compile_args=["-O3", "-march=native", "-ffp-contract=off", "-pthread"],
+            extra_link_args=["-pthread"],
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

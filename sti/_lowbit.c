@@ -1,0 +1,1187 @@
+/* STI low-bit matrix-vector kernels (sti._lowbit): Y = X @ W.T read straight from packed weights.
+ *
+ * Decode multiplies every weight matrix by one activation vector (or a small batch of them), so
+ * its cost is reading the weights. These kernels read the packed low-bit bytes once and turn them
+ * into float32 in registers; no float32 copy of W is ever written. Weight layouts, W (rows, cols)
+ * row-major:
+ *
+ *   ggml-q4_1  rows * cols/32 blocks of 20 bytes: f16 d, f16 m, 16 bytes qs. Element i of a block
+ *              is d * q_i + m with q_i = qs[i] & 15 for i < 16 and qs[i - 16] >> 4 for i >= 16
+ *              (low nibbles are elements 0..15, high nibbles 16..31).
+ *   ggml-q8_0  blocks of 34 bytes: f16 d, 32 int8 q; element i is d * q_i.
+ *   sti-q1     (sti/quant.py) codes of k in {2,3,4,5,6,8} bits, 8 codes per k bytes, code i of a
+ *              run of 8 in bits k*i .. k*i+k-1 of the little-endian 8k-bit word; codes run row-major
+ *              over (rows, pc), pc = ng * G, ng = ceil(cols / G) groups of G columns (G a multiple
+ *              of 8; the padding columns of a row's last group are ignored). float32 scale and
+ *              offset per group: w = code * scale + offset. Outliers (uint32 flat index, float32
+ *              value) replace the quantized weight at their position.
+ *
+ * Every row is a sequence of segments (a GGML block, an sti-q1 group) sharing one affine map
+ * w = a * q + c, so the fused kernels factor it out of the segment:
+ *
+ *     y[b, r] = sum_s  a_s * (sum_{i in s} q_i x[b, i])  +  c_s * (sum_{i in s} x[b, i])
+ *
+ * The inner loop is "integer code -> float, one FMA with x"; the sums of x over each segment are
+ * computed once per call and shared by every row. sti-q1 outliers are applied afterwards as
+ * y[b, r] += (value - quantized weight) * x[b, c]. For a batch (B > 1) a tile of 4 rows is first
+ * dequantized exactly (as `dequant` does) into an L1-resident buffer and a register-blocked
+ * 4 x 3 micro-kernel multiplies it with the batch, so each weight is decoded once per call
+ * whatever B is.
+ *
+ * The results equal dequantize-then-matmul up to float32 summation order (they are not bitwise
+ * identical: no two BLAS builds agree bitwise either); sti/lowbit.py states the bound the tests
+ * hold them to. `dequant` (ggml kinds) is bit-identical to the gguf package's NumPy dequantizer:
+ * d * q then + m as two float32 roundings. That is why this file is compiled with
+ * -ffp-contract=off: the compiler must not fuse that multiply and add, while the FMAs wanted in
+ * the dot products are written explicitly (_mm256_fmadd_ps, _mm512_fmadd_ps).
+ *
+ * Paths: AVX2 + FMA + F16C intrinsics (any x86-64 from 2013 on), AVX-512 for the batch-1 row
+ * dots where the compiler targets it, else portable C. Rows are split across `threads` threads of
+ * a small pool built for shared machines (see "thread pool"); whether 2 threads pay off for a
+ * shape is measured by sti.lowbit.choose, not assumed. The GIL is released while computing. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define LB_AVX2 1
+#include <immintrin.h>
+#else
+#define LB_AVX2 0
+#endif
+/* AVX-512 (F + BW): the B = 1 row dots only, where it halves the instructions per weight (16 codes
+ * widen and convert in one instruction each); elsewhere the AVX2 code serves. */
+#if LB_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
+#define LB_AVX512 1
+#else
+#define LB_AVX512 0
+#endif
+#if !defined(_WIN32)
+#define LB_THREADS 1 /* the pthread pool below; elsewhere everything runs on the calling thread */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#else
+#define LB_THREADS 0
+#endif
+
+enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
+#define QK 32            /* elements per GGML block */
+#define Q41_BYTES 20     /* f16 d, f16 m, 16 bytes of nibbles */
+#define Q80_BYTES 34     /* f16 d, 32 int8 */
+#define RT 4             /* rows per dequantized tile (batched path) */
+
+typedef struct {
+    int kind;
+    Py_ssize_t rows, cols;
+    const uint8_t *w;     /* GGML blocks, or sti-q1 codes */
+    Py_ssize_t row_bytes; /* bytes of one row of w */
+    Py_ssize_t w_len;     /* bytes of w (reads never go past it) */
+    Py_ssize_t seg;       /* columns per segment: 32, or G */
+    Py_ssize_t nseg;      /* segments per row */
+    Py_ssize_t pc;        /* nseg * seg: the padded row length */
+    int bits;             /* sti-q1 only from here on */
+    const float *scale, *offset; /* (rows, nseg) */
+    const uint32_t *oidx; /* outliers: flat indices into (rows, cols) ... */
+    const float *oval;    /* ... and their exact values */
+    Py_ssize_t nout;
+} Weights;
+
+typedef struct {
+    Py_ssize_t B;
+    float *x;  /* (B, pc), zero beyond cols */
+    float *xs; /* (B, nseg): sum of x over each segment */
+} Acts;
+
+/* ------------------------------------------------------------------------- small helpers */
+
+static inline float half_to_float(uint16_t h) {
+#if LB_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 1023u, bits;
+    if (e == 31u) bits = sign | 0x7f800000u | (m << 13); /* inf, nan */
+    else if (e) bits = sign | ((e + 112u) << 23) | (m << 13);
+    else if (!m) bits = sign;
+    else { /* subnormal: normalise */
+        e = 113u;
+        while (!(m & 1024u)) m <<= 1, e--;
+        bits = sign | (e << 23) | ((m & 1023u) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+/* One sti-q1 code: row r, padded column c. Reads only the bytes that hold it. */
+static inline unsigned sti_code(const Weights *W, Py_ssize_t r, Py_ssize_t c) {
+    Py_ssize_t bit = (r * W->pc + c) * W->bits;
+    const uint8_t *p = W->w + (bit >> 3);
+    unsigned sh = (unsigned)(bit & 7), v = p[0];
+    if (sh + (unsigned)W->bits > 8) v |= (unsigned)p[1] << 8;
+    return (v >> sh) & ((1u << W->bits) - 1u);
+}
+
+#if LB_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* sti-q1 unpacking. Runs of 8 codes are k bytes long, so two consecutive runs (16 codes) lie in
+ * one 16-byte load; it is broadcast to both 128-bit lanes, and one vpshufb per run moves to dword
+ * lane i the two bytes that hold code i (bits k*i .. k*i+k-1 span at most two bytes); a variable
+ * shift by (k*i) % 8 and a mask leave the code. 5 instructions per 8 codes, for every k. */
+static __m256i sti_ctl[9][2]; /* [k][run]: vpshufb controls */
+static __m256i sti_shift[9];  /* [k]: (k*i) % 8 per lane */
+#if LB_AVX512
+static __m512i sti_ctl512[9], sti_shift512[9]; /* the two runs of a window at once */
+#endif
+
+static void init_sti_tables(void) {
+    static const int ks[] = {2, 3, 4, 5, 6, 8};
+    for (int t = 0; t < 6; t++) {
+        int k = ks[t];
+        for (int run = 0; run < 2; run++) {
+            int8_t ctl[32];
+            for (int i = 0; i < 8; i++) {
+                int byte = run * k + (k * i) / 8; /* first byte of code i in the 16-byte window */
+                for (int j = 0; j < 4; j++) {
+                    int src = byte + j;
+                    /* bytes 2 and 3 of the dword are never needed; byte 1 only when the code
+                     * crosses a byte boundary, and then it is always inside the window */
+                    ctl[4 * i + j] = (int8_t)(j < 2 && src < 16 ? src : 0x80);
+                }
+            }
+            sti_ctl[k][run] = _mm256_loadu_si256((const __m256i *)ctl);
+        }
+        sti_shift[k] = _mm256_setr_epi32(0, k % 8, (2 * k) % 8, (3 * k) % 8, (4 * k) % 8, (5 * k) % 8,
+                                         (6 * k) % 8, (7 * k) % 8);
+#if LB_AVX512
+        /* 16 lanes: run 0 in lanes 0..7, run 1 in 8..15; each run starts on a byte, so the shifts repeat */
+        sti_ctl512[k] = _mm512_inserti64x4(_mm512_castsi256_si512(sti_ctl[k][0]), sti_ctl[k][1], 1);
+        sti_shift512[k] = _mm512_inserti64x4(_mm512_castsi256_si512(sti_shift[k]), sti_shift[k], 1);
+#endif
+    }
+}
+
+/* The 16 bytes at p. With CHECKED, bytes at or past `end` read as zero (only the last windows of
+ * the code stream come that close to its end; callers pass CHECKED = 0 for rows that cannot). */
+static inline __m128i load16(const uint8_t *p, const uint8_t *end, const int CHECKED) {
+    if (!CHECKED || end - p >= 16) return _mm_loadu_si128((const __m128i *)p);
+    uint8_t tmp[16] = {0};
+    memcpy(tmp, p, (size_t)(end - p));
+    return _mm_loadu_si128((const __m128i *)tmp);
+}
+
+static inline __m256i load16_bcast(const uint8_t *p, const uint8_t *end) {
+    return _mm256_broadcastsi128_si256(load16(p, end, 1));
+}
+
+static inline __m256 sti_run(__m256i win, int k, int run, __m256i mask) {
+    __m256i c = _mm256_shuffle_epi8(win, sti_ctl[k][run]);
+    c = _mm256_and_si256(_mm256_srlv_epi32(c, sti_shift[k]), mask);
+    return _mm256_cvtepi32_ps(c);
+}
+#endif
+
+/* ------------------------------------------------------------------------- activations */
+
+/* Copy X (B, cols) into a zero-padded (B, pc) buffer and sum it over each segment. */
+static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A) {
+    A->B = B;
+    size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg);
+    size_t bytes = ((nx + ns) * sizeof(float) + 63) & ~(size_t)63;
+    A->x = aligned_alloc(64, bytes ? bytes : 64);
+    if (!A->x) return -1;
+    A->xs = A->x + nx;
+    for (Py_ssize_t b = 0; b < B; b++) {
+        float *xb = A->x + b * W->pc;
+        memcpy(xb, X + b * W->cols, (size_t)W->cols * sizeof(float));
+        memset(xb + W->cols, 0, (size_t)(W->pc - W->cols) * sizeof(float));
+        for (Py_ssize_t s = 0; s < W->nseg; s++) {
+            float t = 0.0f;
+            for (Py_ssize_t i = 0; i < W->seg; i++) t += xb[s * W->seg + i];
+            A->xs[b * W->nseg + s] = t;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- exact dequantization
+ * One row into out[0 .. pc): the same two float32 roundings as the NumPy references (d * q, then
+ * + m), bit for bit. sti-q1 rows leave outliers and padding columns to the caller. */
+
+static void deq_row_q41(const uint8_t *blk, Py_ssize_t nb, float *out) {
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q41_BYTES, out += QK) {
+#if LB_AVX2
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(blk))), m = _mm256_set1_ps(_cvtsh_ss(rd16(blk + 2)));
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4)), lo4 = _mm_set1_epi8(15);
+        __m128i lo = _mm_and_si128(q, lo4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), lo4);
+        __m128i part[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int j = 0; j < 4; j++) {
+            __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part[j]));
+            _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(_mm256_mul_ps(f, d), m));
+        }
+#else
+        float d = half_to_float(rd16(blk)), m = half_to_float(rd16(blk + 2));
+        for (int i = 0; i < 16; i++) {
+            float lo = (float)(blk[4 + i] & 15) * d, hi = (float)(blk[4 + i] >> 4) * d;
+            out[i] = lo + m;
+            out[i + 16] = hi + m;
+        }
+#endif
+    }
+}
+
+static void deq_row_q80(const uint8_t *blk, Py_ssize_t nb, float *out) {
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q80_BYTES, out += QK) {
+#if LB_AVX2
+        __m256 d = _mm256_set1_ps(_cvtsh_ss(rd16(blk)));
+        for (int j = 0; j < 4; j++) {
+            __m128i q = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * j));
+            _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d));
+        }
+#else
+        float d = half_to_float(rd16(blk));
+        for (int i = 0; i < QK; i++) out[i] = (float)(int8_t)blk[2 + i] * d;
+#endif
+    }
+}
+
+static void deq_row_sti(const Weights *W, Py_ssize_t r, float *out) {
+    const int k = W->bits;
+    const Py_ssize_t G = W->seg, gbytes = G * k / 8;
+    const uint8_t *codes = W->w + r * W->row_bytes, *end = W->w + W->w_len;
+    const float *sc = W->scale + r * W->nseg, *of = W->offset + r * W->nseg;
+    for (Py_ssize_t g = 0; g < W->nseg; g++, out += G) {
+        const uint8_t *p = codes + g * gbytes;
+#if LB_AVX2
+        const __m256 s = _mm256_set1_ps(sc[g]), o = _mm256_set1_ps(of[g]);
+        const __m256i mask = _mm256_set1_epi32((1 << k) - 1);
+        Py_ssize_t i = 0;
+        for (; i + 16 <= G; i += 16, p += 2 * k) {
+            __m256i win = load16_bcast(p, end);
+            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(sti_run(win, k, 0, mask), s), o));
+            _mm256_storeu_ps(out + i + 8, _mm256_add_ps(_mm256_mul_ps(sti_run(win, k, 1, mask), s), o));
+        }
+        if (i < G) /* G % 16 == 8: one run left */
+            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_mul_ps(sti_run(load16_bcast(p, end), k, 0, mask), s), o));
+#else
+        (void)end;
+        const float s = sc[g], o = of[g];
+        const unsigned mask = (1u << k) - 1u;
+        for (Py_ssize_t run = 0; run < G / 8; run++, p += k) {
+            uint64_t word = 0;
+            for (int j = 0; j < k; j++) word |= (uint64_t)p[j] << (8 * j);
+            for (int i = 0; i < 8; i++) {
+                float v = (float)((unsigned)(word >> (k * i)) & mask) * s;
+                out[8 * run + i] = v + o;
+            }
+        }
+#endif
+    }
+}
+
+static void deq_row(const Weights *W, Py_ssize_t r, float *out) {
+    switch (W->kind) {
+    case K_Q41: deq_row_q41(W->w + r * W->row_bytes, W->nseg, out); break;
+    case K_Q80: deq_row_q80(W->w + r * W->row_bytes, W->nseg, out); break;
+    default: deq_row_sti(W, r, out); break;
+    }
+}
+
+/* ------------------------------------------------------------------------- fused rows, B = 1
+ * y[r] = sum_s a_s * dot(q_s, x_s) + c_s * xs_s. Per segment the partial dot is a short FMA chain
+ * and is folded into the row accumulator with one more FMA by the segment's scale. */
+
+#if LB_AVX512
+static inline __m128 load_dm(const uint8_t *blk) { /* [d, m, 0, 0] of a block's two f16 */
+    int32_t v;
+    memcpy(&v, blk, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
+}
+#endif
+
+static float dot_row_q41(const uint8_t *blk, Py_ssize_t nb, const float *x, const float *xs) {
+#if LB_AVX512
+    /* two independent accumulator chains (even and odd blocks): one chain would wait on the FMA
+     * latency (4 cycles) every block */
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
+    const __m128i lo4 = _mm_set1_epi8(15);
+#define Q41_BLOCK(acc, macc, blk, x, xs)                                                                     \
+    do {                                                                                                      \
+        __m128i q = _mm_loadu_si128((const __m128i *)((blk) + 4));                                           \
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, lo4)));                          \
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), lo4)));       \
+        __m512 p = _mm512_fmadd_ps(hi, _mm512_loadu_ps((x) + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));    \
+        __m128 dm = load_dm(blk);                                                                             \
+        acc = _mm512_fmadd_ps(p, _mm512_broadcastss_ps(dm), acc);                                             \
+        macc = _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_load_ss(xs), macc);                                      \
+    } while (0)
+    Py_ssize_t b = 0;
+    for (; b + 2 <= nb; b += 2, blk += 2 * Q41_BYTES, x += 2 * QK) {
+        Q41_BLOCK(acc0, macc0, blk, x, xs + b);
+        Q41_BLOCK(acc1, macc1, blk + Q41_BYTES, x + QK, xs + b + 1);
+    }
+    if (b < nb) Q41_BLOCK(acc0, macc0, blk, x, xs + b);
+#undef Q41_BLOCK
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_add_ss(macc0, macc1));
+#elif LB_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    float macc = 0.0f;
+    const __m128i lo4 = _mm_set1_epi8(15);
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q41_BYTES, x += QK) {
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+        __m128i lo = _mm_and_si128(q, lo4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), lo4);
+        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        __m256 p = _mm256_mul_ps(f0, _mm256_loadu_ps(x));
+        p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x + 8), p);
+        p = _mm256_fmadd_ps(f2, _mm256_loadu_ps(x + 16), p);
+        p = _mm256_fmadd_ps(f3, _mm256_loadu_ps(x + 24), p);
+        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(_cvtsh_ss(rd16(blk))), acc);
+        macc += _cvtsh_ss(rd16(blk + 2)) * xs[b];
+    }
+    return hsum8(acc) + macc;
+#else
+    float acc = 0.0f;
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q41_BYTES, x += QK) {
+        float p = 0.0f;
+        for (int i = 0; i < 16; i++) p += (float)(blk[4 + i] & 15) * x[i] + (float)(blk[4 + i] >> 4) * x[i + 16];
+        acc += half_to_float(rd16(blk)) * p + half_to_float(rd16(blk + 2)) * xs[b];
+    }
+    return acc;
+#endif
+}
+
+static float dot_row_q80(const uint8_t *blk, Py_ssize_t nb, const float *x) {
+#if LB_AVX512
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* even and odd blocks, as for Q4_1 */
+#define Q80_BLOCK(acc, blk, x)                                                                               \
+    do {                                                                                                      \
+        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((blk) + 2))));  \
+        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((blk) + 18)))); \
+        __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps((x) + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x)));    \
+        acc = _mm512_fmadd_ps(p, _mm512_set1_ps(_cvtsh_ss(rd16(blk))), acc);                                  \
+    } while (0)
+    Py_ssize_t b = 0;
+    for (; b + 2 <= nb; b += 2, blk += 2 * Q80_BYTES, x += 2 * QK) {
+        Q80_BLOCK(acc0, blk, x);
+        Q80_BLOCK(acc1, blk + Q80_BYTES, x + QK);
+    }
+    if (b < nb) Q80_BLOCK(acc0, blk, x);
+#undef Q80_BLOCK
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif LB_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q80_BYTES, x += QK) {
+        const uint8_t *q = blk + 2;
+        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))),
+                                 _mm256_loadu_ps(x));
+        for (int j = 1; j < 4; j++)
+            p = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * j)))),
+                _mm256_loadu_ps(x + 8 * j), p);
+        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(_cvtsh_ss(rd16(blk))), acc);
+    }
+    return hsum8(acc);
+#else
+    float acc = 0.0f;
+    for (Py_ssize_t b = 0; b < nb; b++, blk += Q80_BYTES, x += QK) {
+        float p = 0.0f;
+        for (int i = 0; i < QK; i++) p += (float)(int8_t)blk[2 + i] * x[i];
+        acc += half_to_float(rd16(blk)) * p;
+    }
+    return acc;
+#endif
+}
+
+/* K and CHECKED are compile-time constants at every call site (see dot_row_sti), so the shuffle
+ * controls, shifts and masks are hoisted and the group loop is specialised per bitwidth. */
+static inline __attribute__((always_inline)) float dot_row_sti_k(const Weights *W, Py_ssize_t r, const float *x,
+                                                                const float *xs, const int K, const int CHECKED) {
+    const Py_ssize_t G = W->seg, ng = W->nseg;
+    const uint8_t *p = W->w + r * W->row_bytes, *end = W->w + W->w_len;
+    const float *sc = W->scale + r * ng, *of = W->offset + r * ng;
+    float oacc = 0.0f;
+    for (Py_ssize_t g = 0; g < ng; g++) oacc += of[g] * xs[g];
+#if LB_AVX512
+    const __m512i mask = _mm512_set1_epi32((1 << K) - 1), ctl = sti_ctl512[K], shift = sti_shift512[K];
+#define CODES16(q) /* the 16 codes of the window at q, as floats */                                   \
+    _mm512_cvtepi32_ps(_mm512_and_si512(                                                             \
+        _mm512_srlv_epi32(_mm512_shuffle_epi8(_mm512_broadcast_i32x4(load16(q, end, CHECKED)), ctl), shift), mask))
+    __m512 acc = _mm512_setzero_ps();
+    for (Py_ssize_t g = 0; g < ng; g++, p += G * K / 8, x += G) {
+        const uint8_t *q = p;
+        __m512 pa = _mm512_setzero_ps(), pb = _mm512_setzero_ps(); /* two chains: the FMA latency */
+        Py_ssize_t i = 0;
+        for (; i + 32 <= G; i += 32, q += 4 * K) {
+            pa = _mm512_fmadd_ps(CODES16(q), _mm512_loadu_ps(x + i), pa);
+            pb = _mm512_fmadd_ps(CODES16(q + 2 * K), _mm512_loadu_ps(x + i + 16), pb);
+        }
+        if (i + 16 <= G) pa = _mm512_fmadd_ps(CODES16(q), _mm512_loadu_ps(x + i), pa), i += 16, q += 2 * K;
+        if (i < G) { /* G % 16 == 8: the last run with 8 lanes */
+            __m256i win = _mm256_broadcastsi128_si256(load16(q, end, CHECKED));
+            __m256 c = sti_run(win, K, 0, _mm256_set1_epi32((1 << K) - 1));
+            pb = _mm512_add_ps(pb, _mm512_zextps256_ps512(_mm256_mul_ps(c, _mm256_loadu_ps(x + i))));
+        }
+        acc = _mm512_fmadd_ps(_mm512_add_ps(pa, pb), _mm512_set1_ps(sc[g]), acc);
+    }
+#undef CODES16
+    return _mm512_reduce_add_ps(acc) + oacc;
+#elif LB_AVX2
+    const __m256i mask = _mm256_set1_epi32((1 << K) - 1);
+    __m256 acc = _mm256_setzero_ps();
+    for (Py_ssize_t g = 0; g < ng; g++, p += G * K / 8, x += G) {
+        const uint8_t *q = p;
+        __m256 pa = _mm256_setzero_ps(), pb = _mm256_setzero_ps(); /* two chains: the FMA latency */
+        Py_ssize_t i = 0;
+        for (; i + 16 <= G; i += 16, q += 2 * K) {
+            __m256i win = _mm256_broadcastsi128_si256(load16(q, end, CHECKED));
+            pa = _mm256_fmadd_ps(sti_run(win, K, 0, mask), _mm256_loadu_ps(x + i), pa);
+            pb = _mm256_fmadd_ps(sti_run(win, K, 1, mask), _mm256_loadu_ps(x + i + 8), pb);
+        }
+        if (i < G)
+            pa = _mm256_fmadd_ps(sti_run(_mm256_broadcastsi128_si256(load16(q, end, CHECKED)), K, 0, mask),
+                                 _mm256_loadu_ps(x + i), pa);
+        acc = _mm256_fmadd_ps(_mm256_add_ps(pa, pb), _mm256_set1_ps(sc[g]), acc);
+    }
+    return hsum8(acc) + oacc;
+#else
+    (void)end, (void)CHECKED;
+    float acc = 0.0f;
+    const unsigned mask = (1u << K) - 1u;
+    for (Py_ssize_t g = 0; g < ng; g++, x += G) {
+        float pd = 0.0f;
+        for (Py_ssize_t run = 0; run < G / 8; run++, p += K) {
+            uint64_t word = 0;
+            for (int j = 0; j < K; j++) word |= (uint64_t)p[j] << (8 * j);
+            for (int i = 0; i < 8; i++) pd += (float)((unsigned)(word >> (K * i)) & mask) * x[8 * run + i];
+        }
+        acc += sc[g] * pd;
+    }
+    return acc + oacc;
+#endif
+}
+
+#define DOT_STI(K)                                                                                       \
+    static float dot_row_sti##K(const Weights *W, Py_ssize_t r, const float *x, const float *xs) {     \
+        /* 16-byte loads from this row can pass the end of the code stream only in its last rows */    \
+        if ((r + 1) * W->row_bytes + 16 <= W->w_len) return dot_row_sti_k(W, r, x, xs, K, 0);         \
+        return dot_row_sti_k(W, r, x, xs, K, 1);                                                       \
+    }
+DOT_STI(2)
+DOT_STI(3)
+DOT_STI(4)
+DOT_STI(5)
+DOT_STI(6)
+DOT_STI(8)
+
+static float dot_row_sti(const Weights *W, Py_ssize_t r, const float *x, const float *xs) {
+    switch (W->bits) {
+    case 2: return dot_row_sti2(W, r, x, xs);
+    case 3: return dot_row_sti3(W, r, x, xs);
+    case 4: return dot_row_sti4(W, r, x, xs);
+    case 5: return dot_row_sti5(W, r, x, xs);
+    case 6: return dot_row_sti6(W, r, x, xs);
+    default: return dot_row_sti8(W, r, x, xs);
+    }
+}
+
+static void rows_b1(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        float v;
+        switch (W->kind) {
+        case K_Q41: v = dot_row_q41(W->w + r * W->row_bytes, W->nseg, A->x, A->xs); break;
+        case K_Q80: v = dot_row_q80(W->w + r * W->row_bytes, W->nseg, A->x); break;
+        default: v = dot_row_sti(W, r, A->x, A->xs); break;
+        }
+        y[r] = accumulate ? y[r] + v : v;
+    }
+}
+
+/* ------------------------------------------------------------------------- batched rows, B > 1
+ * A tile of RT rows is dequantized into `tile` (RT * pc floats: 24 KB at pc = 1536, in L1/L2),
+ * then the micro-kernel computes RT x NB dot products at once: per 8 columns it loads RT weight
+ * and NB activation vectors and issues RT * NB FMAs (12 accumulators + 3 x + 1 w = the 16 AVX2
+ * registers at NB = 3). */
+
+#if LB_AVX2
+#define MICRO(NB)                                                                                        \
+    static void micro_4x##NB(const float *tile, Py_ssize_t pc, const float *x, float out[RT][3]) {     \
+        __m256 acc[RT][NB];                                                                              \
+        for (int r = 0; r < RT; r++)                                                                     \
+            for (int b = 0; b < NB; b++) acc[r][b] = _mm256_setzero_ps();                                \
+        for (Py_ssize_t i = 0; i < pc; i += 8) {                                                         \
+            __m256 xv[NB];                                                                               \
+            for (int b = 0; b < NB; b++) xv[b] = _mm256_loadu_ps(x + b * pc + i);                        \
+            for (int r = 0; r < RT; r++) {                                                               \
+                __m256 w = _mm256_loadu_ps(tile + r * pc + i);                                           \
+                for (int b = 0; b < NB; b++) acc[r][b] = _mm256_fmadd_ps(w, xv[b], acc[r][b]);           \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < RT; r++)                                                                     \
+            for (int b = 0; b < NB; b++) out[r][b] = hsum8(acc[r][b]);                                   \
+    }
+#else
+#define MICRO(NB)                                                                                        \
+    static void micro_4x##NB(const float *tile, Py_ssize_t pc, const float *x, float out[RT][3]) {     \
+        for (int r = 0; r < RT; r++)                                                                     \
+            for (int b = 0; b < NB; b++) {                                                               \
+                float s = 0.0f;                                                                          \
+                for (Py_ssize_t i = 0; i < pc; i++) s += tile[r * pc + i] * x[b * pc + i];               \
+                out[r][b] = s;                                                                           \
+            }                                                                                            \
+    }
+#endif
+MICRO(1)
+MICRO(2)
+MICRO(3)
+
+static void rows_batched(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0,
+                         Py_ssize_t r1, float *tile) {
+    const Py_ssize_t pc = W->pc, B = A->B, R = W->rows;
+    for (Py_ssize_t t0 = r0; t0 < r1; t0 += RT) {
+        Py_ssize_t nr = r1 - t0 < RT ? r1 - t0 : RT;
+        for (Py_ssize_t r = 0; r < RT; r++) {
+            if (r < nr) {
+                deq_row(W, t0 + r, tile + r * pc);
+                /* sti-q1 padding columns decode to some value; x is zero there, zero w too (no 0 * inf) */
+                for (Py_ssize_t c = W->cols; c < pc; c++) tile[r * pc + c] = 0.0f;
+            } else {
+                memset(tile + r * pc, 0, (size_t)pc * sizeof(float));
+            }
+        }
+        for (Py_ssize_t b0 = 0; b0 < B; b0 += 3) {
+            float out[RT][3];
+            const float *xb = A->x + b0 * pc;
+            switch (B - b0 >= 3 ? 3 : B - b0) {
+            case 3: micro_4x3(tile, pc, xb, out); break;
+            case 2: micro_4x2(tile, pc, xb, out); break;
+            default: micro_4x1(tile, pc, xb, out); break;
+            }
+            for (Py_ssize_t r = 0; r < nr; r++)
+                for (Py_ssize_t b = 0; b < 3 && b0 + b < B; b++) {
+                    float *dst = y + (b0 + b) * R + t0 + r;
+                    *dst = accumulate ? *dst + out[r][b] : out[r][b];
+                }
+        }
+    }
+}
+
+/* sti-q1 outliers: the passes above used the quantized weight at each outlier's position; add
+ * (exact - quantized) * x. Serial and after the row passes, so no two threads touch a y. */
+static void apply_outliers(const Weights *W, const Acts *A, float *y) {
+    for (Py_ssize_t j = 0; j < W->nout; j++) {
+        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols, g = c / W->seg;
+        float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
+        float delta = W->oval[j] - (q + W->offset[r * W->nseg + g]);
+        for (Py_ssize_t b = 0; b < A->B; b++) y[b * W->rows + r] += delta * A->x[b * W->pc + c];
+    }
+}
+
+/* ------------------------------------------------------------------------- thread pool
+ * A call splits its rows into tasks and publishes them as a Job. The calling thread claims tasks
+ * itself from the start and never waits for a helper that has not claimed one: on a loaded
+ * machine a helper may not be scheduled for milliseconds, and with fork/join (OpenMP) a 20 us
+ * product then takes as long as that delay (measured on this 2-core machine at load average 9:
+ * 0.05 ms -> 12 ms). Nor does it wait long for a helper preempted in the middle of a task:
+ * helpers write their rows into the job's own buffer, and once the caller has run out of tasks
+ * it waits only until a helper's task is due (its claim time plus the caller's own longest task,
+ * +25%), then recomputes any task still out ("steals" it). Such a job outlives the call: it owns
+ * its copy of x and holds a reference to the Matrix whose buffers it reads until the late helper
+ * is done; the next call into the module frees it. Dequantization writes the caller's output
+ * directly, so it waits for its helpers instead.
+ *
+ * Helpers poll for the next job for SPIN_NS before sleeping: decode issues the next product
+ * within microseconds, and waking a sleeping thread costs tens of them. Every wait pauses a few
+ * times, then yields: on a loaded machine the thread waited for may share this core. A second
+ * concurrent caller does not queue behind a running job: it runs its own alone. Claims take a
+ * mutex; tasks are sized to a few microseconds and more. */
+
+#define MAX_THREADS 16
+#define SPIN_NS 100000L
+
+typedef struct Job Job;
+typedef void (*task_fn)(Job *J, Py_ssize_t task, int slot);
+enum { T_FREE, T_CALLER, T_HELPER, T_HELPER_DONE, T_STOLEN }; /* task states, changed under pool.mu */
+
+struct Job {
+    task_fn fn;
+    Weights W; /* a copy: the job may outlive the call */
+    Acts A;    /* owned */
+    float *y;  /* the caller's output; only the caller writes it */
+    float *yh; /* owned, (B, rows): rows computed by helpers, merged into y by the caller */
+    float *out; /* dequant: the output, written by every thread */
+    int accumulate, may_steal;
+    Py_ssize_t rows_per_task, ntask, next;
+    unsigned char *state;   /* per task */
+    long *claimed_at;       /* per task: when a helper claimed it (now_ns) */
+    atomic_long running;    /* tasks in state T_HELPER */
+    int want, joined, refs; /* helpers wanted and joined; refs: the caller and helpers inside */
+    float *buf[MAX_THREADS]; /* per slot: the batched path's tile, or dequant's padded row */
+    atomic_int nomem;
+    PyObject *owner; /* the Matrix, kept alive while a helper may read its buffers */
+    Job *dead_next;
+};
+
+static long now_ns(void) {
+#if LB_THREADS
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+#else
+    return 0;
+#endif
+}
+
+#if LB_THREADS
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, idle;
+    atomic_uint gen; /* bumped per published job, under mu; spinning helpers watch it without mu */
+    int started, sleeping;
+    Job *job;  /* the job helpers may join, or NULL */
+    Job *dead; /* jobs whose caller left before their last helper: freed by the next caller (GIL) */
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .idle = PTHREAD_COND_INITIALIZER};
+
+/* One step of a wait loop: a pause for the first iterations, then a yield, so that a thread we
+ * wait for that shares our core (a loaded machine) gets it. */
+static inline void wait_step(int i) {
+    if (i < 64) {
+#if LB_AVX2
+        _mm_pause();
+#endif
+    } else {
+        sched_yield();
+    }
+}
+
+/* Tests only (_test_helper_delay): helpers sleep this long before each task, standing in for a
+ * helper preempted mid-task, so that the caller's take-over path runs deterministically. */
+static atomic_long helper_delay_ns;
+static atomic_long n_helper_tasks, n_stolen_tasks; /* counters for _pool_state */
+
+static void *helper_main(void *unused) {
+    (void)unused;
+    unsigned done = 0; /* the last job this helper joined */
+    pthread_mutex_lock(&pool.mu);
+    for (;;) {
+        Job *J = pool.job;
+        unsigned g = atomic_load(&pool.gen);
+        if (J && g != done && J->joined < J->want && J->next < J->ntask) {
+            done = g;
+            int slot = ++J->joined;
+            J->refs++;
+            while (J->next < J->ntask) {
+                Py_ssize_t t = J->next++;
+                J->state[t] = T_HELPER;
+                J->claimed_at[t] = now_ns();
+                J->running++;
+                pthread_mutex_unlock(&pool.mu);
+                long delay = atomic_load_explicit(&helper_delay_ns, memory_order_relaxed);
+                if (delay) nanosleep(&(struct timespec){delay / 1000000000L, delay % 1000000000L}, NULL);
+                J->fn(J, t, slot);
+                pthread_mutex_lock(&pool.mu);
+                if (J->state[t] == T_HELPER) J->state[t] = T_HELPER_DONE, n_helper_tasks++; /* else: stolen */
+                if (--J->running == 0) pthread_cond_signal(&pool.idle);
+            }
+            if (--J->refs == 0) J->dead_next = pool.dead, pool.dead = J; /* its caller has left */
+            continue;
+        }
+        pthread_mutex_unlock(&pool.mu);
+        long until = now_ns() + SPIN_NS;
+        for (int i = 0; atomic_load_explicit(&pool.gen, memory_order_relaxed) == g; i++) {
+            wait_step(i);
+            if (!(i & 15) && now_ns() > until) break;
+        }
+        pthread_mutex_lock(&pool.mu);
+        if (atomic_load(&pool.gen) == g) {
+            pool.sleeping++;
+            while (atomic_load(&pool.gen) == g) pthread_cond_wait(&pool.wake, &pool.mu);
+            pool.sleeping--;
+        }
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) { /* the child has only the forking thread: start afresh */
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.started = pool.sleeping = 0;
+    pool.job = pool.dead = NULL; /* leaked in the child, where their helpers do not exist */
+}
+#endif
+
+/* Run every task of J on up to `threads` threads: slot 0 is the caller, helpers are 1 ..
+ * threads-1. On return every task has run to completion on the caller (T_CALLER, T_STOLEN) or a
+ * helper (T_HELPER_DONE); J->state no longer changes. The caller still holds its ref on J. */
+static void pool_run(Job *J, int threads) {
+#if LB_THREADS
+    if (threads > 1 && J->ntask > 1) {
+        pthread_mutex_lock(&pool.mu);
+        if (!pool.job) {
+            while (pool.started < threads - 1) {
+                pthread_t th;
+                pthread_attr_t attr;
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                int err = pthread_create(&th, &attr, helper_main, NULL);
+                pthread_attr_destroy(&attr);
+                if (err) break; /* fewer helpers: the caller does the rest */
+                pool.started++;
+            }
+            J->want = threads - 1;
+            pool.job = J;
+            atomic_fetch_add(&pool.gen, 1u);
+            if (pool.sleeping) pthread_cond_broadcast(&pool.wake);
+            long longest = 0; /* the caller's longest task: the yardstick of a helper's lateness */
+            while (J->next < J->ntask) {
+                Py_ssize_t t = J->next++;
+                J->state[t] = T_CALLER;
+                pthread_mutex_unlock(&pool.mu);
+                long t0 = now_ns();
+                J->fn(J, t, 0);
+                t0 = now_ns() - t0;
+                longest = t0 > longest ? t0 : longest;
+                pthread_mutex_lock(&pool.mu);
+            }
+            pool.job = NULL; /* no more joins */
+            if (J->running) {
+                /* a helper's task is due `longest` after its claim (+25% and 2 us): wait until then */
+                long due = 0;
+                for (Py_ssize_t t = 0; t < J->ntask; t++)
+                    if (J->state[t] == T_HELPER && J->claimed_at[t] > due) due = J->claimed_at[t];
+                due += longest + longest / 4 + 2000;
+                long until = J->may_steal ? due : now_ns() + SPIN_NS; /* dequant: then sleep until done */
+                pthread_mutex_unlock(&pool.mu);
+                for (int i = 0; atomic_load(&J->running); i++) {
+                    wait_step(i);
+                    if (!(i & 15) && now_ns() > until) break;
+                }
+                pthread_mutex_lock(&pool.mu);
+                if (!J->may_steal)
+                    while (J->running) pthread_cond_wait(&pool.idle, &pool.mu);
+            }
+            Py_ssize_t stolen = 0;
+            for (Py_ssize_t t = 0; t < J->ntask; t++)
+                if (J->state[t] == T_HELPER) J->state[t] = T_STOLEN, stolen++, n_stolen_tasks++;
+            pthread_mutex_unlock(&pool.mu);
+            for (Py_ssize_t t = 0; stolen && t < J->ntask; t++)
+                if (J->state[t] == T_STOLEN) J->fn(J, t, 0);
+            return;
+        }
+        pthread_mutex_unlock(&pool.mu);
+    }
+#endif
+    (void)threads;
+    for (Py_ssize_t t = 0; t < J->ntask; t++) J->fn(J, t, 0);
+}
+
+/* Rows per task: about 4 tasks per thread (balance on a shared machine), at most 256 rows (a late
+ * helper's task is recomputed, so keep it short), at least 16 (a claim costs ~0.1 us). */
+static Py_ssize_t task_rows(Py_ssize_t rows, int threads) {
+    if (threads <= 1) return rows > 0 ? rows : 1;
+    Py_ssize_t r = (rows + 4 * threads - 1) / (4 * threads);
+    r = r > 256 ? 256 : r < 16 ? 16 : r;
+    return (r + RT - 1) / RT * RT;
+}
+
+/* ------------------------------------------------------------------------- jobs */
+
+static void job_free(Job *J) {
+    if (!J) return;
+    for (int i = 0; i < MAX_THREADS; i++) free(J->buf[i]);
+    free(J->A.x);
+    free(J->yh);
+    free(J->state);
+    free(J->claimed_at);
+    free(J);
+}
+
+static Job *job_new(const Weights *W, task_fn fn, int threads, PyObject *owner) {
+    Job *J = calloc(1, sizeof *J);
+    if (!J) return NULL;
+    J->fn = fn, J->W = *W, J->refs = 1, J->owner = owner;
+    J->rows_per_task = task_rows(W->rows, threads);
+    J->ntask = (W->rows + J->rows_per_task - 1) / J->rows_per_task;
+    J->state = calloc((size_t)J->ntask + 1, 1);
+    J->claimed_at = calloc((size_t)J->ntask + 1, sizeof(long));
+    if (!J->state || !J->claimed_at) return job_free(J), NULL;
+    return J;
+}
+
+/* The caller lets go of J: 1 if a late helper still holds it (it is freed later), else 0. */
+static int job_leave(Job *J) {
+#if LB_THREADS
+    pthread_mutex_lock(&pool.mu);
+    int left_behind = --J->refs > 0;
+    pthread_mutex_unlock(&pool.mu);
+    return left_behind;
+#else
+    return --J->refs > 0;
+#endif
+}
+
+/* Free the jobs late helpers have finished since; needs the GIL (drops their Matrix references). */
+static void bury_dead(void) {
+#if LB_THREADS
+    pthread_mutex_lock(&pool.mu);
+    Job *d = pool.dead;
+    pool.dead = NULL;
+    pthread_mutex_unlock(&pool.mu);
+    while (d) {
+        Job *next = d->dead_next;
+        PyObject *owner = d->owner;
+        job_free(d);
+        Py_XDECREF(owner);
+        d = next;
+    }
+#endif
+}
+
+static float *slot_buf(Job *J, int slot, Py_ssize_t floats) {
+    if (!J->buf[slot]) J->buf[slot] = aligned_alloc(64, ((size_t)floats * sizeof(float) + 63) & ~(size_t)63);
+    if (!J->buf[slot]) atomic_store(&J->nomem, 1);
+    return J->buf[slot];
+}
+
+static void matvec_task(Job *J, Py_ssize_t t, int slot) {
+    Py_ssize_t r0 = t * J->rows_per_task, r1 = r0 + J->rows_per_task;
+    if (r1 > J->W.rows) r1 = J->W.rows;
+    float *y = slot ? J->yh : J->y; /* helpers never touch the caller's memory */
+    int accumulate = slot ? 0 : J->accumulate;
+    if (J->A.B == 1) {
+        rows_b1(&J->W, &J->A, y, accumulate, r0, r1);
+    } else {
+        float *tile = slot_buf(J, slot, RT * J->W.pc);
+        if (tile) rows_batched(&J->W, &J->A, y, accumulate, r0, r1, tile);
+    }
+}
+
+static void dequant_task(Job *J, Py_ssize_t t, int slot) {
+    const Weights *W = &J->W;
+    Py_ssize_t r0 = t * J->rows_per_task, r1 = r0 + J->rows_per_task;
+    if (r1 > W->rows) r1 = W->rows;
+    float *row = W->pc != W->cols ? slot_buf(J, slot, W->pc) : NULL; /* sti-q1 with padded groups */
+    if (W->pc != W->cols && !row) return;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        deq_row(W, r, row ? row : J->out + r * W->cols);
+        if (row) memcpy(J->out + r * W->cols, row, (size_t)W->cols * sizeof(float));
+    }
+}
+
+/* y (B, rows) (+)= X (B, cols) @ W.T on up to `threads` threads. Returns 0, or -1 when out of
+ * memory; *J_out is the job (or NULL), which the caller must job_leave and, unless a late helper
+ * still holds it, job_free. */
+static int run_matvec(const Weights *W, const float *X, Py_ssize_t B, float *y, int accumulate, int threads,
+                      PyObject *owner, Job **J_out) {
+    Job *J = *J_out = job_new(W, matvec_task, threads, owner);
+    if (!J || prepare_acts(W, X, B, &J->A)) return -1;
+    J->y = y, J->accumulate = accumulate, J->may_steal = 1;
+    if (threads > 1 && J->ntask > 1 && !(J->yh = malloc((size_t)(B * W->rows) * sizeof(float) + 4))) return -1;
+    pool_run(J, threads);
+    if (atomic_load(&J->nomem)) return -1;
+    for (Py_ssize_t t = 0; t < J->ntask; t++) { /* the helpers' rows */
+        if (J->state[t] != T_HELPER_DONE) continue;
+        Py_ssize_t r0 = t * J->rows_per_task, n = (r0 + J->rows_per_task < W->rows ? J->rows_per_task : W->rows - r0);
+        for (Py_ssize_t b = 0; b < B; b++) {
+            float *dst = y + b * W->rows + r0;
+            const float *src = J->yh + b * W->rows + r0;
+            for (Py_ssize_t i = 0; i < n; i++) dst[i] = accumulate ? dst[i] + src[i] : src[i];
+        }
+    }
+    if (W->nout) apply_outliers(W, &J->A, y);
+    return 0;
+}
+
+/* out (rows, cols) = W, outliers included. */
+static int run_dequant(const Weights *W, float *out, int threads, PyObject *owner, Job **J_out) {
+    Job *J = *J_out = job_new(W, dequant_task, threads, owner);
+    if (!J) return -1;
+    J->out = out, J->may_steal = 0;
+    pool_run(J, threads);
+    for (Py_ssize_t j = 0; j < W->nout; j++) out[W->oidx[j]] = W->oval[j];
+    return atomic_load(&J->nomem) ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------- Python: Matrix
+ * Matrix(kind, rows, cols, w, bits=0, group_size=0, scale=None, offset=None, outlier_idx=None,
+ * outlier_val=None) validates a weight matrix once and keeps its buffers exported (zero-copy:
+ * an mmap under it cannot be closed while the Matrix lives); matvec and dequant then cost one
+ * check of x and out. Only the buffer protocol is used (no NumPy C API). */
+
+enum { B_W, B_SCALE, B_OFFSET, B_OIDX, B_OVAL, NBUF };
+
+typedef struct {
+    PyObject_HEAD
+    Weights W;
+    Py_buffer buf[NBUF];
+    int held[NBUF];
+} Matrix;
+
+static int fail(const char *fmt, ...) {
+    char msg[320];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    PyErr_SetString(PyExc_ValueError, msg);
+    return -1;
+}
+
+static void Matrix_dealloc(Matrix *self) {
+    for (int i = 0; i < NBUF; i++)
+        if (self->held[i]) PyBuffer_Release(&self->buf[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Export obj's bytes into slot i: C-contiguous, `n` bytes exactly (n < 0: any length), aligned. */
+static int hold(Matrix *self, int i, PyObject *obj, Py_ssize_t n, int align, const char *what) {
+    if (PyObject_GetBuffer(obj, &self->buf[i], PyBUF_C_CONTIGUOUS) < 0) return -1;
+    self->held[i] = 1;
+    if (n >= 0 && self->buf[i].len != n)
+        return fail("%s has %zd bytes, expected %zd", what, self->buf[i].len, n);
+    if ((uintptr_t)self->buf[i].buf % (uintptr_t)align) return fail("%s must be %d-byte aligned", what, align);
+    return 0;
+}
+
+static int Matrix_init(Matrix *self, PyObject *args, PyObject *kw) {
+    static char *names[] = {"kind", "rows", "cols", "w", "bits", "group_size", "scale", "offset", "outlier_idx",
+                            "outlier_val", NULL};
+    int kind, bits = 0;
+    Py_ssize_t rows, cols, G = 0;
+    PyObject *w, *scale = NULL, *offset = NULL, *oidx = NULL, *oval = NULL;
+    if (self->held[B_W]) return fail("Matrix is already initialised");
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "innO|inOOOO", names, &kind, &rows, &cols, &w, &bits, &G, &scale,
+                                     &offset, &oidx, &oval))
+        return -1;
+    const Py_ssize_t lim = PY_SSIZE_T_MAX / 64;
+    if (rows < 0 || cols < 0 || (rows && cols > lim / rows))
+        return fail("Matrix: bad shape (%zd, %zd)", rows, cols);
+    Weights *W = &self->W;
+    if (kind == K_Q41 || kind == K_Q80) {
+        if (cols % QK) return fail("Matrix: GGML rows hold a multiple of 32 columns, got %zd", cols);
+        *W = (Weights){.kind = kind, .rows = rows, .cols = cols, .seg = QK, .nseg = cols / QK, .pc = cols};
+        W->row_bytes = W->nseg * (kind == K_Q41 ? Q41_BYTES : Q80_BYTES);
+    } else if (kind == K_STI) {
+        if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
+            return fail("Matrix: bits must be one of 2, 3, 4, 5, 6, 8, got %d", bits);
+        if (G <= 0 || G % 8 || G > (1 << 20))
+            return fail("Matrix: group_size must be a positive multiple of 8, got %zd", G);
+        if (!scale || !offset || !oidx || !oval)
+            return fail("Matrix: sti-q1 needs scale, offset, outlier_idx and outlier_val");
+        Py_ssize_t ng = (cols + G - 1) / G;
+        *W = (Weights){.kind = K_STI, .rows = rows, .cols = cols, .seg = G, .nseg = ng, .pc = ng * G, .bits = bits};
+        W->row_bytes = W->pc * bits / 8;
+    } else {
+        return fail("Matrix: kind must be 0 (Q4_1), 1 (Q8_0) or 2 (sti-q1), got %d", kind);
+    }
+    W->w_len = rows * W->row_bytes;
+    if (hold(self, B_W, w, W->w_len, 1, "Matrix: the weight buffer")) return -1;
+    W->w = self->buf[B_W].buf;
+    if (kind != K_STI) return 0;
+    if (hold(self, B_SCALE, scale, 4 * rows * W->nseg, 4, "Matrix: scale (float32 per group)") ||
+        hold(self, B_OFFSET, offset, 4 * rows * W->nseg, 4, "Matrix: offset (float32 per group)") ||
+        hold(self, B_OIDX, oidx, -1, 4, "Matrix: outlier_idx") ||
+        hold(self, B_OVAL, oval, -1, 4, "Matrix: outlier_val"))
+        return -1;
+    if (self->buf[B_OIDX].len % 4 || self->buf[B_OVAL].len != self->buf[B_OIDX].len)
+        return fail("Matrix: outlier_idx (uint32) and outlier_val (float32) must have equal lengths");
+    W->scale = self->buf[B_SCALE].buf, W->offset = self->buf[B_OFFSET].buf;
+    W->oidx = self->buf[B_OIDX].buf, W->oval = self->buf[B_OVAL].buf, W->nout = self->buf[B_OIDX].len / 4;
+    for (Py_ssize_t j = 0; j < W->nout; j++)
+        if ((Py_ssize_t)W->oidx[j] >= rows * cols)
+            return fail("Matrix: outlier index %u out of range for shape (%zd, %zd)", W->oidx[j], rows, cols);
+    return 0;
+}
+
+static int ready(Matrix *self) {
+    if (!self->held[B_W]) return fail("Matrix is not initialised");
+    return 0;
+}
+
+/* A float32 C-contiguous buffer of shape (n,) or (B, n), writable if asked; its batch in *B. */
+static int get_vecs(PyObject *obj, Py_buffer *v, Py_ssize_t n, int writable, Py_ssize_t *B, const char *what) {
+    if (PyObject_GetBuffer(obj, v, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    const char *f = v->format ? v->format : "B";
+    if (f[0] == '<' || f[0] == '=' || f[0] == '@') f++;
+    int ok = f[0] == 'f' && !f[1] && v->itemsize == 4 && (v->ndim == 1 || v->ndim == 2) &&
+             v->shape[v->ndim - 1] == n && (v->ndim == 1 || v->shape[0] >= 1) && (uintptr_t)v->buf % 4 == 0;
+    if (!ok) {
+        PyBuffer_Release(v);
+        return fail("%s must be a C-contiguous float32 array of shape (%zd,) or (batch, %zd)", what, n, n);
+    }
+    *B = v->ndim == 1 ? 1 : v->shape[0];
+    return 0;
+}
+
+/* A matvec (x given) or a dequant (x NULL) with the GIL released. The job holds a reference to the
+ * Matrix from the start: if a late helper keeps it beyond this call, bury_dead drops it later. */
+static int run_job(Matrix *self, const Py_buffer *x, Py_ssize_t B, Py_buffer *y, int accumulate, int threads) {
+    bury_dead();
+    Job *J = NULL;
+    int err, left_behind = 0;
+    Py_INCREF(self);
+    Py_BEGIN_ALLOW_THREADS
+    if (x)
+        err = run_matvec(&self->W, x->buf, B, y->buf, accumulate, threads, (PyObject *)self, &J);
+    else
+        err = run_dequant(&self->W, y->buf, threads, (PyObject *)self, &J);
+    if (J) left_behind = job_leave(J);
+    if (!left_behind) job_free(J);
+    Py_END_ALLOW_THREADS
+    if (!left_behind) Py_DECREF(self);
+    if (err) PyErr_NoMemory();
+    return err ? -1 : 0;
+}
+
+/* matvec(x, out, accumulate=False, threads=1): out (+)= x @ W.T */
+static PyObject *Matrix_matvec(Matrix *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (ready(self)) return NULL;
+    if (nargs < 2 || nargs > 4) return PyErr_Format(PyExc_TypeError, "matvec(x, out, accumulate=False, threads=1)");
+    int accumulate = nargs > 2 ? PyObject_IsTrue(args[2]) : 0;
+    long threads = nargs > 3 ? PyLong_AsLong(args[3]) : 1;
+    if (accumulate < 0 || (threads == -1 && PyErr_Occurred())) return NULL;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Py_buffer x, y;
+    Py_ssize_t bx, by;
+    if (get_vecs(args[0], &x, self->W.cols, 0, &bx, "x")) return NULL;
+    if (get_vecs(args[1], &y, self->W.rows, 1, &by, "out")) {
+        PyBuffer_Release(&x);
+        return NULL;
+    }
+    int err = 0;
+    if (x.ndim != y.ndim || bx != by) {
+        fail("out must be (%zd,) for x (%zd,), or (batch, %zd) for x (batch, %zd)", self->W.rows, self->W.cols,
+             self->W.rows, self->W.cols);
+        err = 1;
+    } else {
+        err = run_job(self, &x, bx, &y, accumulate, (int)threads);
+    }
+    PyBuffer_Release(&x);
+    PyBuffer_Release(&y);
+    if (err) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* dequant(out, threads=1): out (rows, cols) = W */
+static PyObject *Matrix_dequant(Matrix *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (ready(self)) return NULL;
+    if (nargs < 1 || nargs > 2) return PyErr_Format(PyExc_TypeError, "dequant(out, threads=1)");
+    long threads = nargs > 1 ? PyLong_AsLong(args[1]) : 1;
+    if (threads == -1 && PyErr_Occurred()) return NULL;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    Py_buffer out;
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    int err = 0;
+    if (out.len != 4 * self->W.rows * self->W.cols || (uintptr_t)out.buf % 4) {
+        fail("out must be a 4-byte aligned float32 buffer of %zd x %zd items", self->W.rows, self->W.cols);
+        err = 1;
+    } else {
+        err = run_job(self, NULL, 0, &out, 0, (int)threads);
+    }
+    PyBuffer_Release(&out);
+    if (err) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Matrix_methods[] = {
+    {"matvec", (PyCFunction)(void (*)(void))Matrix_matvec, METH_FASTCALL,
+     "matvec(x, out, accumulate=False, threads=1): out (+)= x @ W.T for x (cols,) -> out (rows,) or a batch\n"
+     "x (B, cols) -> out (B, rows), float32 C-contiguous; W is read once whatever B is."},
+    {"dequant", (PyCFunction)(void (*)(void))Matrix_dequant, METH_FASTCALL,
+     "dequant(out, threads=1): the float32 (rows, cols) matrix into out, bit-identical to the NumPy references\n"
+     "(gguf.quants for Q4_1/Q8_0, sti.quant.dequantize_numpy for sti-q1), outliers included."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject MatrixType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sti._lowbit.Matrix",
+    .tp_basicsize = sizeof(Matrix),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Matrix(kind, rows, cols, w, bits=0, group_size=0, scale=None, offset=None, outlier_idx=None,\n"
+              "outlier_val=None): a packed weight matrix (kind 0: GGML Q4_1, 1: GGML Q8_0, 2: sti-q1) over\n"
+              "zero-copy buffers, validated once.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Matrix_init,
+    .tp_dealloc = (destructor)Matrix_dealloc,
+    .tp_methods = Matrix_methods,
+};
+
+static PyObject *py_info(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    return Py_BuildValue("{s:s,s:s,s:i}", "simd",
+                         LB_AVX512 ? "avx512+avx2+fma+f16c" : LB_AVX2 ? "avx2+fma+f16c" : "portable-c", "threads",
+                         LB_THREADS ? "pthreads" : "none", "max_threads", LB_THREADS ? MAX_THREADS : 1);
+}
+
+static PyObject *py_test_helper_delay(PyObject *self, PyObject *arg) {
+    (void)self;
+    long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred()) return NULL;
+#if LB_THREADS
+    atomic_store(&helper_delay_ns, us > 0 ? us * 1000L : 0);
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_pool_state(PyObject *self, PyObject *noargs) {
+    (void)self, (void)noargs;
+    long pending = 0, started = 0, helped = 0, stolen = 0;
+#if LB_THREADS
+    pthread_mutex_lock(&pool.mu);
+    for (Job *d = pool.dead; d; d = d->dead_next) pending++;
+    started = pool.started, helped = n_helper_tasks, stolen = n_stolen_tasks;
+    pthread_mutex_unlock(&pool.mu);
+#endif
+    return Py_BuildValue("{s:l,s:l,s:l,s:l}", "helpers", started, "helper_tasks", helped, "stolen_tasks", stolen,
+                         "jobs_awaiting_release", pending);
+}
+
+static PyMethodDef methods[] = {
+    {"info", py_info, METH_NOARGS, "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int}"},
+    {"_test_helper_delay", py_test_helper_delay, METH_O,
+     "_test_helper_delay(microseconds): tests only; helpers sleep this long before each task (0: off)."},
+    {"_pool_state", py_pool_state, METH_NOARGS,
+     "_pool_state(): {'helpers': threads started, 'helper_tasks': tasks helpers completed, 'stolen_tasks':\n"
+     "tasks the caller took over from a late helper, 'jobs_awaiting_release': jobs late helpers still hold}."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_lowbit", .m_size = -1, .m_methods = methods};
+
+PyMODINIT_FUNC PyInit__lowbit(void) {
+#if LB_AVX2
+    init_sti_tables();
+#endif
+#if LB_THREADS
+    static int atfork_done = 0;
+    if (!atfork_done) pthread_atfork(NULL, NULL, pool_after_fork), atfork_done = 1;
+#endif
+    if (PyType_Ready(&MatrixType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&MatrixType);
+    if (PyModule_AddObject(m, "Matrix", (PyObject *)&MatrixType) < 0) {
+        Py_DECREF(&MatrixType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,545 @@
+"""Matrix-vector products straight from packed low-bit weights, and the measured choice of kernel.
+
+Decode multiplies each weight matrix by one activation vector (or a small batch of them, when
+several sequences are generated together), so its speed is the speed of reading the weights. The
+C kernels of ``sti._lowbit`` read the packed bytes once and turn them into float32 in registers:
+no float32 copy of a weight matrix is ever written. Prefill, with many tokens, is faster the other
+way round (dequantize once, then one BLAS matrix-matrix product); which of the two runs for a
+shape and batch size, and on how many threads, is decided by timing both on this machine
+(:func:`choose`, the NNV12 idea), not hard-coded.
+
+Weight kinds (:data:`KINDS`), each a :class:`LowBitTensor` ``(kind, shape, buf, meta)`` over a
+zero-copy buffer (bytes, mmap, memoryview, uint8 array):
+
+``"sti-q1"``
+    STI's outlier-aware group-wise k-bit layout, k in {2, 3, 4, 5, 6, 8}: ``buf`` is the layout
+    :func:`sti.quant.to_bytes` writes, ``meta`` what :meth:`sti.quant.QuantizedTensor.meta` returns.
+``"ggml-q4_1"``, ``"ggml-q8_0"``
+    GGML blocks of 32 along each row, rows * cols / 32 blocks in row-major order: Q4_1 is f16 d,
+    f16 m and 16 bytes of nibbles (low nibbles are elements 0..15, high nibbles 16..31), element
+    = d * q + m; Q8_0 is f16 d and 32 int8, element = d * q. ``meta`` is unused.
+    (:func:`from_gguf` wraps a tensor of a GGUF file.)
+
+What "the same" means, C kernels against the NumPy fallback (set ``STI_NO_C=1`` before importing
+to force the fallback, as for :mod:`sti.quant`):
+
+* :func:`dequantize` is **bit-identical**: GGML kinds to ``gguf.quants.dequantize`` (float32
+  ``d * q`` then ``+ m``, two roundings, no fused multiply-add), sti-q1 to
+  :func:`sti.quant.dequantize_numpy`.
+* :func:`matvec` is **not** bit-identical, and cannot cheaply be made so: the fallback is
+  dequantize then ``x @ W.T`` in BLAS, whose summation order is its own (it differs between BLAS
+  builds and thread counts). The fused kernel also factors each segment's affine map out of its
+  sum — ``sum_s a_s * sum_i q_i x_i + c_s * sum_i x_i`` — and applies sti-q1 outliers as
+  ``(exact - quantized) * x`` corrections. Both sides are float32 sums of the same products, so
+  they differ by rounding only: the tests hold every element to
+  ``|y_c - y_numpy| <= 1e-5 * (|W| @ |x|)``. The largest ratio seen in them is about 3e-7; the
+  quantization error itself is 4e-3 of ``|W| @ |x|`` (median; 4 bits, 576x576 Gaussian weights)
+  and 2e-4 at 8 bits, so the bound is 20 to 400 times below what quantizing already changes.
+
+Threads: ``threads=2`` splits rows between the calling thread and a helper of a small pthread
+pool inside ``sti._lowbit``. The caller never waits for a helper that has not started (a loaded
+machine may not schedule it for milliseconds) and recomputes a task a preempted helper holds for
+too long, so two threads are never much slower than one; whether they are faster for a given
+shape is what :func:`choose` measures.
+
+Results of :func:`profile_kernels` are plain JSON (:class:`KernelProfile` saves and loads it), so
+a store's profile directory can hold the measurements made at profile time (as
+:data:`PROFILE_NAME`) and a later run loads them instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sti import quant
+
+KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
+GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
+QK = 32  # elements per GGML block
+METHODS = ("fused", "dequant")
+PROFILE_SCHEMA = 1
+PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
+# Bytes of distinct weight copies a timing cycles through, so that every call reads its weights
+# from memory as decode does (30 layers of SmolLM2 are 66 MB at Q4_1) instead of from a warm
+# cache, which would flatter the fused kernels on small matrices.
+STREAM_BYTES = 64 << 20
+
+try:  # C kernels (setup.py: sti._lowbit); the NumPy path below is the reference and the fallback
+    if os.environ.get("STI_NO_C", "") not in ("", "0"):
+        raise ImportError("STI_NO_C set")
+    from sti import _lowbit as _lb
+except ImportError:  # pragma: no cover - depends on the build
+    _lb = None
+
+
+def has_c_kernels() -> bool:
+    return _lb is not None
+
+
+def kernel_info() -> dict:
+    """How the C kernels were built: ``{"simd", "threads", "max_threads"}`` (``simd`` None without them)."""
+    return dict(_lb.info()) if _lb is not None else {"simd": None, "threads": "none", "max_threads": 1}
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True, eq=False)
+class LowBitTensor:
+    """A (rows, cols) weight matrix of kind ``kind`` over ``buf`` (zero-copy: keep ``buf`` alive).
+    Validated once here, so that :func:`matvec` does no per-call parsing."""
+
+    kind: str
+    shape: tuple[int, int]
+    buf: Any
+    meta: dict | None = None
+    _q: quant.QuantizedTensor | None = field(default=None, init=False, repr=False)
+    _raw: Any = field(default=None, init=False, repr=False)
+    _m: Any = field(default=None, init=False, repr=False)  # the sti._lowbit.Matrix over buf
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"LowBitTensor: kind must be one of {KINDS}, got {self.kind!r}")
+        rows, cols = (int(n) for n in self.shape)
+        object.__setattr__(self, "shape", (rows, cols))
+        if self.kind == "sti-q1":
+            q = quant.from_buffer(self.buf, self.meta or {})
+            if q.shape != self.shape:
+                raise ValueError(f"LowBitTensor: shape {self.shape} but meta describes {q.shape}")
+            object.__setattr__(self, "_q", q)
+            if _lb is not None:
+                object.__setattr__(self, "_m", _lb.Matrix(2, rows, cols, q.codes, q.bits, q.group_size, q.scale,
+                                                          q.offset, q.outlier_idx, q.outlier_val))
+            return
+        mv = memoryview(self.buf)
+        if not mv.c_contiguous:
+            raise ValueError("LowBitTensor: the buffer must be C-contiguous")
+        mv = mv.cast("B")
+        _, block_bytes, _ = GGML[self.kind]
+        if cols % QK:
+            raise ValueError(f"LowBitTensor: {self.kind} rows hold a multiple of {QK} columns, got shape {self.shape}")
+        need = rows * cols // QK * block_bytes
+        if mv.nbytes != need:
+            raise ValueError(f"LowBitTensor: {self.kind} {self.shape} needs {need} bytes, the buffer holds {mv.nbytes}")
+        object.__setattr__(self, "_raw", mv)
+        if _lb is not None:
+            object.__setattr__(self, "_m", _lb.Matrix(GGML[self.kind][0], rows, cols, mv))
+
+    @property
+    def bits(self) -> int:
+        return self._q.bits if self._q is not None else GGML[self.kind][2]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matrix-vector product reads: codes/blocks, scales and offsets, outliers."""
+        if self._q is None:
+            return self._raw.nbytes
+        q = self._q
+        return q.codes.nbytes + q.scale.nbytes + q.offset.nbytes + q.outlier_idx.nbytes + q.outlier_val.nbytes
+
+    @classmethod
+    def from_quantized(cls, q: quant.QuantizedTensor) -> LowBitTensor:
+        """An sti-q1 tensor over the serialized layout of ``q`` (one copy, into that layout)."""
+        return cls("sti-q1", q.shape, quant.to_bytes(q), q.meta())
+
+    def copy(self) -> LowBitTensor:
+        """The same tensor over a private copy of the buffer."""
+        return LowBitTensor(self.kind, self.shape, bytearray(memoryview(self.buf).cast("B")), self.meta)
+
+
+def from_gguf(gf, name: str) -> LowBitTensor:
+    """A Q4_1 or Q8_0 tensor of an open :class:`sti.loaders.gguf.GGUFFile`, over its mapped bytes."""
+    from gguf import GGMLQuantizationType as T
+
+    info = gf.tensors[name]
+    kinds = {T.Q4_1: "ggml-q4_1", T.Q8_0: "ggml-q8_0"}
+    kind = kinds.get(T(info.ggml_type))
+    if kind is None or len(info.shape) != 2:
+        raise ValueError(f"from_gguf: {name} is {info.type_name} {info.shape}; only 2-D Q4_1 and Q8_0 are supported")
+    return LowBitTensor(kind, info.shape, gf.raw(name))
+
+
+def as_lowbit(t) -> LowBitTensor:
+    """``t`` itself, or a :class:`LowBitTensor` built from any object with kind, shape, buf, meta."""
+    if isinstance(t, LowBitTensor):
+        return t
+    return LowBitTensor(t.kind, tuple(t.shape), t.buf, getattr(t, "meta", None))
+
+
+def random_tensor(kind: str, shape, bits: int | None = None, group_size: int = 64, seed: int = 0,
+                  scale: float = 0.02) -> LowBitTensor:
+    """A random tensor of ``kind`` (codes uniform, scales ~``scale``; sti-q1 with the default
+    number of outliers, placed at random), for tests and timings: built directly, not quantized."""
+    rng = np.random.default_rng(seed)
+    rows, cols = int(shape[0]), int(shape[1])
+    if kind in GGML:
+        _, block_bytes, _ = GGML[kind]
+        nb = rows * cols // QK if cols % QK == 0 else -1
+        if nb < 0:
+            raise ValueError(f"random_tensor: {kind} needs cols % {QK} == 0, got {cols}")
+        blocks = rng.integers(0, 256, size=(nb, block_bytes), dtype=np.uint8)
+        blocks[:, 0:2] = (rng.uniform(0.5, 1.5, nb) * scale / 8).astype("<f2").view(np.uint8).reshape(nb, 2)
+        if kind == "ggml-q4_1":
+            blocks[:, 2:4] = (-rng.uniform(0.5, 1.5, nb) * scale).astype("<f2").view(np.uint8).reshape(nb, 2)
+        return LowBitTensor(kind, (rows, cols), blocks.reshape(-1))
+    if kind != "sti-q1":
+        raise ValueError(f"random_tensor: kind must be one of {KINDS}, got {kind!r}")
+    bits = 4 if bits is None else int(bits)
+    ng = -(-cols // group_size)
+    n_out = quant.outlier_count((rows, cols), bits)
+    q = quant.QuantizedTensor(
+        bits=bits, shape=(rows, cols), group_size=group_size,
+        codes=rng.integers(0, 256, size=rows * ng * group_size * bits // 8, dtype=np.uint8),
+        scale=(rng.uniform(0.5, 1.5, (rows, ng)) * 2 * scale / (1 << bits)).astype(np.float32),
+        offset=(-rng.uniform(0.5, 1.5, (rows, ng)) * scale).astype(np.float32),
+        outlier_idx=np.sort(rng.choice(rows * cols, n_out, replace=False)).astype(np.uint32),
+        outlier_val=(rng.standard_normal(n_out) * 4 * scale).astype(np.float32))
+    return LowBitTensor.from_quantized(q)
+
+
+# --------------------------------------------------------------------------- dequantize
+
+
+def dequantize(t, out: np.ndarray | None = None, threads: int = 1) -> np.ndarray:
+    """The (rows, cols) float32 matrix, written into ``out`` when given; bit-identical to
+    :func:`dequantize_numpy` (the C kernel when built, on ``threads`` threads)."""
+    t = as_lowbit(t)
+    out = _out_matrix(out, t.shape)
+    if t._m is None:
+        return dequantize_numpy(t, out)
+    t._m.dequant(out, threads)
+    return out
+
+
+def dequantize_numpy(t, out: np.ndarray | None = None) -> np.ndarray:
+    """Reference dequantization: ``gguf.quants.dequantize`` for GGML kinds,
+    :func:`sti.quant.dequantize_numpy` for sti-q1."""
+    t = as_lowbit(t)
+    out = _out_matrix(out, t.shape)
+    if t._q is not None:
+        return quant.dequantize_numpy(t._q, out)
+    from gguf import GGMLQuantizationType, quants
+
+    if out.size == 0:
+        return out
+    qtype = GGMLQuantizationType.Q4_1 if t.kind == "ggml-q4_1" else GGMLQuantizationType.Q8_0
+    raw = np.frombuffer(t._raw, dtype=np.uint8).reshape(t.shape[0], -1)
+    out[...] = quants.dequantize(raw, qtype).reshape(t.shape)
+    return out
+
+
+def _out_matrix(out, shape):
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == tuple(shape)
+            and out.flags.c_contiguous and out.flags.writeable):
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape {tuple(shape)}, got {got}")
+    return out
+
+
+# --------------------------------------------------------------------------- matvec
+
+
+def matvec(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False,
+           threads: int = 1) -> np.ndarray:
+    """``x @ W.T`` for x (cols,) -> (rows,) or a batch X (B, cols) -> (B, rows), reading the
+    packed weights once whatever B is. ``out`` receives the result (``accumulate``: is added to).
+    The fused C kernel on ``threads`` threads; :func:`matvec_numpy` without it."""
+    t = t if type(t) is LowBitTensor else as_lowbit(t)
+    if t._m is None:
+        return matvec_numpy(t, x, out, accumulate)
+    if type(x) is not np.ndarray or x.dtype != np.float32:
+        x = np.asarray(x, dtype=np.float32)
+    if out is None:
+        if accumulate:
+            raise ValueError("matvec: accumulate=True needs out")
+        out = np.empty(x.shape[:-1] + t.shape[:1], dtype=np.float32)
+    # the C side checks x and out (float32, C-contiguous, (cols,)/(rows,) or (B, cols)/(B, rows))
+    t._m.matvec(x if x.flags.c_contiguous else np.ascontiguousarray(x), out, accumulate, threads)
+    return out
+
+
+def matvec_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """Reference: :func:`dequantize_numpy`, then ``x @ W.T`` (BLAS)."""
+    t = as_lowbit(t)
+    x, out, _ = _check_matvec(t, x, out, accumulate)
+    return _finish(x @ dequantize_numpy(t).T, out, accumulate)
+
+
+def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1,
+                   scratch: np.ndarray | None = None) -> np.ndarray:
+    """:func:`matvec` computed the prefill way: :func:`dequantize` into ``scratch`` (a float32
+    (rows, cols) buffer to reuse, else a new one) on ``threads`` threads, then one BLAS product."""
+    t = as_lowbit(t)
+    x, out, _ = _check_matvec(t, x, out, accumulate)
+    w = dequantize(t, scratch, threads)
+    if accumulate:
+        out += x @ w.T
+    else:
+        np.matmul(x, w.T, out=out)
+    return out
+
+
+def _finish(y, out, accumulate):
+    if accumulate:
+        out += y
+    else:
+        out[...] = y
+    return out
+
+
+def _check_matvec(t: LowBitTensor, x, out, accumulate):
+    rows, cols = t.shape
+    x = np.asarray(x, dtype=np.float32)
+    if not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"matvec: x must be ({cols},) or (batch, {cols}) for a {t.shape} matrix, got {x.shape}")
+    batch = 1 if x.ndim == 1 else x.shape[0]
+    want = (rows,) if x.ndim == 1 else (batch, rows)
+    if out is None:
+        if accumulate:
+            raise ValueError("matvec: accumulate=True needs out")
+        out = np.empty(want, dtype=np.float32)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == want
+              and out.flags.c_contiguous and out.flags.writeable):
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"matvec: out must be a writable C-contiguous float32 array of shape {want}, got {got}")
+    if batch < 1:
+        raise ValueError("matvec: the batch is empty")
+    return x, out, batch
+
+
+# --------------------------------------------------------------------------- kernel choice
+
+
+def batch_bucket(batch: int) -> int:
+    """The batch size measured for ``batch``: the next power of two (1, 2, 4, 8, 16, ...)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return 1 << (int(batch) - 1).bit_length()
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def thread_candidates() -> tuple[int, ...]:
+    """Thread counts worth timing: 1 and, on a machine with several cores, 2 (STI's default)."""
+    return (1, 2) if _cpus() >= 2 and kernel_info()["max_threads"] >= 2 else (1,)
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """How to multiply a (rows, cols) ``kind``/``bits`` matrix by a batch of ``batch`` vectors:
+    ``method`` "fused" (:func:`matvec`) or "dequant" (:func:`dequant_matmul`), on ``threads``
+    threads, and the median milliseconds of every candidate timed (``"fused/1"``, ...)."""
+
+    kind: str
+    shape: tuple[int, int]
+    bits: int
+    batch: int
+    method: str
+    threads: int
+    times_ms: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in KINDS or self.method not in METHODS or self.threads < 1:
+            raise ValueError(f"KernelChoice: bad kind/method/threads {self.kind!r}/{self.method!r}/{self.threads!r}")
+        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
+
+    def matvec(self, t, x, out=None, accumulate=False, scratch=None) -> np.ndarray:
+        """Run the chosen kernel (``scratch``: the dequant method's reusable float32 (rows, cols) buffer)."""
+        if self.method == "fused":
+            return matvec(t, x, out, accumulate, self.threads)
+        return dequant_matmul(t, x, out, accumulate, self.threads, scratch)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "batch": self.batch,
+                "method": self.method, "threads": self.threads, "times_ms": dict(self.times_ms)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> KernelChoice:
+        return cls(d["kind"], tuple(d["shape"]), int(d["bits"]), int(d["batch"]), d["method"], int(d["threads"]),
+                   {k: float(v) for k, v in d.get("times_ms", {}).items()})
+
+
+def _key(kind, shape, bits, batch):
+    bits = GGML[kind][2] if kind in GGML else int(bits)
+    return kind, int(shape[0]), int(shape[1]), bits, batch_bucket(batch)
+
+
+class KernelProfile:
+    """Measured :class:`KernelChoice` per (kind, shape, bits, batch bucket); plain JSON on disk."""
+
+    def __init__(self, choices=(), machine: dict | None = None):
+        self.machine = dict(machine) if machine else _machine()
+        self.choices: dict[tuple, KernelChoice] = {}
+        for c in choices:
+            self.add(c)
+
+    def add(self, c: KernelChoice) -> None:
+        self.choices[_key(c.kind, c.shape, c.bits, c.batch)] = c
+
+    def get(self, kind: str, shape, bits: int | None = None, batch: int = 1) -> KernelChoice | None:
+        return self.choices.get(_key(kind, shape, bits, batch))
+
+    def choose(self, kind: str, shape, bits: int | None = None, batch: int = 1, measure: bool = True,
+               repeats: int = 5) -> KernelChoice:
+        """The recorded choice; on a miss, measured now (and recorded) unless ``measure`` is False,
+        in which case the fused kernel on one thread is returned unmeasured."""
+        c = self.get(kind, shape, bits, batch)
+        if c is None:
+            k = _key(kind, shape, bits, batch)
+            c = measure_choice(kind, shape, k[3], k[4], repeats=repeats) if measure else \
+                KernelChoice(kind, shape, k[3], k[4], "fused" if _lb is not None else "dequant", 1)
+            if measure:
+                self.add(c)
+        return c
+
+    def to_json(self) -> dict:
+        return {"schema": PROFILE_SCHEMA, "machine": self.machine,
+                "choices": [c.to_json() for c in sorted(self.choices.values(),
+                                                        key=lambda c: _key(c.kind, c.shape, c.bits, c.batch))]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> KernelProfile:
+        if d.get("schema") != PROFILE_SCHEMA:
+            raise ValueError(f"kernel profile schema {d.get('schema')!r}, expected {PROFILE_SCHEMA}")
+        return cls([KernelChoice.from_json(c) for c in d.get("choices", [])], d.get("machine"))
+
+    def save(self, path) -> Path:
+        return save_profile(self, path)
+
+
+def save_profile(profile, path) -> Path:
+    """Write a :class:`KernelProfile` (or its JSON dict) to ``path`` atomically."""
+    d = profile.to_json() if isinstance(profile, KernelProfile) else profile
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path) -> KernelProfile:
+    return KernelProfile.from_json(json.loads(Path(path).read_text()))
+
+
+_DEFAULT = None
+
+
+def default_profile() -> KernelProfile:
+    """The process-wide profile :func:`choose` fills (empty until something is measured or set)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = KernelProfile()
+    return _DEFAULT
+
+
+def set_default_profile(profile: KernelProfile | None) -> None:
+    global _DEFAULT
+    _DEFAULT = profile
+
+
+def choose(kind: str, shape, bits: int | None = None, batch: int = 1, profile: KernelProfile | None = None,
+           measure: bool = True) -> KernelChoice:
+    """The fastest way on this machine to multiply a ``kind`` (rows, cols) matrix at ``bits``
+    (sti-q1; GGML kinds imply theirs) by ``batch`` vectors: looked up in ``profile`` (default:
+    :func:`default_profile`), measured on a miss (:func:`measure_choice`)."""
+    return (profile or default_profile()).choose(kind, shape, bits, batch, measure=measure)
+
+
+def profile_kernels(shapes, batches=(1, 16), repeats: int = 5) -> dict:
+    """Measure a :class:`KernelChoice` for every (kind, (rows, cols), bits) in ``shapes`` and every
+    batch in ``batches``; returns the JSON dict of the :class:`KernelProfile` (``save_profile``)."""
+    prof = KernelProfile()
+    for kind, shape, bits in shapes:
+        for b in batches:
+            prof.add(measure_choice(kind, shape, bits, batch_bucket(b), repeats=repeats))
+    return prof.to_json()
+
+
+def _machine() -> dict:
+    from sti.machine import cpu_model
+
+    return {"cpu": cpu_model(), "cpus": _cpus(), **kernel_info()}
+
+
+def stream_copies(nbytes: int, stream_bytes: int = STREAM_BYTES, cap: int = 256) -> int:
+    """How many distinct copies of an ``nbytes`` matrix make a timing read from memory, not cache."""
+    return max(1, min(cap, -(-stream_bytes // max(1, nbytes))))
+
+
+def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0) -> dict[str, list[float]]:
+    """Seconds per call of each function, the candidates interleaved (A, B, C, A, B, C, ...) and
+    the order rotated each round, after one warm-up call each. With ``prune``, candidates slower
+    than ``prune`` times the fastest in the first timed round are not timed again (a fused kernel
+    at batch 1 is ~10x faster than dequantize + matmul; timing the loser 5 times is wasted)."""
+    names = list(fns)
+    for n in names:
+        fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    live = list(names)
+    for rep in range(repeats):
+        order = live[rep % len(live):] + live[:rep % len(live)]
+        for n in order:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+        if rep == 0 and prune:
+            best = min(times[n][0] for n in live)
+            live = [n for n in live if times[n][0] <= prune * best]
+    return times
+
+
+def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, repeats: int = 5,
+                   threads=None, seed: int = 0) -> KernelChoice:
+    """Time the fused kernel and dequantize + BLAS on a random ``kind`` matrix of ``shape``
+    (cycling through enough copies that the weights come from memory, as in decode), on each
+    thread count of ``threads`` (default :func:`thread_candidates`); the median fastest wins."""
+    rows, cols = int(shape[0]), int(shape[1])
+    bits = GGML[kind][2] if kind in GGML else int(bits if bits is not None else 4)
+    if _lb is None:  # without the C kernels matvec *is* dequantize + matmul: nothing to choose
+        return KernelChoice(kind, (rows, cols), bits, batch, "dequant", 1, {})
+    base = random_tensor(kind, (rows, cols), bits, seed=seed)
+    ts = [base] + [base.copy() for _ in range(stream_copies(base.nbytes) - 1)]
+    x = np.random.default_rng(seed).standard_normal((batch, cols)).astype(np.float32)
+    if batch == 1:
+        x = x[0]
+    out = np.empty((rows,) if batch == 1 else (batch, rows), dtype=np.float32)
+    scratch = np.empty((rows, cols), dtype=np.float32)
+    fns = {}
+    for th in (threads or thread_candidates()):
+        fns[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
+        fns[f"dequant/{th}"] = cycling(
+            lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
+    times = time_interleaved(fns, max(1, repeats))
+    med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
+    best = min((n for n in med if len(times[n]) == max(len(v) for v in times.values())), key=med.get)
+    method, th = best.split("/")
+    return KernelChoice(kind, (rows, cols), bits, batch, method, int(th), {n: round(v, 5) for n, v in med.items()})
+
+
+def cycling(fn, items):
+    """A no-argument function calling ``fn`` on the next item of ``items`` each time (round robin)."""
+    state = [0]
+
+    def call():
+        i = state[0]
+        state[0] = (i + 1) % len(items)
+        return fn(items[i])
+
+    return call

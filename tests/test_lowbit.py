@@ -1,0 +1,371 @@
+"""sti.lowbit: fused low-bit matrix-vector kernels (C) against the NumPy fallback, GGML
+dequantization against the gguf package, and the kernel chooser. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import builtin_or_skip
+
+from sti import lowbit as lb
+from sti import quant
+
+needs_c = pytest.mark.skipif(not lb.has_c_kernels(), reason="sti._lowbit is not built (no C compiler)")
+BOUND = 1e-5  # |y_c - y_numpy| <= BOUND * (|W| @ |x|), elementwise (sti/lowbit.py explains why)
+
+
+def assert_close(y, y_ref, w, x):
+    """The documented agreement: within BOUND of |W| @ |x| (float32 rounding, any summation order)."""
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    err = np.abs(y.astype(np.float64) - y_ref)
+    assert np.all(err <= BOUND * scale + 1e-30), float(np.max(err / np.maximum(scale, 1e-30)))
+
+
+def quantized(rng, shape, bits, group_size=64, outlier_frac=0.02):
+    """A real quantizer output with plenty of outliers, as an sti-q1 LowBitTensor."""
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    q = quant.quantize(w, bits, group_size, outlier_frac=outlier_frac)
+    assert q.n_outliers > 0 or shape[0] * shape[1] * outlier_frac < 0.5
+    return lb.LowBitTensor.from_quantized(q)
+
+
+# shapes: cols not a multiple of 64 (or of the group), a single row, groups of 8 and 24 columns
+STI_CASES = [((576, 576), 64), ((37, 100), 64), ((13, 50), 24), ((9, 40), 8), ((1, 200), 128), ((70, 72), 16)]
+GGML_SHAPES = [(576, 576), (37, 96), (5, 32), (1, 64)]
+
+
+def sti_tensors(rng):
+    for bits in quant.BITS:
+        for shape, g in STI_CASES:
+            yield f"sti-q1/{bits}/{shape}/{g}", quantized(rng, shape, bits, g)
+
+
+def all_tensors(rng):
+    yield from sti_tensors(rng)
+    for kind in ("ggml-q4_1", "ggml-q8_0"):
+        for shape in GGML_SHAPES:
+            yield f"{kind}/{shape}", lb.random_tensor(kind, shape, seed=shape[0])
+
+
+# --------------------------------------------------------------------------- dequantize
+
+
+def test_dequantize_is_bit_identical_to_the_references(rng):
+    for name, t in all_tensors(rng):
+        ref = lb.dequantize_numpy(t)
+        for threads in (1, 2):
+            got = lb.dequantize(t, threads=threads)
+            assert got.dtype == np.float32 and got.shape == t.shape
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), name
+
+
+def test_sti_dequantize_matches_sti_quant(rng):
+    w = (rng.standard_normal((30, 70)) * 0.1).astype(np.float32)
+    for bits in quant.BITS:
+        q = quant.quantize(w, bits, 16, outlier_frac=0.05)
+        t = lb.LowBitTensor.from_quantized(q)
+        assert np.array_equal(lb.dequantize(t).view(np.uint32), quant.dequantize_numpy(q).view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+def test_ggml_dequantize_matches_gguf_on_arbitrary_blocks(rng, kind):
+    """Every byte random, scales included: f16 subnormals, infinities and NaNs must convert as gguf does."""
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = {"ggml-q4_1": GGMLQuantizationType.Q4_1, "ggml-q8_0": GGMLQuantizationType.Q8_0}[kind]
+    rows, cols = 64, 256
+    raw = rng.integers(0, 256, size=(rows, cols // 32 * lb.GGML[kind][1]), dtype=np.uint8)
+    t = lb.LowBitTensor(kind, (rows, cols), raw)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 and inf - inf make NaNs, as they should
+        want = quants.dequantize(raw, qtype).astype(np.float32)
+        got = lb.dequantize(t)
+    np.testing.assert_array_equal(got, want)  # NaN == NaN here
+    fin = np.isfinite(want)
+    assert np.array_equal(got[fin].view(np.uint32), want[fin].view(np.uint32))
+
+
+def test_dequantize_into_out_and_bad_out(rng):
+    t = lb.random_tensor("ggml-q4_1", (8, 64))
+    out = np.empty((8, 64), np.float32)
+    assert lb.dequantize(t, out) is out
+    for bad in (np.empty((8, 63), np.float32), np.empty((8, 64), np.float64), np.empty((64, 8), np.float32).T):
+        with pytest.raises(ValueError):
+            lb.dequantize(t, bad)
+
+
+# --------------------------------------------------------------------------- matvec
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 16])
+def test_matvec_matches_the_numpy_fallback(rng, batch):
+    for name, t in all_tensors(rng):
+        w = lb.dequantize_numpy(t)
+        x = rng.standard_normal((batch, t.shape[1])).astype(np.float32)
+        if batch == 1:
+            x = x[0]
+        y_ref = lb.matvec_numpy(t, x).astype(np.float64)
+        for threads in (1, 2, 3):
+            y = lb.matvec(t, x, threads=threads)
+            assert y.shape == x.shape[:-1] + (t.shape[0],), name
+            assert_close(y, y_ref, w, x)
+
+
+def test_matvec_accumulates_into_out(rng):
+    for name, t in all_tensors(rng):
+        x = rng.standard_normal((4, t.shape[1])).astype(np.float32)
+        base = rng.standard_normal((4, t.shape[0])).astype(np.float32)
+        out = base.copy()
+        assert lb.matvec(t, x, out, accumulate=True) is out
+        w = lb.dequantize_numpy(t)
+        assert_close(out - base, x.astype(np.float64) @ w.T.astype(np.float64), w, x)
+        out1 = base[0].copy()
+        lb.matvec(t, x[0], out1, accumulate=True, threads=2)
+        assert np.allclose(out1, out[0], rtol=0, atol=1e-5 * float(np.abs(out).max()))
+
+
+def test_matvec_outliers_are_exact_even_when_huge(rng):
+    """Outliers far outside their group's range must enter the product at their exact value."""
+    w = (rng.standard_normal((20, 130)) * 0.01).astype(np.float32)
+    w[3, 7], w[19, 129], w[0, 0] = 50.0, -80.0, 12.5
+    for bits in quant.BITS:
+        q = quant.quantize(w, bits, 64, outlier_frac=0.01)
+        assert {3 * 130 + 7, 19 * 130 + 129, 0} <= set(q.outlier_idx.tolist())
+        t = lb.LowBitTensor.from_quantized(q)
+        x = rng.standard_normal(130).astype(np.float32)
+        deq = lb.dequantize_numpy(t)
+        assert_close(lb.matvec(t, x), x.astype(np.float64) @ deq.T.astype(np.float64), deq, x)
+
+
+def test_matvec_accepts_lists_noncontiguous_and_duck_typed_tensors(rng):
+    t = lb.random_tensor("sti-q1", (40, 96), bits=5)
+    x = rng.standard_normal((3, 192)).astype(np.float32)[:, ::2]  # not contiguous
+    y = lb.matvec(t, x)
+    assert np.array_equal(y, lb.matvec(t, np.ascontiguousarray(x)))
+    duck = SimpleNamespace(kind=t.kind, shape=t.shape, buf=t.buf, meta=t.meta)
+    assert np.array_equal(lb.matvec(duck, x), y)
+    assert np.array_equal(lb.matvec(t, x[0].tolist()), lb.matvec(t, np.ascontiguousarray(x[0])))
+
+
+def test_matvec_rejects_bad_shapes():
+    t = lb.random_tensor("ggml-q8_0", (16, 64))
+    with pytest.raises(ValueError):
+        lb.matvec(t, np.zeros(63, np.float32))
+    with pytest.raises(ValueError):
+        lb.matvec(t, np.zeros(64, np.float32), np.zeros(15, np.float32))
+    with pytest.raises(ValueError):
+        lb.matvec(t, np.zeros((2, 64), np.float32), np.zeros(16, np.float32))  # batch but a vector out
+    with pytest.raises(ValueError):
+        lb.matvec(t, np.zeros(64, np.float32), np.zeros(16, np.float64))
+    with pytest.raises(ValueError):
+        lb.matvec(t, np.zeros(64, np.float32), accumulate=True)
+
+
+def test_tensor_validation():
+    with pytest.raises(ValueError, match="kind"):
+        lb.LowBitTensor("ggml-q5_0", (1, 32), bytes(22))
+    with pytest.raises(ValueError, match="bytes"):
+        lb.LowBitTensor("ggml-q4_1", (2, 64), bytes(79))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        lb.LowBitTensor("ggml-q8_0", (1, 48), bytes(51))
+    t = lb.random_tensor("sti-q1", (4, 64), bits=3)
+    with pytest.raises(ValueError, match="shape"):
+        lb.LowBitTensor("sti-q1", (4, 32), t.buf, t.meta)
+    assert t.bits == 3 and lb.random_tensor("ggml-q4_1", (1, 32)).bits == 4
+    assert lb.random_tensor("ggml-q8_0", (3, 64)).nbytes == 3 * 2 * 34
+
+
+@needs_c
+def test_concurrent_callers_share_the_pool_safely(rng):
+    """Two Python threads asking for 2 threads each: one runs on the pool, the other alone."""
+    t = lb.random_tensor("ggml-q4_1", (1024, 256))
+    xs = [rng.standard_normal(256).astype(np.float32) for _ in range(4)]
+    want = [lb.matvec(t, x) for x in xs]
+    errors = []
+
+    def worker(i):
+        for _ in range(200):
+            if not np.array_equal(lb.matvec(t, xs[i], threads=2), want[i]):
+                errors.append(i)
+
+    ths = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors
+
+
+@needs_c
+def test_late_helpers_tasks_are_taken_over(rng):
+    """Helpers that sleep inside every task (as if preempted): the caller recomputes their tasks
+    instead of waiting, results are unchanged, and the jobs they still hold are released later."""
+    from sti import _lowbit
+
+    t = lb.random_tensor("sti-q1", (2048, 200), bits=5)
+    x = rng.standard_normal(200).astype(np.float32)
+    xb = rng.standard_normal((3, 200)).astype(np.float32)
+    want, want_b, w = lb.matvec(t, x), lb.matvec(t, xb), lb.dequantize(t)
+    import time
+
+    stolen0 = _lowbit._pool_state()["stolen_tasks"]
+    _lowbit._test_helper_delay(3000)
+    try:  # a helper must get a core to claim a task at all: on a loaded machine that can take a while
+        for i in range(200):
+            assert np.array_equal(lb.matvec(t, x, threads=2), want)
+            assert np.array_equal(lb.matvec(t, xb, threads=2), want_b)
+            out = np.ones(2048, np.float32)
+            lb.matvec(t, x, out, accumulate=True, threads=2)
+            assert np.allclose(out, 1 + want, rtol=0, atol=1e-6)  # (1 + Wx) + outliers: other rounding
+            if i < 3:
+                assert np.array_equal(lb.dequantize(t, threads=2), w)  # waits for its helpers instead
+            if i >= 3 and _lowbit._pool_state()["stolen_tasks"] > stolen0:
+                break
+    finally:
+        _lowbit._test_helper_delay(0)
+    if _lowbit._pool_state()["stolen_tasks"] == stolen0:
+        pytest.skip("no helper thread was scheduled in time to claim a task (machine too busy)")
+    for _ in range(100):  # the late helpers finish their copies; the next call frees those jobs
+        time.sleep(0.02)
+        lb.matvec(t, x)
+        if _lowbit._pool_state()["jobs_awaiting_release"] == 0:
+            break
+    assert _lowbit._pool_state()["jobs_awaiting_release"] == 0
+
+
+@needs_c
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_pool_works_in_a_forked_child(rng):
+    t = lb.random_tensor("sti-q1", (512, 128), bits=4)
+    x = rng.standard_normal(128).astype(np.float32)
+    want = lb.matvec(t, x, threads=2)  # the pool has started
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        ok = np.array_equal(lb.matvec(t, x, threads=2), want)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_numpy_fallback_when_c_is_disabled():
+    code = (
+        "import numpy as np\n"
+        "from sti import lowbit as lb\n"
+        "assert not lb.has_c_kernels() and lb.kernel_info()['simd'] is None\n"
+        "t = lb.random_tensor('sti-q1', (10, 70), bits=3, group_size=16)\n"
+        "x = np.arange(70, dtype=np.float32)\n"
+        "assert np.array_equal(lb.matvec(t, x), lb.matvec_numpy(t, x))\n"
+        "assert np.array_equal(lb.dequantize(t), lb.dequantize_numpy(t))\n"
+        "c = lb.choose('ggml-q4_1', (64, 64), batch=1, profile=lb.KernelProfile())\n"
+        "assert c.method == 'dequant'\n"
+    )
+    env = dict(os.environ, STI_NO_C="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
+# --------------------------------------------------------------------------- a real GGUF
+
+
+def test_smollm2_tensors_match_gguf(rng):
+    from gguf import GGMLQuantizationType, quants
+
+    from sti.loaders.gguf import read_gguf
+
+    gf = read_gguf(builtin_or_skip("smollm2"))
+    try:
+        names = {"ggml-q4_1": "blk.0.ffn_down.weight", "ggml-q8_0": "token_embd.weight"}
+        for kind, name in names.items():
+            t = lb.from_gguf(gf, name)
+            assert t.kind == kind
+            raw = gf.raw(name)[:256]  # the first 256 rows (token_embd has 49152)
+            part = lb.LowBitTensor(kind, (256, t.shape[1]), raw)
+            qtype = GGMLQuantizationType.Q4_1 if kind == "ggml-q4_1" else GGMLQuantizationType.Q8_0
+            want = quants.dequantize(raw, qtype).astype(np.float32)
+            assert np.array_equal(lb.dequantize(part).view(np.uint32), want.view(np.uint32))
+            x = rng.standard_normal((3, t.shape[1])).astype(np.float32)
+            assert_close(lb.matvec(part, x, threads=2), x.astype(np.float64) @ want.T.astype(np.float64), want, x)
+        with pytest.raises(ValueError, match="Q4_1 and Q8_0"):
+            lb.from_gguf(gf, "output_norm.weight")
+    finally:
+        gf.close()
+
+
+# --------------------------------------------------------------------------- the chooser
+
+
+def test_batch_bucket():
+    assert [lb.batch_bucket(b) for b in (1, 2, 3, 4, 5, 16, 17, 100)] == [1, 2, 4, 4, 8, 16, 32, 128]
+    with pytest.raises(ValueError):
+        lb.batch_bucket(0)
+
+
+def test_measure_choice_is_valid_and_runs(rng):
+    c = lb.measure_choice("sti-q1", (96, 80), bits=3, batch=4, repeats=2)
+    assert c.kind == "sti-q1" and c.shape == (96, 80) and c.bits == 3 and c.batch == 4
+    assert c.method in lb.METHODS and c.threads in lb.thread_candidates()
+    if lb.has_c_kernels():
+        assert f"{c.method}/{c.threads}" in c.times_ms
+        assert all(v > 0 for v in c.times_ms.values())
+    t = lb.random_tensor("sti-q1", (96, 80), bits=3)
+    x = rng.standard_normal((4, 80)).astype(np.float32)
+    w = lb.dequantize_numpy(t)
+    assert_close(c.matvec(t, x), x.astype(np.float64) @ w.T.astype(np.float64), w, x)
+
+
+def test_both_methods_of_a_choice_agree(rng):
+    t = lb.random_tensor("ggml-q4_1", (64, 96))
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    w = lb.dequantize_numpy(t)
+    for method in lb.METHODS:
+        c = lb.KernelChoice("ggml-q4_1", (64, 96), 4, 8, method, 2)
+        assert_close(c.matvec(t, x, scratch=np.empty((64, 96), np.float32)),
+                     x.astype(np.float64) @ w.T.astype(np.float64), w, x)
+
+
+def test_profile_round_trips_and_is_consulted(tmp_path):
+    d = lb.profile_kernels([("ggml-q8_0", (64, 64), None), ("sti-q1", (32, 80), 5)], batches=(1, 3), repeats=1)
+    assert d["schema"] == lb.PROFILE_SCHEMA and len(d["choices"]) == 4
+    assert {"cpu", "cpus", "simd"} <= set(d["machine"])
+    path = lb.save_profile(d, tmp_path / "profile" / "kernels.json")
+    prof = lb.load_profile(path)
+    assert prof.to_json() == json.loads(path.read_text())
+    c = prof.get("sti-q1", (32, 80), 5, batch=3)
+    assert c is not None and c.batch == 4 and c.bits == 5  # batch 3 is measured at its bucket, 4
+    assert prof.get("sti-q1", (32, 80), 4, batch=3) is None  # another bitwidth
+    # a recorded choice is returned as is, without measuring again
+    fake = lb.KernelChoice("ggml-q4_1", (4096, 4096), 4, 1, "dequant", 2, {"dequant/2": 1.0})
+    prof.add(fake)
+    assert prof.choose("ggml-q4_1", (4096, 4096), batch=1) is fake
+    assert lb.choose("ggml-q4_1", (4096, 4096), batch=1, profile=prof) is fake
+    # a miss without measuring: the fused kernel, unmeasured
+    miss = prof.choose("ggml-q4_1", (32, 32), batch=2, measure=False)
+    assert miss.times_ms == {} and prof.get("ggml-q4_1", (32, 32), batch=2) is None
+    prof.save(tmp_path / "again.json")
+    assert lb.load_profile(tmp_path / "again.json").get("ggml-q4_1", (4096, 4096)) == fake
+
+
+def test_profile_rejects_another_schema():
+    with pytest.raises(ValueError, match="schema"):
+        lb.KernelProfile.from_json({"schema": 999, "choices": []})
+
+
+def test_choose_measures_a_miss_once():
+    prof = lb.KernelProfile()
+    a = lb.choose("ggml-q8_0", (48, 64), batch=2, profile=prof)
+    assert prof.get("ggml-q8_0", (48, 64), batch=2) is a
+    assert lb.choose("ggml-q8_0", (48, 64), batch=2, profile=prof) is a
+
+
+def test_empty_matrices():
+    for shape in [(0, 64), (3, 0)]:
+        t = lb.LowBitTensor("ggml-q4_1", shape, bytes(0))
+        x = np.ones((2, shape[1]), np.float32)
+        assert np.array_equal(lb.matvec(t, x, threads=2), np.zeros((2, shape[0]), np.float32))
+        assert lb.dequantize(t).shape == shape and lb.matvec_numpy(t, x[0]).shape == (shape[0],)
