@@ -152,78 +152,190 @@ class GenerationResult:
 
 
 class Generator:
-    """A LLaMA-family decoder with a KV cache, sampling and chat templates."""
+    """A LLaMA-family decoder with a KV cache, sampling and chat templates: in memory
+    (:meth:`load`; a GGUF file's blocks stay packed) or streamed from a shard store under a
+    memory budget (:meth:`from_store`)."""
 
     def __init__(self, ckpt: Checkpoint):
         if ckpt.family != "llama":
             raise STIError(f"{ckpt.source} is a {ckpt.family} model, not a decoder",
                            "use a LLaMA-family model such as 'smollm2' for generate")
+        from sti.linops import Packed
         from sti.models import llama
 
-        self.ckpt, self.cfg = ckpt, ckpt.config
-        w = ckpt.weights
+        self.ckpt, self.cfg, self.tokenizer, self.source = ckpt, ckpt.config, ckpt.tokenizer, ckpt.source
+        self.chat_template, self.special = ckpt.chat_template, dict(ckpt.special)
+        # packed matrices run through the fused low-bit kernels
+        w = {n: t if isinstance(t, np.ndarray) else Packed(t) for n, t in ckpt.weights.items()}
         self.globals = {n: w[n] for n in llama.GLOBAL_NAMES if n in w}
-        self.layers = [llama.layer_weights(w, i) for i in range(self.cfg.num_layers)]
-        self.stop_ids = set(ckpt.special.get("stop_ids") or [])
+        self.layers = [self._fuse(llama.layer_weights(w, i)) for i in range(self.cfg.num_layers)]
+        self.weight_bytes = sum(getattr(t, "nbytes", 0) for t in ckpt.weights.values())
+        self.engine = None
+        self.stop_ids = set(self.special.get("stop_ids") or [])
+
+    @staticmethod
+    def _fuse(layer: dict) -> dict:
+        """Stack packed q/k/v and gate/up matrices (``llama.FUSED``): fewer, longer kernel calls."""
+        from sti.linops import Packed, stack_rows
+        from sti.models import llama
+
+        for fused, names in llama.FUSED.items():
+            if all(isinstance(layer[n], Packed) for n in names):
+                t = stack_rows([layer[n].t for n in names])
+                if t is not None:
+                    layer = {k: v for k, v in layer.items() if k not in names}
+                    layer[fused] = Packed(t)
+        return layer
 
     @classmethod
-    def load(cls, model: str = "smollm2", progress: bool = True) -> "Generator":
-        return cls(load_checkpoint(model, progress=progress))
+    def load(cls, model: str = "smollm2", progress: bool = True, packed: bool = True) -> "Generator":
+        """``packed``: keep a GGUF file's Q4_1/Q8_0 matrices packed and multiply with the fused
+        low-bit kernels (the default: ~5x less memory, faster decode); else dequantize to float32."""
+        return cls(load_checkpoint(model, progress=progress, packed=packed))
+
+    @classmethod
+    def from_store(cls, store, memory: str | int = 0, bits: int | str | None = None, batch: int = 1,
+                   context: int | None = None, storage: str | None = None, preload: bool = True,
+                   token_latency: str | float | None = None) -> "Generator":
+        """A decoder streaming the shard store ``store`` under ``memory`` bytes (e.g. "16MB"; 0:
+        unbounded) for requests of up to ``batch`` sequences x ``context`` tokens (prompt and
+        generated; default: what the budget allows). The plan (``sti.plan_decoder``) runs every
+        shard at its lossless version, or at ``bits``, or at the bitwidths that meet
+        ``token_latency`` per decode step; the rest of the budget preloads shards.
+        ``storage`` emulates slower storage (``emmc``, ``<N>MBps``)."""
+        from sti.decoder_runtime import StreamingDecoder
+        from sti.plan_decoder import plan_decoder
+        from sti.profile import parse_storage
+        from sti.store import Store
+        from sti.units import parse_bytes, parse_latency
+
+        st = Store.open(store)
+        if st.family != "llama":
+            raise STIError(f"{st.path} holds a {st.family} model, not a decoder", "pack a LLaMA-family model")
+        budget = parse_bytes(memory) if memory else 0
+        target = parse_latency(token_latency) if token_latency else None
+        self = cls.__new__(cls)
+        self.ckpt, self.cfg, self.tokenizer, self.source = None, st.config, st.tokenizer(), str(st.path)
+        self.chat_template, self.special = st.chat_template, st.special
+        self.globals = self.layers = None
+        self.plan = plan_decoder(st, budget, bits=bits, batch=batch, context=context, preload=preload,
+                                 token_latency=target, storage=storage)
+        self.engine = StreamingDecoder(st, self.plan.schedule, throttle=parse_storage(storage), batch=batch,
+                                       context=self.plan.context, slots=self.plan.slots)
+        self.weight_bytes = self.engine.weight_bytes
+        self.stop_ids = set(self.special.get("stop_ids") or [])
+        return self
+
+    def close(self) -> None:
+        """Stop the streaming engine's IO worker (a later call restarts it)."""
+        if self.engine is not None:
+            self.engine.stop()
+
+    @property
+    def context(self) -> int:
+        """Tokens (prompt + generated) one request may hold."""
+        return self.engine.context if self.engine is not None else self.cfg.max_position
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         from sti.generation import render_chat
 
         _check_texts([prompt])
-        text = render_chat(self.ckpt.chat_template, prompt, system) if chat else prompt
-        ids = self.ckpt.tokenizer.encode(text, add_special_tokens=False).ids
-        bos = self.ckpt.special.get("bos_id")
-        if self.ckpt.special.get("add_bos") and bos is not None and (not ids or ids[0] != bos):
+        text = render_chat(self.chat_template, prompt, system) if chat else prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.special.get("bos_id")
+        if self.special.get("add_bos") and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
         return ids
 
     def new_cache(self, tokens: int, batch: int = 1):
         from sti.models import llama
 
+        if self.engine is not None:
+            return self.engine.new_cache(batch, tokens)
         return llama.KVCache(self.cfg, batch, min(tokens, self.cfg.max_position))
+
+    def free_cache(self, cache) -> None:
+        if self.engine is not None:
+            self.engine.free_cache(cache)
 
     def logits(self, ids: np.ndarray, cache=None, all_logits: bool = False) -> np.ndarray:
         """Run ids (B, T) after what the cache holds; a fresh cache if none is given."""
         from sti.models import llama
 
-        cache = cache if cache is not None else self.new_cache(ids.shape[1], ids.shape[0])
-        return llama.forward(self.cfg, self.globals, self.layers, ids, cache, all_logits)
+        own = cache is None
+        cache = self.new_cache(ids.shape[1], ids.shape[0]) if own else cache
+        try:
+            if self.engine is not None:
+                return self.engine.forward(ids, cache, all_logits)
+            return llama.forward(self.cfg, self.globals, self.layers, ids, cache, all_logits)
+        finally:
+            if own:
+                self.free_cache(cache)
+
+    def _budget(self, prompt_len: int, max_tokens: int) -> int:
+        limit = self.context
+        if prompt_len >= limit:
+            where = "the model's context" if self.engine is None else "the context this memory budget allows"
+            raise STIError(f"prompt has {prompt_len} tokens; {where} holds {limit}",
+                           f"shorten the prompt below {limit} tokens" +
+                           ("" if self.engine is None else " or raise --memory"))
+        return min(max_tokens, limit - prompt_len)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-               strict_context: bool = True) -> Iterator[int]:
+               top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> Iterator[int]:
         """Yield generated token ids as they are produced (prompt tokens excluded)."""
-        from sti.generation import SamplingConfig, generate_ids
+        for toks in self.stream_batch([prompt], max_tokens, temperature, top_p, seed, chat):
+            yield toks[0]
 
-        ids = prompt if isinstance(prompt, list) else self.encode_prompt(prompt, chat)
-        limit = self.cfg.max_position
-        if len(ids) >= limit:
-            raise STIError(f"prompt has {len(ids)} tokens; the model's context holds {limit}",
-                           f"shorten the prompt below {limit} tokens")
-        budget = min(max_tokens, limit - len(ids))
-        cache = self.new_cache(len(ids) + budget)
-        step = lambda x, _prompt: self.logits(x, cache)  # noqa: E731
-        n = 0
-        for tok in generate_ids(step, ids, budget, self.stop_ids, SamplingConfig(temperature, top_p, seed)):
-            n += 1
-            yield tok
-        if n == budget and budget < max_tokens:
-            _notice(f"context of {limit} tokens is full; stopped after {n} tokens")
+    def stream_batch(self, prompts: Sequence[str | list[int]], max_tokens: int = 128, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None, chat: bool = False) -> Iterator[list[int | None]]:
+        """Generate for several prompts together: every step runs the batch through one pass
+        over the weights (a streamed layer is read once for all of them). Prompts are left-padded
+        to the longest. Yields per step one token per prompt (None once a prompt has stopped)."""
+        from sti.generation import SamplingConfig, sample
+
+        if not prompts:
+            raise STIError("no prompt", "pass at least one prompt")
+        ids = [p if isinstance(p, list) else self.encode_prompt(p, chat) for p in prompts]
+        B, T = len(ids), max(len(p) for p in ids)
+        budget = self._budget(T, max_tokens)
+        cache = self.new_cache(T + budget, B)
+        try:
+            pad = np.array([T - len(p) for p in ids])
+            cache.pad = pad if pad.any() else None
+            pad_id = self.special.get("eos_id") or 0
+            x = np.array([[pad_id] * (T - len(p)) + p for p in ids], dtype=np.int64)
+            rng = np.random.default_rng(seed)
+            cfg = SamplingConfig(temperature, top_p, seed)
+            done = np.zeros(B, bool)
+            logits = self.logits(x, cache)
+            n = 0
+            while True:
+                toks = sample(logits, cfg, rng)
+                done |= np.isin(toks, list(self.stop_ids))
+                if done.all():
+                    return
+                yield [None if d else int(t) for t, d in zip(toks, done)]
+                n += 1
+                if n == budget:
+                    break
+                logits = self.logits(toks[:, None].astype(np.int64), cache)
+            if budget < max_tokens:
+                _notice(f"context of {self.context} tokens is full; stopped after {n} tokens")
+        finally:
+            self.free_cache(cache)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, **kw) -> GenerationResult:
         toks = list(self.stream(prompt, max_tokens, **kw))
         return GenerationResult(toks, self.decode(toks), "max_tokens" if len(toks) == max_tokens else "eos")
 
     def decode(self, tokens: list[int]) -> str:
-        return self.ckpt.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode([t for t in tokens if t is not None], skip_special_tokens=True)
 
     def perplexity(self, text: str, window: int = 512) -> float:
         """exp(mean NLL) of the text's tokens, in non-overlapping windows of ``window`` tokens."""
-        ids = self.ckpt.tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        window = min(window, self.context - 1)
         nll, n = 0.0, 0
         for s in range(0, len(ids) - 1, window):
             chunk = np.asarray([ids[s : s + window + 1]], dtype=np.int64)

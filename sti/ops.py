@@ -93,10 +93,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return softmax_numpy(x, axis)
 
 
-def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
-    """x @ w.T (+ b), with w stored (out, in) as checkpoints store it. x (..., in) is flattened
+def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T (+ b), with w stored (out, in) as checkpoints store it, or an operator of
+    ``sti.linops`` (packed or sharded weights; ``w.apply`` multiplies). x (..., in) is flattened
     to 2-D: NumPy's matmul of a 3-D stack against a matrix is several times slower."""
-    if x.ndim > 2:
+    if not isinstance(w, np.ndarray):
+        y = w.apply(np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32))
+        y = y.reshape(*x.shape[:-1], w.shape[0])
+    elif x.ndim > 2:
         y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
     else:
         y = x @ w.T

@@ -495,7 +495,9 @@ def _hf_llama_from_sti(gen, torch):
     theta = (getattr(hcfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hcfg, "rope_theta", None))
     if theta is None or abs(float(theta) - c.rope_theta) > 1e-6 * c.rope_theta:
         raise RuntimeError(f"transformers config did not take rope_theta={c.rope_theta} (got {theta})")
-    w = gen.ckpt.weights
+    from sti import lowbit
+
+    w = {k: t if isinstance(t, np.ndarray) else lowbit.dequantize(t) for k, t in gen.ckpt.weights.items()}
     sd = {}
     for canon, hf_name in llama.HF_NAMES.items():
         for i in range(c.num_layers) if "{i}" in canon else [None]:

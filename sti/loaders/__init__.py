@@ -16,7 +16,8 @@ from sti.errors import STIError
 class Checkpoint:
     family: str  # "bert" | "llama"
     config: Any  # BertConfig | LlamaConfig
-    weights: dict[str, np.ndarray]  # canonical names (see the family's HF_NAMES), float32
+    weights: dict[str, Any]  # canonical names (see the family's HF_NAMES): float32 arrays, or
+    # sti.lowbit.LowBitTensor for matrices a GGUF file stores in blocks, when loaded packed
     tokenizer: Any  # tokenizers.Tokenizer
     source: str
     chat_template: str | None = None
@@ -28,8 +29,9 @@ class Checkpoint:
         return int(sum(w.size for w in self.weights.values()))
 
 
-def load_checkpoint(model: str | Path, progress: bool = True) -> Checkpoint:
-    """Load ``model``: a built-in name (``minilm``, ``smollm2``), a HF model directory, or a GGUF file."""
+def load_checkpoint(model: str | Path, progress: bool = True, packed: bool = False) -> Checkpoint:
+    """Load ``model``: a built-in name (``minilm``, ``smollm2``), a HF model directory, or a GGUF file.
+    ``packed``: a GGUF file's Q4_1/Q8_0 matrices stay packed (see ``sti.loaders.gguf.load_gguf``)."""
     from sti.loaders.builtin import resolve
 
     path = resolve(model)
@@ -40,6 +42,6 @@ def load_checkpoint(model: str | Path, progress: bool = True) -> Checkpoint:
     if path.is_file():
         from sti.loaders.gguf import load_gguf
 
-        return load_gguf(path, progress=progress)
+        return load_gguf(path, progress=progress, packed=packed)
     raise STIError(f"model not found: {model}",
                    "pass a built-in name (minilm, smollm2), a Hugging Face model directory, or a .gguf file")

@@ -408,8 +408,14 @@ def gguf_special(meta: dict[str, Any]) -> dict[str, Any]:
             "stop_ids": list(dict.fromkeys(stop)), "add_bos": bool(meta.get("tokenizer.ggml.add_bos_token", False))}
 
 
-def load_gguf(path: str | Path, progress: bool = True) -> Checkpoint:
-    """A GGUF LLaMA-family model as a ``Checkpoint`` of canonical float32 weights."""
+_PACKED_KINDS = {"Q4_1": "ggml-q4_1", "Q8_0": "ggml-q8_0"}  # GGML type -> sti.lowbit kind
+
+
+def load_gguf(path: str | Path, progress: bool = True, packed: bool = False) -> Checkpoint:
+    """A GGUF LLaMA-family model as a ``Checkpoint`` of canonical float32 weights; with ``packed``,
+    matrices in a block format the fused kernels read (Q4_1, Q8_0; :data:`sti.lowbit.KINDS`) stay
+    packed as :class:`sti.lowbit.LowBitTensor` over the file's mapped bytes (wq/wk rows
+    un-permuted into a copy), and only the rest is dequantized."""
     from sti.models import llama as fam
 
     f = read_gguf(path)
@@ -441,12 +447,20 @@ def load_gguf(path: str | Path, progress: bool = True) -> Checkpoint:
 
     from tqdm import tqdm
 
-    weights: dict[str, np.ndarray] = {}
+    weights: dict[str, Any] = {}
     with tqdm(total=len(plan), desc=f"loading {f.path.name}", unit="tensor", leave=False,
               file=sys.stderr, disable=None if progress else True) as bar:
         for c, s, heads in plan:
-            w = f.dequantize(s)
-            weights[c] = unpermute_rope(w, heads) if heads else w
+            info = f.tensors[s]
+            kind = _PACKED_KINDS.get(info.type_name) if packed and len(info.shape) == 2 else None
+            if kind:
+                from sti.lowbit import LowBitTensor
+
+                raw = f.raw(s)
+                weights[c] = LowBitTensor(kind, info.shape, unpermute_rope(raw, heads) if heads else raw)
+            else:
+                w = f.dequantize(s)
+                weights[c] = unpermute_rope(w, heads) if heads else w
             bar.update(1)
 
     dtypes: dict[str, int] = {}

@@ -110,6 +110,9 @@ GGUF_NAMES = {
 GGUF_ROPE_PERMUTED = {"layers.{i}.wq": "num_heads", "layers.{i}.wk": "num_kv_heads"}
 GGUF_ARCHITECTURES = ("llama",)
 LAYER_NAMES = tuple(k.split(".", 2)[2] for k in HF_NAMES if k.startswith("layers."))
+# Matrices a runtime may stack by rows into one, so that one matrix-vector product reads the
+# input once for all of them (``layer`` accepts either form).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 GLOBAL_NAMES = tuple(k for k in HF_NAMES if not k.startswith("layers."))
 
 
@@ -123,6 +126,7 @@ class KVCache:
     def __init__(self, cfg: LlamaConfig, batch: int, capacity: int, kv_heads: list[int] | None = None):
         self.capacity = capacity
         self.length = 0
+        self.pad: np.ndarray | None = None  # (B,) left-padding slots per sequence of a batch
         heads = kv_heads or [cfg.num_kv_heads] * cfg.num_layers
         self.k = [np.zeros((batch, h, capacity, cfg.head_dim), np.float32) for h in heads]
         self.v = [np.zeros((batch, h, capacity, cfg.head_dim), np.float32) for h in heads]
@@ -133,12 +137,22 @@ class KVCache:
 
 
 def rope_tables(cfg: LlamaConfig, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin of shape (T, hd) for RoPE over the two halves of each head."""
+    """cos, sin for RoPE over the two halves of each head: (T, hd) for positions (T,), or
+    (B, 1, T, hd) for per-sequence positions (B, T) (a left-padded batch)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    ang = positions.astype(np.float64)[..., None] * inv_freq  # (..., T, hd/2)
     ang = np.concatenate([ang, ang], axis=-1)
+    if ang.ndim == 3:
+        ang = ang[:, None]  # (B, 1, T, hd): broadcast over heads
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def positions(start: int, T: int, pad: np.ndarray | None = None) -> np.ndarray:
+    """Positions of cache slots start..start+T-1: (T,), or (B, T) counted from each sequence's
+    first real token when ``pad`` (B,) left-pad slots precede it."""
+    p = np.arange(start, start + T)
+    return p if pad is None else p[None, :] - np.asarray(pad)[:, None]
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -149,18 +163,26 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def layer(cfg: LlamaConfig, x: np.ndarray, w: Mapping[str, np.ndarray], k_cache: np.ndarray,
-          v_cache: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """One decoder layer on x (B, T, H) at positions start..start+T-1; writes this layer's KV."""
+          v_cache: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
+          pad: np.ndarray | None = None) -> np.ndarray:
+    """One decoder layer on x (B, T, H) at cache slots start..start+T-1; writes this layer's KV.
+    ``pad`` (B,): sequence b's first ``pad[b]`` cache slots are left padding, never attended to."""
     B, T, H = x.shape
     hd = cfg.head_dim
-    n_kv = w["wk"].shape[0] // hd
-    n_q = w["wq"].shape[0] // hd
+    if "wqkv" in w:  # wq, wk, wv stacked by rows (FUSED): one pass over h for all three
+        n_q, n_kv = cfg.num_heads, cfg.num_kv_heads
+    else:
+        n_q, n_kv = w["wq"].shape[0] // hd, w["wk"].shape[0] // hd
     h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
     if n_kv:
         g = n_q // n_kv
-        q = linear(h, w["wq"]).reshape(B, T, n_q, hd).transpose(0, 2, 1, 3)  # (B, n_q, T, hd)
-        k = linear(h, w["wk"]).reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
-        v = linear(h, w["wv"]).reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)
+        if "wqkv" in w:
+            q, k, v = np.split(linear(h, w["wqkv"]), [n_q * hd, (n_q + n_kv) * hd], axis=-1)
+        else:
+            q, k, v = linear(h, w["wq"]), linear(h, w["wk"]), linear(h, w["wv"])
+        q = q.reshape(B, T, n_q, hd).transpose(0, 2, 1, 3)  # (B, n_q, T, hd)
+        k = k.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
+        v = v.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)
         q = apply_rope(q, cos, sin)
         end = start + T
         k_cache[:, :, start:end] = apply_rope(k, cos, sin)
@@ -168,29 +190,38 @@ def layer(cfg: LlamaConfig, x: np.ndarray, w: Mapping[str, np.ndarray], k_cache:
         q = q.reshape(B, n_kv, g * T, hd)  # (B, n_kv, g*T, hd): query heads grouped by their KV head
         scores = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B, n_kv, g*T, end)
         scores *= np.float32(1.0 / np.sqrt(hd))
+        hidden = None  # (..., g*T, end): True where a query must not see a key
         if T > 1:  # causal: query t (at start+t) sees keys 0..start+t
-            qpos = np.tile(np.arange(start, end), g)[:, None]
-            scores += np.where(np.arange(end)[None, :] <= qpos, 0.0, np.finfo(np.float32).min).astype(np.float32)
+            hidden = np.arange(end)[None, :] > np.tile(np.arange(start, end), g)[:, None]
+        if pad is not None and np.any(pad):  # left padding of each sequence: (B, 1, 1, end)
+            padding = (np.arange(end)[None, :] < np.asarray(pad)[:, None])[:, None, None, :]
+            hidden = padding if hidden is None else hidden | padding
+        if hidden is not None:
+            scores += np.where(hidden, np.finfo(np.float32).min, np.float32(0)).astype(np.float32)
         ctx = softmax_(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
         ctx = ctx.reshape(B, n_q, T, hd).transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)  # (B, T, n_q*hd)
         x = x + linear(ctx, w["wo"])
     h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
-    if w["w_up"].shape[0]:
+    if "w_gate_up" in w:  # w_gate and w_up stacked by rows (FUSED)
+        gate, up = np.split(linear(h, w["w_gate_up"]), 2, axis=-1)
+        x = x + linear(silu(gate) * up, w["w_down"])
+    elif w["w_up"].shape[0]:
         x = x + linear(silu(linear(h, w["w_gate"])) * linear(h, w["w_up"]), w["w_down"])
     return x
 
 
 def forward(cfg: LlamaConfig, g: Mapping[str, np.ndarray], layers: Iterable[Mapping[str, np.ndarray]],
             ids: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-    """ids (B, T) appended at cache.length -> logits (B, T, V) if all_logits else (B, V) of the last token."""
+    """ids (B, T) appended at cache.length -> logits (B, T, V) if all_logits else (B, V) of the
+    last token. A left-padded batch sets ``cache.pad`` (B,) before its first call."""
     B, T = ids.shape
     start = cache.length
     if start + T > cache.capacity:
         raise ValueError(f"KV cache full: {start} + {T} > {cache.capacity}")
-    cos, sin = rope_tables(cfg, np.arange(start, start + T))
+    cos, sin = rope_tables(cfg, positions(start, T, cache.pad))
     x = g["embed"][ids]  # (B, T, H)
     for i, w in enumerate(layers):
-        x = layer(cfg, x, w, cache.k[i], cache.v[i], start, cos, sin)
+        x = layer(cfg, x, w, cache.k[i], cache.v[i], start, cos, sin, cache.pad)
     cache.length = start + T
     if not all_logits:
         x = x[:, -1]

@@ -1,0 +1,165 @@
+"""Weight matrices that are not float32 arrays: packed low-bit matrices and matrices cut into shards.
+
+The model functions (``sti.models.llama.layer``) multiply activations by weights only through
+``sti.ops.linear(x, w)``, which computes ``x @ w.T`` for an array and calls ``w.apply(x)`` for an
+operator from this module. An operator has the ``shape`` (out, in) of the matrix it stands for, so
+a layer runs unchanged on float32 arrays, on packed matrices read straight from a GGUF file or a
+shard store, and on the shards of one layer streamed from storage:
+
+``Packed``    one packed matrix (a :class:`sti.lowbit.LowBitTensor`): the fused low-bit
+              matrix-vector kernel or dequantize + BLAS, whichever measured faster for the batch
+              (:class:`sti.lowbit.KernelProfile`); also gives rows (an embedding table).
+``RowStack``  shards cut along the output axis (query heads, FFN neurons, vocabulary rows): their
+              outputs side by side.
+``ColSum``    shards cut along the input axis (the output projection of a group of heads, the
+              down projection of a neuron slice): each reads its slice of x; the outputs add up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sti import lowbit
+
+# Batches up to this many rows use the measured choice for their size; larger ones (prefill) are
+# matrix-matrix products and always dequantize + BLAS.
+FUSED_MAX_BATCH = 16
+
+
+class Packed:
+    """A packed (out, in) matrix. ``profile``: measured kernel choices (default: fused kernel for
+    batches up to ``FUSED_MAX_BATCH``, dequantize + BLAS above). ``scratch``: a float32 buffer the
+    dequantize + BLAS path reuses (a runtime under a memory budget owns it); a matrix larger than
+    it is multiplied by the fused kernel in batches of ``FUSED_MAX_BATCH`` rows of x instead."""
+
+    def __init__(self, t, profile: lowbit.KernelProfile | None = None, scratch: np.ndarray | None = None):
+        self.t = lowbit.as_lowbit(t)
+        self.shape = self.t.shape
+        self.profile = profile
+        self.scratch = scratch
+        n = self.shape[0] * self.shape[1]
+        self._fits = scratch is None or scratch.size >= n
+        self._choice: dict[int, lowbit.KernelChoice] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.t.nbytes
+
+    def _kernel(self, batch: int) -> lowbit.KernelChoice:
+        c = self._choice.get(batch)
+        if c is None:
+            t = self.t
+            if batch > FUSED_MAX_BATCH:
+                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "dequant", 1)
+            elif self.profile is not None:
+                c = self.profile.choose(t.kind, t.shape, t.bits, batch, measure=False)
+            else:
+                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch,
+                                        "fused" if lowbit.has_c_kernels() else "dequant", 1)
+            self._choice[batch] = c
+        return c
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        """x (N, in) -> x @ W.T (N, out)."""
+        n = x.shape[0]
+        if n > FUSED_MAX_BATCH and not self._fits:
+            if out is None:
+                out, accumulate = np.empty((n, self.shape[0]), np.float32), False
+            for a in range(0, n, FUSED_MAX_BATCH):
+                self.apply(x[a:a + FUSED_MAX_BATCH], out[a:a + FUSED_MAX_BATCH], accumulate)
+            return out
+        c = self._kernel(n)
+        scratch = None
+        if c.method == "dequant" and self.scratch is not None:
+            scratch = self.scratch[:self.shape[0] * self.shape[1]].reshape(self.shape)
+        return c.matvec(self.t, x, out, accumulate, scratch=scratch)
+
+    def __getitem__(self, ids) -> np.ndarray:
+        """Rows ``ids`` (any integer array shape) dequantized: ids.shape + (in,)."""
+        t = self.t
+        if t.kind not in lowbit.GGML:
+            raise TypeError(f"row lookup needs GGML blocks, not {t.kind}")
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1)
+        rows, cols = t.shape
+        if flat.size and (flat.min() < 0 or flat.max() >= rows):
+            raise IndexError(f"row ids must lie in [0, {rows})")
+        rb = cols // lowbit.QK * lowbit.GGML[t.kind][1]  # bytes per row
+        raw = np.frombuffer(t.buf, np.uint8).reshape(rows, rb)
+        picked = lowbit.LowBitTensor(t.kind, (flat.size, cols), np.ascontiguousarray(raw[flat]))
+        return lowbit.dequantize(picked).reshape(ids.shape + (cols,))
+
+
+class RowStack:
+    """Matrices with the same input, their rows one after another: outputs concatenated."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        cols = {p.shape[1] for p in self.parts}
+        if len(cols) > 1:
+            raise ValueError(f"RowStack: parts have different input sizes {sorted(cols)}")
+        self.bounds = np.cumsum([0] + [p.shape[0] for p in self.parts])
+        self.shape = (int(self.bounds[-1]), cols.pop() if cols else 0)
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        n = x.shape[0]
+        y = np.empty((n, self.shape[0]), np.float32) if out is None or n > 1 else out
+        for p, a, b in zip(self.parts, self.bounds, self.bounds[1:]):
+            if n == 1:  # a (1, k) slice of a row is contiguous: the kernel writes in place
+                _apply(p, x, y[:, a:b], accumulate and y is out)
+            else:
+                y[:, a:b] = _apply(p, x, None, False)
+        if y is not out and out is not None:
+            if accumulate:
+                out += y
+            else:
+                out[...] = y
+            return out
+        return y
+
+
+class ColSum:
+    """A matrix cut along its input axis: part k multiplies columns ``bounds[k]:bounds[k+1]`` of x."""
+
+    def __init__(self, parts: Sequence):
+        self.parts = list(parts)
+        rows = {p.shape[0] for p in self.parts}
+        if len(rows) > 1:
+            raise ValueError(f"ColSum: parts have different output sizes {sorted(rows)}")
+        self.bounds = np.cumsum([0] + [p.shape[1] for p in self.parts])
+        self.shape = (rows.pop() if rows else 0, int(self.bounds[-1]))
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        if out is None:
+            out = np.zeros((x.shape[0], self.shape[0]), np.float32)
+            accumulate = True
+        for k, (p, a, b) in enumerate(zip(self.parts, self.bounds, self.bounds[1:])):
+            _apply(p, np.ascontiguousarray(x[:, a:b]), out, accumulate or k > 0)
+        return out
+
+
+def stack_rows(ts) -> lowbit.LowBitTensor | None:
+    """GGML-block matrices with the same kind and columns as one matrix of all their rows (a
+    copy), or None when they cannot be stacked (other kinds: sti-q1 sections do not concatenate)."""
+    ts = [lowbit.as_lowbit(t) for t in ts]
+    kind, cols = ts[0].kind, ts[0].shape[1]
+    if kind not in lowbit.GGML or any(t.kind != kind or t.shape[1] != cols for t in ts):
+        return None
+    buf = np.concatenate([np.frombuffer(t.buf, np.uint8).reshape(-1) for t in ts])
+    return lowbit.LowBitTensor(kind, (sum(t.shape[0] for t in ts), cols), buf)
+
+
+def _apply(w, x: np.ndarray, out: np.ndarray | None, accumulate: bool) -> np.ndarray:
+    """x @ w.T for an operator or a float32 array, into ``out`` when given."""
+    if isinstance(w, np.ndarray):
+        y = x @ w.T
+        if out is None:
+            return y
+        if accumulate:
+            out += y
+        else:
+            out[...] = y
+        return out
+    return w.apply(x, out, accumulate)

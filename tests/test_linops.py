@@ -1,0 +1,58 @@
+"""Operators over packed and sharded weights equal the dense products they stand for."""
+
+import numpy as np
+import pytest
+
+from sti import lowbit
+from sti.linops import ColSum, FUSED_MAX_BATCH, Packed, RowStack, stack_rows
+from sti.ops import linear
+
+
+def dense(t):
+    return lowbit.dequantize_numpy(t)
+
+
+def close(a, b, w, x):
+    bound = 1e-5 * (np.abs(x) @ np.abs(w).T) + 1e-7
+    assert np.all(np.abs(a - b) <= bound)
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0", "sti-q1"])
+@pytest.mark.parametrize("n", [1, 3, FUSED_MAX_BATCH + 5])
+def test_packed_equals_dense_with_and_without_scratch(kind, n):
+    t = lowbit.random_tensor(kind, (96, 128), seed=1)
+    w = dense(t)
+    x = np.random.default_rng(2).standard_normal((n, 128)).astype(np.float32)
+    for scratch in (None, np.empty(96 * 128, np.float32), np.empty(10, np.float32)):  # too small: fused blocks
+        close(Packed(t, scratch=scratch).apply(x), x @ w.T, w, x)
+    close(linear(x[None], Packed(t))[0], x @ w.T, w, x)  # through ops.linear, 3-D input
+
+
+def test_rowstack_and_colsum_equal_the_whole_matrix():
+    rng = np.random.default_rng(3)
+    parts = [lowbit.random_tensor("ggml-q4_1", (r, 64), seed=s) for s, r in enumerate((32, 64, 32))]
+    whole = np.concatenate([dense(p) for p in parts])
+    for n in (1, 4):
+        x = rng.standard_normal((n, 64)).astype(np.float32)
+        close(RowStack([Packed(p) for p in parts]).apply(x), x @ whole.T, whole, x)
+        acc = np.ones((n, 128), np.float32)
+        RowStack([Packed(p) for p in parts]).apply(x, acc, accumulate=True)
+        close(acc - 1, x @ whole.T, whole, x)
+    cols = [lowbit.random_tensor("ggml-q8_0", (48, c), seed=9 + c) for c in (32, 96)]
+    wide = np.concatenate([dense(c) for c in cols], axis=1)
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    op = ColSum([Packed(cols[0]), dense(cols[1])])  # a float32 part mixes in
+    assert op.shape == (48, 128)
+    close(op.apply(x), x @ wide.T, wide, x)
+
+
+def test_stack_rows_and_row_lookup():
+    parts = [lowbit.random_tensor("ggml-q8_0", (r, 64), seed=r) for r in (16, 48)]
+    st = stack_rows(parts)
+    assert st.shape == (64, 64)
+    np.testing.assert_array_equal(dense(st), np.concatenate([dense(p) for p in parts]))
+    assert stack_rows([parts[0], lowbit.random_tensor("sti-q1", (16, 64))]) is None
+    ids = np.array([[3, 60], [0, 17]])
+    np.testing.assert_array_equal(Packed(st)[ids], dense(st)[ids])
+    with pytest.raises(IndexError):
+        Packed(st)[np.array([64])]
