@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from sti.errors import STIError
 
@@ -16,6 +17,24 @@ EPILOG = """examples:
   sti pack minilm -o minilm.sti && sti verify minilm.sti
   sti eval minilm --task bbc-news
   sti bench engine
+  sti bench encoder --quick
+"""
+
+DEMO_EPILOG = """On its first run the demo packs MiniLM into a shard store (every attention head with its slice
+of the FFN, at 2..8 bits and fp32) and profiles it (each shard's importance on BBC News
+calibration texts, this device's IO and compute speed): a few minutes, once. Both are cached
+in --cache DIR; later runs take seconds. A cached store of another format version is re-packed.
+
+Then it sets the budget, plans which shards run at which bitwidth and which stay preloaded,
+classifies sample headlines one request each (label, latency against the target, peak resident
+weight bytes against the budget) and compares the elastic engine's accuracy with the whole
+in-memory model's on held-out BBC News test articles, with the share of requests that met the
+deadline. The same steps one by one: sti pack, sti profile, sti plan, sti classify --store,
+sti eval STORE.
+
+examples:
+  sti demo
+  sti demo --latency 30ms --memory 4.5MB --no-chat
 """
 
 
@@ -106,33 +125,67 @@ def cmd_classify(a) -> int:
 def cmd_generate(a) -> int:
     from sti.api import Generator
 
-    gen = Generator.load(a.model, progress=not a.json)
+    if a.store:
+        gen = Generator.from_store(a.store, memory=a.memory, bits=a.bits, batch=a.batch, storage=a.storage,
+                                   token_latency=a.token_latency)
+        if not a.json:
+            p = gen.plan
+            print(f"sti: streaming {a.store}: {p.weight_bytes / 1e6:.1f} MB of weights resident "
+                  f"({len(p.preload)} shards preloaded, {p.slots} read buffers), "
+                  f"{p.stream_bytes_per_pass / 1e6:.1f} MB read per token, context {p.context} tokens; "
+                  + "; ".join(p.notes), file=sys.stderr)
+    else:
+        for opt in ("memory", "token_latency", "bits", "storage"):
+            if getattr(a, opt) not in (None, "0"):
+                raise STIError(f"--{opt.replace('_', '-')} needs --store", "pack the model (sti pack smollm2 -o STORE) "
+                                                                          "and pass --store STORE")
+        gen = Generator.load(a.model, progress=not a.json)
+    if a.batch < 1:
+        raise STIError(f"--batch must be at least 1, got {a.batch}", "pass --batch 1 or more")
     ids = gen.encode_prompt(a.prompt, chat=a.chat)
-    tokens: list[int] = []
+    rows: list[list[int]] = [[] for _ in range(a.batch)]
     printed = ""
+    t0 = time.perf_counter()
+    first = None
     try:
-        for tok in gen.stream(ids, a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed):
-            tokens.append(tok)
-            if not a.json:  # print the new part of the decoded text (keeps multi-byte chars whole)
-                text = gen.decode(tokens)
+        for step in gen.stream_batch([ids] * a.batch, a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                     seed=a.seed):
+            first = first or time.perf_counter()
+            for r, tok in zip(rows, step):
+                if tok is not None:
+                    r.append(tok)
+            if not a.json:  # print the new part of the first sequence's text (keeps multi-byte chars whole)
+                text = gen.decode(rows[0])
                 if not text.endswith("\ufffd"):
                     sys.stdout.write(text[len(printed):])
                     sys.stdout.flush()
                     printed = text
     except KeyboardInterrupt:
         print("\nsti: interrupted", file=sys.stderr)
-    text = gen.decode(tokens)
+    finally:
+        gen.close()
+    texts = [gen.decode(r) for r in rows]
     if a.json:
-        _print_json({"tokens": tokens, "text": text})
+        out = {"tokens": rows[0], "text": texts[0]}
+        if a.batch > 1:
+            out["batch"] = [{"tokens": r, "text": t} for r, t in zip(rows, texts)]
+        _print_json(out)
     else:
-        sys.stdout.write(text[len(printed):] + "\n")
+        sys.stdout.write(texts[0][len(printed):] + "\n")
+        for i, t in enumerate(texts[1:], 2):
+            print(f"--- sequence {i} ---\n{t}")
+        n = sum(len(r) for r in rows)
+        if first and n > a.batch:
+            dt = time.perf_counter() - first
+            print(f"sti: {n} tokens, time to first token {first - t0:.2f} s, "
+                  f"{(n - a.batch) / dt:.1f} tokens/s after it", file=sys.stderr)
     return 0
 
 
 def cmd_pack(a) -> int:
     from sti.store import Store, pack
 
-    bits = tuple(int(b) for b in a.bits.split(","))
+    bits = a.bits.split(",") if a.bits else None
     out = pack(a.model, a.output, bits=bits, overwrite=a.overwrite, progress=not a.json)
     summary = Store.open(out).summary()
     if a.json:
@@ -242,7 +295,19 @@ def cmd_eval(a) -> int:
 
 def cmd_profile(a) -> int:
     from sti.profile import run_profile
+    from sti.store import Store
 
+    with Store.open(a.store) as st:
+        family = st.family
+    if family == "llama":  # decoder stores: importance per shard version + per-token IO / compute
+        from sti.profile_decoder import format_summary, run_decoder_profile
+
+        res = run_decoder_profile(a.store, storage=a.storage, task=a.task, progress=not a.json)
+        if a.json:
+            _print_json(res)
+        else:
+            print(format_summary(res))
+        return 0
     res = run_profile(a.store, task=a.task, storage=a.storage, progress=not a.json)
     if a.json:
         _print_json(res)
@@ -279,13 +344,14 @@ def cmd_plan(a) -> int:
 def cmd_bench(a) -> int:
     from sti.bench import run_bench
 
-    return run_bench(a.suite, out_dir=a.out, repeats=a.repeats, quick=a.quick)
+    return run_bench(a.suite, out_dir=a.out, repeats=a.repeats, quick=a.quick, store=a.store)
 
 
 def cmd_demo(a) -> int:
-    from sti.demo import run_demo
+    from sti.demo import DemoSettings, run_demo
 
-    return run_demo()
+    return run_demo(DemoSettings(latency=a.latency, memory=a.memory, cache=a.cache, limit=a.limit,
+                                 chat=not a.no_chat, n_calib=a.calib))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,15 +410,29 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     sp.add_argument("--json", action="store_true", help='print {"tokens": [generated ids], "text": ...} at the end')
+    g = sp.add_argument_group("streaming from a shard store (sti pack smollm2 -o STORE)")
+    g.add_argument("--store", help="run from this decoder store, streaming what does not fit in --memory")
+    g.add_argument("--memory", default="0", help="budget for weights, KV cache and read buffers, e.g. 16MB "
+                                                 "(default: unbounded)")
+    g.add_argument("--token-latency", help="per-token target, e.g. 50ms: the planner lowers bitwidths to meet it "
+                                           "(needs sti profile STORE); default: every shard at its lossless version")
+    g.add_argument("--bits", help="run every shard at this version instead: 2..8, fp32 or source")
+    g.add_argument("--batch", type=int, default=1,
+                   help="generate this many sequences of the prompt together (sampled independently when "
+                        "--temperature > 0); every streamed layer is read once for all of them")
+    g.add_argument("--storage", help="emulate slower storage: emmc, ufs or <N>MBps")
 
     sp = add("info", cmd_info, "Describe a model (architecture, parameters, bytes by dtype) or a shard store.")
     sp.add_argument("model", help="built-in name, Hugging Face model directory, .gguf file or shard store")
     sp.add_argument("--json", action="store_true", help="print the description as JSON")
 
-    sp = add("pack", cmd_pack, "Pack a model into a shard store: per-head vertical shards, each at several bitwidths.")
-    sp.add_argument("model", nargs="?", default="minilm", help="built-in name or HF directory (default: minilm)")
+    sp = add("pack", cmd_pack, "Pack a model into a shard store: per-head (encoder) or per-KV-group (decoder) "
+                               "vertical shards, each at several bitwidths.")
+    sp.add_argument("model", nargs="?", default="minilm",
+                    help="built-in name, HF directory or .gguf file (default: minilm)")
     sp.add_argument("-o", "--output", required=True, help="store directory to create")
-    sp.add_argument("--bits", default="2,3,4,5,6,8,32", help="fidelity versions to store (default: 2,3,4,5,6,8,32)")
+    sp.add_argument("--bits", help="fidelity versions to store: 2,3,4,5,6,8, 32 (fp32), source (the source's own "
+                                   "blocks); default 2,3,4,5,6,8,32 for encoders, 2,3,4,5,6,8,source for decoders")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     sp.add_argument("--json", action="store_true", help="print the store summary as JSON")
 
@@ -385,12 +465,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     sp = add("bench", cmd_bench, "Benchmarks: a table (Markdown + JSON) against the reference implementations.")
-    sp.add_argument("suite", choices=["engine"], help="engine: STI vs Hugging Face transformers, warm, cold start, decode, load")
+    sp.add_argument("suite", choices=["engine", "encoder", "kernels"],
+                    help="engine: STI vs Hugging Face transformers, warm, cold start, decode, load; "
+                         "encoder: the elastic pipeline vs whole-model, layerwise, uniform-bitwidth and transformers "
+                         "baselines on the accuracy / latency / memory grid, with Pareto plots; "
+                         "kernels: low-bit dequantization and fused matrix-vector kernels on SmolLM2's shapes")
     sp.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown results (default: bench-results)")
     sp.add_argument("--repeats", type=int, default=7, help="repetitions per measurement; medians are reported (default: 7)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs, for a smoke test")
+    sp.add_argument("--store", help="encoder: the MiniLM shard store to measure (default: packed and profiled "
+                                    "once in the cache directory, $STI_CACHE or ~/.cache/sti)")
 
-    add("demo", cmd_demo, "Classify sample headlines and generate a short answer with the built-in models.")
+    sp = add("demo", cmd_demo, "The elastic engine end to end on the built-in MiniLM: pack, profile, plan, "
+                               "classify sample headlines, accuracy against the whole model; then a short chat answer.")
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.description = ("The elastic engine end to end on the built-in MiniLM: pack, profile, plan, classify\n"
+                      "sample headlines, accuracy against the whole model; then a short chat answer.")
+    sp.epilog = DEMO_EPILOG
+    sp.add_argument("--latency", help="target latency per request, e.g. 30ms (default: 2 x the whole model's "
+                    "warm latency at 64 tokens, measured at the start)")
+    sp.add_argument("--memory", help="budget of resident weight bytes, e.g. 4.5MB (default: 5%% of the float32 "
+                    "model's bytes)")
+    sp.add_argument("--cache", metavar="DIR", help="cache directory for the store and its profile "
+                    "(default: $STI_CACHE, else $XDG_CACHE_HOME/sti, else ~/.cache/sti)")
+    sp.add_argument("--limit", type=int, default=100, help="held-out BBC News articles in the accuracy slice "
+                    "(default: 100)")
+    sp.add_argument("--calib", type=int, default=16, help="calibration texts when the demo profiles the store "
+                    "(default: 16; sti profile uses 48)")
+    sp.add_argument("--no-chat", action="store_true", help="skip the SmolLM2 chat answer at the end")
     return p
 
 

@@ -5,6 +5,12 @@ Suites:
   engine  STI against Hugging Face transformers on the same models, inputs and threads:
           encoder warm latency, cold start to a first classification, SmolLM2 decode speed
           and GGUF load time (``sti.bench.engine``).
+  encoder STI's elastic pipeline against whole-model, load-then-execute, layerwise fp32 and
+          uniform-bitwidth pipelines and transformers on the accuracy / latency / memory grid,
+          with Pareto plots (``sti.bench.encoder``).
+  kernels the low-bit kernels: dequantization throughput per bitwidth, and fused
+          matrix-vector products against dequantize + BLAS and float32 NumPy on SmolLM2's
+          shapes, batch 1 and 16 (``sti.bench.kernels``).
 
 Reference libraries (PyTorch, transformers) are imported only inside the suites, never when
 ``sti`` or ``sti.bench`` is imported.
@@ -14,15 +20,25 @@ from __future__ import annotations
 
 from sti.errors import STIError
 
-SUITES = ("engine",)
+SUITES = ("engine", "encoder", "kernels")
 
 
-def run_bench(suite: str, out_dir: str = "bench-results", repeats: int = 7, quick: bool = False) -> int:
-    """Run one benchmark suite; returns the process exit status (0: every measurement ran)."""
+def run_bench(suite: str, out_dir: str = "bench-results", repeats: int = 7, quick: bool = False,
+              store: str | None = None) -> int:
+    """Run one benchmark suite; returns the process exit status (0: every measurement ran).
+    ``store``: the shard store the encoder suite measures (default: its cached MiniLM store)."""
     if suite not in SUITES:
         raise STIError(f"no such benchmark suite: {suite!r}", f"use one of: {', '.join(SUITES)}")
     if repeats < 1:
         raise STIError("--repeats must be at least 1", "pass --repeats 1 or more")
+    if suite == "encoder":
+        from sti.bench.encoder import run_encoder
+
+        return run_encoder(out_dir=out_dir, repeats=repeats, quick=quick, store=store)
+    if suite == "kernels":
+        from sti.bench.kernels import run_kernels
+
+        return run_kernels(out_dir=out_dir, repeats=repeats, quick=quick)
     from sti.bench.engine import run_engine
 
     return run_engine(out_dir=out_dir, repeats=repeats, quick=quick)
