@@ -17,6 +17,31 @@ def _notice(msg: str) -> None:
     print(f"sti: {msg}", file=sys.stderr)
 
 
+KERNELS_FILE = "kernels.json"  # in the user cache (sti.demo.cache_dir): kernel choices of this machine
+
+
+def _kernel_profile():
+    """This machine's measured kernel choices, from the user cache (empty the first time)."""
+    from sti.demo import cache_dir
+    from sti.lowbit import machine_profile
+
+    prof = machine_profile(cache_dir() / KERNELS_FILE)
+    prof.saved = len(prof.choices)
+    return prof
+
+
+def _save_kernel_profile(prof) -> None:
+    if prof is None or len(prof.choices) == getattr(prof, "saved", 0):
+        return
+    from sti.demo import cache_dir
+
+    try:
+        prof.save(cache_dir() / KERNELS_FILE)
+        prof.saved = len(prof.choices)
+    except OSError:  # a read-only cache only costs the measurement next time
+        pass
+
+
 def _check_texts(texts: Sequence[str]) -> list[str]:
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
@@ -165,8 +190,9 @@ class Generator:
 
         self.ckpt, self.cfg, self.tokenizer, self.source = ckpt, ckpt.config, ckpt.tokenizer, ckpt.source
         self.chat_template, self.special = ckpt.chat_template, dict(ckpt.special)
-        # packed matrices run through the fused low-bit kernels
-        w = {n: t if isinstance(t, np.ndarray) else Packed(t) for n, t in ckpt.weights.items()}
+        # packed matrices run through the fused low-bit kernels, chosen per shape by measurement
+        self.kernels = _kernel_profile()
+        w = {n: t if isinstance(t, np.ndarray) else Packed(t, self.kernels) for n, t in ckpt.weights.items()}
         self.globals = {n: w[n] for n in llama.GLOBAL_NAMES if n in w}
         self.layers = [self._fuse(llama.layer_weights(w, i)) for i in range(self.cfg.num_layers)]
         self.weight_bytes = sum(getattr(t, "nbytes", 0) for t in ckpt.weights.values())
@@ -183,8 +209,9 @@ class Generator:
             if all(isinstance(layer[n], Packed) for n in names):
                 t = stack_rows([layer[n].t for n in names])
                 if t is not None:
+                    prof = layer[names[0]].profile
                     layer = {k: v for k, v in layer.items() if k not in names}
-                    layer[fused] = Packed(t)
+                    layer[fused] = Packed(t, prof)
         return layer
 
     @classmethod
@@ -220,16 +247,19 @@ class Generator:
         self.globals = self.layers = None
         self.plan = plan_decoder(st, budget, bits=bits, batch=batch, context=context, preload=preload,
                                  token_latency=target, storage=storage)
+        self.kernels = _kernel_profile()
         self.engine = StreamingDecoder(st, self.plan.schedule, throttle=parse_storage(storage), batch=batch,
-                                       context=self.plan.context, slots=self.plan.slots)
+                                       context=self.plan.context, slots=self.plan.slots, kernel_profile=self.kernels)
         self.weight_bytes = self.engine.weight_bytes
         self.stop_ids = set(self.special.get("stop_ids") or [])
         return self
 
     def close(self) -> None:
-        """Stop the streaming engine's IO worker (a later call restarts it)."""
+        """Stop the streaming engine's IO worker (a later call restarts it), and keep kernel
+        timings measured during this run for the next one."""
         if self.engine is not None:
             self.engine.stop()
+        _save_kernel_profile(getattr(self, "kernels", None))
 
     @property
     def context(self) -> int:
@@ -324,6 +354,7 @@ class Generator:
                 _notice(f"context of {self.context} tokens is full; stopped after {n} tokens")
         finally:
             self.free_cache(cache)
+            _save_kernel_profile(getattr(self, "kernels", None))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, **kw) -> GenerationResult:
         toks = list(self.stream(prompt, max_tokens, **kw))

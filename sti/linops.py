@@ -29,8 +29,10 @@ FUSED_MAX_BATCH = 16
 
 
 class Packed:
-    """A packed (out, in) matrix. ``profile``: measured kernel choices (default: fused kernel for
-    batches up to ``FUSED_MAX_BATCH``, dequantize + BLAS above). ``scratch``: a float32 buffer the
+    """A packed (out, in) matrix. ``profile``: the :class:`sti.lowbit.KernelProfile` that says
+    which kernel (fused or dequantize + BLAS) on how many threads is fastest for this shape and
+    batch on this machine, measured there on a miss (without one: the fused kernel on one thread
+    for batches up to ``FUSED_MAX_BATCH``, dequantize + BLAS above). ``scratch``: a float32 buffer the
     dequantize + BLAS path reuses (a runtime under a memory budget owns it); a matrix larger than
     it is multiplied by the fused kernel in batches of ``FUSED_MAX_BATCH`` rows of x instead."""
 
@@ -53,8 +55,8 @@ class Packed:
             t = self.t
             if batch > FUSED_MAX_BATCH:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "dequant", 1)
-            elif self.profile is not None:
-                c = self.profile.choose(t.kind, t.shape, t.bits, batch, measure=False)
+            elif self.profile is not None:  # measured on a miss (and kept in the profile)
+                c = self.profile.choose(t.kind, t.shape, t.bits, batch, measure=True)
             else:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch,
                                         "fused" if lowbit.has_c_kernels() else "dequant", 1)

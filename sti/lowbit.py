@@ -438,6 +438,16 @@ def load_profile(path) -> KernelProfile:
     return KernelProfile.from_json(json.loads(Path(path).read_text()))
 
 
+def machine_profile(path) -> KernelProfile:
+    """The profile saved at ``path`` if it was measured on this machine (same CPU, core count and
+    kernel build), else an empty one (to be filled by measurement and saved back)."""
+    try:
+        prof = load_profile(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return KernelProfile()
+    return prof if prof.machine == _machine() else KernelProfile()
+
+
 _DEFAULT = None
 
 
