@@ -92,14 +92,21 @@ def plan_decoder(store, memory: int = 0, *, bits: int | str | None = None, batch
                  storage: str | None = None) -> DecoderPlan:
     """Plan for a store (see :func:`plan_decoder_shape`)."""
     shape = decoder_shape(store)
+    versions, note = None, None
     if token_latency is not None:
-        from sti.profile_decoder import choose_versions
+        if bits is not None:
+            raise STIError("--bits and --token-latency both choose the versions", "pass one of them")
+        from sti.profile_decoder import choose
 
-        versions = choose_versions(store, shape, token_latency, memory, batch, storage)
-    else:
-        versions = None
-    return plan_decoder_shape(shape, memory, bits=bits, batch=batch, context=context, preload=preload,
+        choice, costs = choose(store, shape, token_latency, memory, batch, storage, context=context, preload=preload)
+        versions = costs.versions(choice.index)
+        note = (f"versions for {token_latency * 1e3:.0f} ms/token: predicted {choice.predicted_s * 1e3:.1f} ms, "
+                f"summed KL {choice.kl:.3g} nats/token")
+    plan = plan_decoder_shape(shape, memory, bits=bits, batch=batch, context=context, preload=preload,
                               versions=versions)
+    if note:
+        plan.notes.insert(0, note)
+    return plan
 
 
 def _bits_code(bits, have) -> int:
