@@ -38,3 +38,12 @@ bench: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The peers of `sti bench decoder` (the bench extra: llama-cpp-python, AirLLM, accelerate) on
+# top of the test references. llama-cpp-python compiles from source: 10-25 minutes on 2 cores.
+.PHONY: bench-install
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -e ".[bench]" $(REF_PKGS)
+	touch $@
+
+bench-install: $(VENV)/.installed-bench

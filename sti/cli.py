@@ -465,16 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     sp = add("bench", cmd_bench, "Benchmarks: a table (Markdown + JSON) against the reference implementations.")
-    sp.add_argument("suite", choices=["engine", "encoder", "kernels"],
+    sp.add_argument("suite", choices=["engine", "encoder", "kernels", "decoder"],
                     help="engine: STI vs Hugging Face transformers, warm, cold start, decode, load; "
                          "encoder: the elastic pipeline vs whole-model, layerwise, uniform-bitwidth and transformers "
                          "baselines on the accuracy / latency / memory grid, with Pareto plots; "
-                         "kernels: low-bit dequantization and fused matrix-vector kernels on SmolLM2's shapes")
+                         "kernels: low-bit dequantization and fused matrix-vector kernels on SmolLM2's shapes; "
+                         "decoder: SmolLM2 generation in memory and streamed under 100/25/10/5%% memory budgets "
+                         "against llama.cpp, transformers, AirLLM and accelerate, with a tokens/s-vs-memory plot")
     sp.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown results (default: bench-results)")
     sp.add_argument("--repeats", type=int, default=7, help="repetitions per measurement; medians are reported (default: 7)")
     sp.add_argument("--quick", action="store_true", help="fewer repetitions and shorter runs, for a smoke test")
     sp.add_argument("--store", help="encoder: the MiniLM shard store to measure (default: packed and profiled "
-                                    "once in the cache directory, $STI_CACHE or ~/.cache/sti)")
+                                    "once in the cache directory, $STI_CACHE or ~/.cache/sti); decoder: the "
+                                    "SmolLM2 store (default: packed once into the cache directory)")
 
     sp = add("demo", cmd_demo, "The elastic engine end to end on the built-in MiniLM: pack, profile, plan, "
                                "classify sample headlines, accuracy against the whole model; then a short chat answer.")
