@@ -199,11 +199,24 @@ def render_markdown(report: dict, rows: list[Row]) -> str:
     return "\n".join(out) + "\n"
 
 
+def without_machine_paths(text: str) -> str:
+    """``text`` with this machine's paths (the virtual environment, STI's checkout, the home
+    directory) replaced by placeholders, so a committed report names no local path."""
+    import sti
+
+    places = [(sys.prefix, "<venv>"), (str(Path(sti.__file__).resolve().parents[1]), "<sti>"),
+              (str(Path.home()), "~")]
+    for path, name in sorted(places, key=lambda p: -len(p[0])):
+        if len(path) > 1:
+            text = text.replace(path, name)
+    return text
+
+
 def write_outputs(report: dict, rows: list[Row], out_dir: str | Path) -> tuple[Path, Path, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(report, rows)
-    (out / "engine.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    md = without_machine_paths(render_markdown(report, rows))
+    (out / "engine.json").write_text(without_machine_paths(json.dumps(report, indent=2)) + "\n", encoding="utf-8")
     (out / "engine.md").write_text(md, encoding="utf-8")
     return out / "engine.json", out / "engine.md", md
 

@@ -26,7 +26,7 @@ class Checkpoint:
 
     @property
     def num_params(self) -> int:
-        return int(sum(w.size for w in self.weights.values()))
+        return int(sum(np.prod(w.shape) for w in self.weights.values()))  # packed matrices too
 
 
 def load_checkpoint(model: str | Path, progress: bool = True, packed: bool = False) -> Checkpoint:
