@@ -30,17 +30,7 @@ import time
 
 import numpy as np
 
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size (VmHWM), or None where /proc is missing."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from sti.machine import peak_rss_bytes
 
 
 def read_whole_model(store_path, throttle=None):

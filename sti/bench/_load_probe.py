@@ -13,16 +13,7 @@ import json
 import sys
 import time
 
-
-def peak_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+from sti.machine import peak_rss_bytes
 
 
 def main(argv: list[str]) -> int:
