@@ -1087,7 +1087,7 @@ def store_fingerprint(store_path) -> str:
         return hashlib.sha256(m.read_bytes()).hexdigest()[:16]
     except OSError:
         raise STIError(f"{Path(store_path)} is not an STI store (no manifest.json)",
-                       "run sti pack MODEL STORE to create one") from None
+                       "run sti pack MODEL -o STORE to create one") from None
 
 
 def _jsonable(x):

@@ -123,7 +123,7 @@ def pack(model: str | Path = "minilm", out: str | Path | None = None, *,
     from sti.loaders import load_checkpoint
 
     if out is None:
-        raise STIError("no output path for the store", "pass the directory to create, e.g. sti pack minilm minilm.sti")
+        raise STIError("no output path for the store", "pass the directory to create, e.g. sti pack minilm -o minilm.sti")
     out = Path(out).expanduser().absolute()
     if bits is not None:
         bits = _check_bits(bits)

@@ -28,7 +28,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.store import format as fmt
 
-_REPACK = "re-pack the store: sti pack MODEL STORE --overwrite"
+_REPACK = "re-pack the store: sti pack MODEL -o STORE --overwrite"
 
 
 def is_store(path: str | Path) -> bool:
@@ -130,13 +130,13 @@ class Store:
         present with the sizes the manifest records."""
         path = Path(path).expanduser()
         if not path.is_dir():
-            raise STIError(f"no such store: {path}", "create it with: sti pack MODEL STORE")
+            raise STIError(f"no such store: {path}", "create it with: sti pack MODEL -o STORE")
         mpath = path / fmt.MANIFEST
         if not mpath.is_file():
             if re.fullmatch(r"\..+\.(tmp|old)-\d+", path.name):
                 raise STIError(f"{path} is not an STI store (no manifest.json): it is left over from an "
                                "interrupted sti pack", "delete it and run sti pack again")
-            raise STIError(f"{path} is not an STI store (no manifest.json)", "run sti pack MODEL STORE to create one")
+            raise STIError(f"{path} is not an STI store (no manifest.json)", "run sti pack MODEL -o STORE to create one")
         try:
             d = json.loads(mpath.read_bytes())
         except (ValueError, UnicodeDecodeError) as exc:
@@ -149,7 +149,7 @@ class Store:
 
             raise STIError(f"{path} has store format version {v}, but this STI ({__version__}) reads "
                            f"format version {fmt.FORMAT_VERSION}",
-                           f"re-pack the store with this STI: sti pack MODEL {path} --overwrite")
+                           f"re-pack the store with this STI: sti pack MODEL -o {path} --overwrite")
         try:
             manifest = fmt.Manifest.from_dict(d)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
