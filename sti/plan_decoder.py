@@ -149,7 +149,6 @@ def plan_decoder_shape(shape: DecoderShape, memory: int = 0, *, bits: int | str 
     items = [(layer, s, b) for layer, lay in enumerate(layers) for s, b in sorted(lay.items())]
     items += [(HEAD, s, b) for s, b in sorted(head.items())]
     size = {it: shape.shard_bytes[it] for it in items}
-    per_layer = max(len(s) for s in shape.layers)
     want_ctx = min(context or DEFAULT_CONTEXT, shape.max_position)
 
     def weights(preloaded: set) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ import pytest
 
 from sti.api import Generator
 from sti.errors import STIError
-from sti.store import HEAD, Store, pack
+from sti.store import Store, pack
 
 from tiny_llama import CFG, weights, write_gguf
 

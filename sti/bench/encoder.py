@@ -646,7 +646,7 @@ def plot_condition(runs: list[Run], points: list[dict], seq: int, storage: str, 
                 _panel(ax, data, "resident weight bytes [MB]", f"T = {key:g}× ({fmt_ms(value)})",
                        [m / 1e6 for _, m in Ms], fp32)
         axes[0][0].set_ylabel("accuracy")
-        handles, labels = {}, []
+        handles = {}
         for ax in axes[0]:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
