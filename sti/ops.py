@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 # erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below float32 resolution of GELU's
@@ -20,12 +22,17 @@ def erf(x: np.ndarray) -> np.ndarray:
     return np.copysign(y, x)
 
 
-try:  # vectorised C kernels (setup.py); the NumPy paths are the fallback
+try:  # vectorised C kernels (setup.py); the NumPy paths are the fallback (STI_NO_C=1 forces it)
+    if os.environ.get("STI_NO_C", "") not in ("", "0"):
+        raise ImportError("STI_NO_C set")
+    from sti._fastmath import attend_one as _attend_one_c
     from sti._fastmath import gelu_ as _gelu_c
     from sti._fastmath import layer_norm_ as _layer_norm_c
+    from sti._fastmath import rms_norm as _rms_norm_c
+    from sti._fastmath import silu_mul as _silu_mul_c
     from sti._fastmath import softmax_ as _softmax_c
 except ImportError:  # pragma: no cover - depends on the build
-    _gelu_c = _softmax_c = _layer_norm_c = None
+    _gelu_c = _softmax_c = _layer_norm_c = _rms_norm_c = _silu_mul_c = _attend_one_c = None
 
 
 def gelu_numpy(x: np.ndarray) -> np.ndarray:
@@ -68,8 +75,48 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis (a new array); the C kernel agrees with :func:`rms_norm_numpy`
+    to float32 rounding."""
+    if (_rms_norm_c is not None and x.dtype == w.dtype == np.float32 and x.size and x.flags.c_contiguous
+            and w.flags.c_contiguous):
+        out = np.empty_like(x)
+        _rms_norm_c(x, w, eps, out)
+        return out
+    return rms_norm_numpy(x, w, eps)
+
+
+def rms_norm_numpy(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     ms = np.mean(x * x, -1, keepdims=True)
     return x * (1.0 / np.sqrt(ms + np.float32(eps))) * w
+
+
+def silu_mul(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for gate_up (..., 2n) holding [gate | up] (SwiGLU on stacked projections)."""
+    n = gate_up.shape[-1] // 2
+    if _silu_mul_c is not None and gate_up.dtype == np.float32 and gate_up.size and gate_up.flags.c_contiguous:
+        out = np.empty(gate_up.shape[:-1] + (n,), np.float32)
+        _silu_mul_c(gate_up, out, n)
+        return out
+    return silu(gate_up[..., :n]) * gate_up[..., n:]
+
+
+def has_attend_one() -> bool:
+    """Whether the C decode-attention kernel (:func:`attend_one`) is built."""
+    return _attend_one_c is not None
+
+
+def attend_one(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, cos: np.ndarray,
+               sin: np.ndarray, pad: np.ndarray | None, n_q: int) -> np.ndarray:
+    """Attention of one new token per sequence, in C (sti/_fastmath.c): qkv (B, (n_q + 2 n_kv) hd)
+    holds its q, k, v before RoPE; the rotated k and v are written into the caches (B, n_kv, cap,
+    hd) at slot ``start``, and each query head attends over its KV head's slots ``pad[b]..start``.
+    cos, sin (1 or B, hd). Returns the context (B, n_q hd). ``sti.models.llama.attention`` is the
+    NumPy reference."""
+    B, n_kv, cap, hd = k_cache.shape
+    out = np.empty((B, n_q * hd), np.float32)
+    _attend_one_c(qkv, k_cache, v_cache, start, cos, sin, None if pad is None else np.asarray(pad, np.int64),
+                  n_q, out, (B, n_kv, cap, hd))
+    return out
 
 
 def softmax_numpy(x: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import linear, rms_norm, silu, softmax_
+from sti.ops import attend_one, has_attend_one, linear, rms_norm, silu, silu_mul, softmax_
 
 
 @dataclass(frozen=True)
@@ -162,49 +162,59 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rot * sin
 
 
+def attention(cfg: LlamaConfig, qkv: np.ndarray, n_q: int, k_cache: np.ndarray, v_cache: np.ndarray,
+              start: int, cos: np.ndarray, sin: np.ndarray, pad: np.ndarray | None = None) -> np.ndarray:
+    """Grouped-query attention of T new tokens per sequence: qkv (B, T, (n_q + 2 n_kv) hd) holds
+    their q, k, v before RoPE; k and v go into the caches (B, n_kv, cap, hd) at slots
+    start..start+T-1. Returns the context (B, T, n_q hd). ``pad`` (B,): sequence b's first
+    ``pad[b]`` cache slots are left padding, never attended to. One token per sequence (decode)
+    runs in C when built (:func:`sti.ops.attend_one`); this NumPy code is its reference."""
+    B, T, _ = qkv.shape
+    hd, n_kv = cfg.head_dim, k_cache.shape[1]
+    if T == 1 and has_attend_one() and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
+        ctx = attend_one(np.ascontiguousarray(qkv.reshape(B, -1)), k_cache, v_cache, start,
+                         np.ascontiguousarray(cos.reshape(-1, hd)), np.ascontiguousarray(sin.reshape(-1, hd)), pad, n_q)
+        return ctx.reshape(B, 1, n_q * hd)
+    g = n_q // n_kv
+    q, k, v = np.split(qkv, [n_q * hd, (n_q + n_kv) * hd], axis=-1)
+    q = q.reshape(B, T, n_q, hd).transpose(0, 2, 1, 3)  # (B, n_q, T, hd)
+    k = k.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
+    v = v.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)
+    q = apply_rope(q, cos, sin)
+    end = start + T
+    k_cache[:, :, start:end] = apply_rope(k, cos, sin)
+    v_cache[:, :, start:end] = v
+    q = q.reshape(B, n_kv, g * T, hd)  # (B, n_kv, g*T, hd): query heads grouped by their KV head
+    scores = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B, n_kv, g*T, end)
+    scores *= np.float32(1.0 / np.sqrt(hd))
+    hidden = None  # (..., g*T, end): True where a query must not see a key
+    if T > 1:  # causal: query t (at start+t) sees keys 0..start+t
+        hidden = np.arange(end)[None, :] > np.tile(np.arange(start, end), g)[:, None]
+    if pad is not None and np.any(pad):  # left padding of each sequence: (B, 1, 1, end)
+        padding = (np.arange(end)[None, :] < np.asarray(pad)[:, None])[:, None, None, :]
+        hidden = padding if hidden is None else hidden | padding
+    if hidden is not None:
+        scores += np.where(hidden, np.finfo(np.float32).min, np.float32(0)).astype(np.float32)
+    ctx = softmax_(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
+    return ctx.reshape(B, n_q, T, hd).transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)  # (B, T, n_q*hd)
+
+
 def layer(cfg: LlamaConfig, x: np.ndarray, w: Mapping[str, np.ndarray], k_cache: np.ndarray,
           v_cache: np.ndarray, start: int, cos: np.ndarray, sin: np.ndarray,
           pad: np.ndarray | None = None) -> np.ndarray:
     """One decoder layer on x (B, T, H) at cache slots start..start+T-1; writes this layer's KV.
     ``pad`` (B,): sequence b's first ``pad[b]`` cache slots are left padding, never attended to."""
-    B, T, H = x.shape
-    hd = cfg.head_dim
-    if "wqkv" in w:  # wq, wk, wv stacked by rows (FUSED): one pass over h for all three
-        n_q, n_kv = cfg.num_heads, cfg.num_kv_heads
-    else:
-        n_q, n_kv = w["wq"].shape[0] // hd, w["wk"].shape[0] // hd
     h = rms_norm(x, w["attn_norm"], cfg.rms_eps)
-    if n_kv:
-        g = n_q // n_kv
-        if "wqkv" in w:
-            q, k, v = np.split(linear(h, w["wqkv"]), [n_q * hd, (n_q + n_kv) * hd], axis=-1)
-        else:
-            q, k, v = linear(h, w["wq"]), linear(h, w["wk"]), linear(h, w["wv"])
-        q = q.reshape(B, T, n_q, hd).transpose(0, 2, 1, 3)  # (B, n_q, T, hd)
-        k = k.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)  # (B, n_kv, T, hd)
-        v = v.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)
-        q = apply_rope(q, cos, sin)
-        end = start + T
-        k_cache[:, :, start:end] = apply_rope(k, cos, sin)
-        v_cache[:, :, start:end] = v
-        q = q.reshape(B, n_kv, g * T, hd)  # (B, n_kv, g*T, hd): query heads grouped by their KV head
-        scores = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B, n_kv, g*T, end)
-        scores *= np.float32(1.0 / np.sqrt(hd))
-        hidden = None  # (..., g*T, end): True where a query must not see a key
-        if T > 1:  # causal: query t (at start+t) sees keys 0..start+t
-            hidden = np.arange(end)[None, :] > np.tile(np.arange(start, end), g)[:, None]
-        if pad is not None and np.any(pad):  # left padding of each sequence: (B, 1, 1, end)
-            padding = (np.arange(end)[None, :] < np.asarray(pad)[:, None])[:, None, None, :]
-            hidden = padding if hidden is None else hidden | padding
-        if hidden is not None:
-            scores += np.where(hidden, np.finfo(np.float32).min, np.float32(0)).astype(np.float32)
-        ctx = softmax_(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
-        ctx = ctx.reshape(B, n_q, T, hd).transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)  # (B, T, n_q*hd)
-        x = x + linear(ctx, w["wo"])
+    if "wqkv" in w:  # wq, wk, wv stacked by rows (FUSED): one pass over h for all three
+        n_q, qkv = cfg.num_heads, linear(h, w["wqkv"])
+    else:
+        n_q = w["wq"].shape[0] // cfg.head_dim
+        qkv = np.concatenate([linear(h, w[n]) for n in ("wq", "wk", "wv")], axis=-1) if n_q else None
+    if n_q:
+        x = x + linear(attention(cfg, qkv, n_q, k_cache, v_cache, start, cos, sin, pad), w["wo"])
     h = rms_norm(x, w["ffn_norm"], cfg.rms_eps)
     if "w_gate_up" in w:  # w_gate and w_up stacked by rows (FUSED)
-        gate, up = np.split(linear(h, w["w_gate_up"]), 2, axis=-1)
-        x = x + linear(silu(gate) * up, w["w_down"])
+        x = x + linear(silu_mul(linear(h, w["w_gate_up"])), w["w_down"])
     elif w["w_up"].shape[0]:
         x = x + linear(silu(linear(h, w["w_gate"])) * linear(h, w["w_up"]), w["w_down"])
     return x

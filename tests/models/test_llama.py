@@ -126,3 +126,55 @@ def test_matches_transformers_tiny_llama(rng):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- C decode kernels
+
+
+needs_fastmath = pytest.mark.skipif(not llama.has_attend_one(), reason="sti._fastmath is not built (no C compiler)")
+
+
+@needs_fastmath
+@pytest.mark.parametrize("pad", [None, [0, 3, 5]])
+@pytest.mark.parametrize("n_q,n_kv", [(4, 2), (3, 3), (2, 1)])
+def test_decode_attention_kernel_matches_numpy(rng, monkeypatch, pad, n_q, n_kv):
+    cfg = tiny_cfg(num_heads=4, num_kv_heads=2, hidden_size=32)  # head_dim 8; widths below are partial
+    B, cap, start, hd = 3, 12, 7, cfg.head_dim
+    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
+    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0) for _ in range(2)]
+    pos = llama.positions(start, 1, None if pad is None else np.asarray(pad))
+    cos, sin = llama.rope_tables(cfg, pos)
+    got_k, got_v = (c.copy() for c in caches)
+    got = llama.attention(cfg, qkv, n_q, got_k, got_v, start, cos, sin, pad)
+    monkeypatch.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
+    want_k, want_v = (c.copy() for c in caches)
+    want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
+    assert got.shape == want.shape == (B, 1, n_q * hd)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_k, want_k, rtol=1e-6, atol=1e-6)  # this token's rotated key written at start
+    np.testing.assert_array_equal(got_v, want_v)
+    assert not np.array_equal(got_k[:, :, start], caches[0][:, :, start])
+
+
+@needs_fastmath
+def test_decode_attention_kernel_rejects_bad_shapes(rng):
+    cfg = tiny_cfg()
+    k = np.zeros((1, 2, 4, cfg.head_dim), np.float32)
+    cos, sin = llama.rope_tables(cfg, llama.positions(0, 1))
+    with pytest.raises(ValueError, match="qkv"):
+        llama.attend_one(np.zeros((1, 5), np.float32), k, k.copy(), 0, cos, sin, None, 4)
+    with pytest.raises(ValueError, match="inconsistent"):
+        llama.attend_one(np.zeros((1, 64), np.float32), k, k.copy(), 4, cos, sin, None, 4)  # start past the cache
+
+
+@needs_fastmath
+def test_rms_norm_and_silu_mul_kernels_match_numpy(rng):
+    from sti import ops
+
+    x, w = rand(rng, 5, 3, 40, scale=2.0), 1 + rand(rng, 40)
+    np.testing.assert_allclose(ops.rms_norm(x, w, 1e-5), ops.rms_norm_numpy(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+    gu = rand(rng, 4, 1, 2 * 24, scale=3.0)
+    want = ops.silu(gu[..., :24]) * gu[..., 24:]
+    np.testing.assert_allclose(ops.silu_mul(gu), want, rtol=1e-5, atol=1e-6)
+    strided = rand(rng, 4, 1, 4 * 24)[..., ::2]  # not contiguous: the NumPy path
+    np.testing.assert_allclose(ops.silu_mul(strided), ops.silu(strided[..., :24]) * strided[..., 24:], rtol=1e-6)
