@@ -44,6 +44,7 @@ class Packed:
         n = self.shape[0] * self.shape[1]
         self._fits = scratch is None or scratch.size >= n
         self._choice: dict[int, lowbit.KernelChoice] = {}
+        self._direct: dict[int, tuple] = {}  # batch -> (C matrix, threads) where the choice is the fused kernel
 
     @property
     def nbytes(self) -> int:
@@ -61,11 +62,20 @@ class Packed:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch,
                                         "fused" if lowbit.has_c_kernels() else "dequant", 1)
             self._choice[batch] = c
+            if c.method == "fused" and self.t._m is not None:
+                self._direct[batch] = (self.t._m, c.threads)
         return c
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
         """x (N, in) -> x @ W.T (N, out)."""
         n = x.shape[0]
+        direct = self._direct.get(n)
+        if direct is not None and x.dtype == np.float32 and x.flags.c_contiguous and (out is not None or not accumulate):
+            # decode's common case, straight into the C kernel (it checks x and out itself)
+            if out is None:
+                out = np.empty((n, self.shape[0]), np.float32)
+            direct[0].matvec(x, out, accumulate, direct[1])
+            return out
         if n > FUSED_MAX_BATCH and not self._fits:
             if out is None:
                 out, accumulate = np.empty((n, self.shape[0]), np.float32), False
