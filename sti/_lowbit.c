@@ -21,16 +21,23 @@
  *
  *     y[b, r] = sum_s  a_s * (sum_{i in s} q_i x[b, i])  +  c_s * (sum_{i in s} x[b, i])
  *
- * The inner loop is "integer code -> float, one FMA with x"; the sums of x over each segment are
- * computed once per call and shared by every row. sti-q1 outliers are applied afterwards as
+ * GGML kinds: x is rounded to int16 per block of 32 (scale max|x| / 32767: a relative error of
+ * 1.5e-5 of the block's largest |x|, 80 times below the float32 weights' own f16 scale rounding),
+ * so the block sum of q_i x_i is an exact integer dot product (vpmaddwd: 32 products in one
+ * AVX-512 instruction, where the float path needs two widenings, two conversions and two FMAs),
+ * scaled by a * d16; c_s meets the exact float sum of x. A block's weights are widened once for
+ * up to 4 vectors of a batch.
+ *
+ * sti-q1: the inner loop is "integer code -> float, one FMA with x"; the sums of x over each
+ * segment are computed once per call and shared by every row. Outliers are applied afterwards as
  * y[b, r] += (value - quantized weight) * x[b, c]. For a batch (B > 1) a tile of 4 rows is first
  * dequantized exactly (as `dequant` does) into an L1-resident buffer and a register-blocked
  * 4 x 3 micro-kernel multiplies it with the batch, so each weight is decoded once per call
  * whatever B is.
  *
- * The results equal dequantize-then-matmul up to float32 summation order (they are not bitwise
- * identical: no two BLAS builds agree bitwise either); sti/lowbit.py states the bound the tests
- * hold them to. `dequant` (ggml kinds) is bit-identical to the gguf package's NumPy dequantizer:
+ * The results equal the NumPy references (dequantize-then-matmul for sti-q1, the same int8 blocks
+ * for GGML) up to float32 summation order (not bitwise: no two BLAS builds agree bitwise either);
+ * sti/lowbit.py states the bound the tests hold them to. `dequant` (ggml kinds) is bit-identical to the gguf package's NumPy dequantizer:
  * d * q then + m as two float32 roundings. That is why this file is compiled with
  * -ffp-contract=off: the compiler must not fuse that multiply and add, while the FMAs wanted in
  * the dot products are written explicitly (_mm256_fmadd_ps, _mm512_fmadd_ps).
@@ -45,6 +52,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LB_AVX2 1
@@ -52,8 +60,8 @@
 #else
 #define LB_AVX2 0
 #endif
-/* AVX-512 (F + BW): the B = 1 row dots only, where it halves the instructions per weight (16 codes
- * widen and convert in one instruction each); elsewhere the AVX2 code serves. */
+/* AVX-512 (F + BW): the GGML rows and the sti-q1 B = 1 row dots, where it halves the instructions
+ * per weight; elsewhere the AVX2 code serves. */
 #if LB_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__)
 #define LB_AVX512 1
 #else
@@ -68,6 +76,12 @@
 #else
 #define LB_THREADS 0
 #endif
+
+#define LB_SIMD (LB_AVX512 ? "avx512+avx2+fma+f16c" : LB_AVX2 ? "avx2+fma+f16c" : "portable-c")
+/* Bumped whenever a kernel's speed or arithmetic changes, so that kernel choices measured with an
+ * older build are measured again (sti.lowbit.machine_profile compares it). 2: GGML kinds multiply
+ * int16-rounded activations. */
+#define KERNEL_REVISION 2
 
 enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
 #define QK 32            /* elements per GGML block */
@@ -93,8 +107,10 @@ typedef struct {
 
 typedef struct {
     Py_ssize_t B;
-    float *x;  /* (B, pc), zero beyond cols */
-    float *xs; /* (B, nseg): sum of x over each segment */
+    float *x;   /* (B, pc), zero beyond cols */
+    float *xs;  /* (B, nseg): sum of x over each segment */
+    int16_t *q16; /* GGML kinds: (B, pc) x rounded to int16 per block of 32 ... */
+    float *dxs;   /* ... (B, nseg, 2): that block's scale d16 (x ~ d16 * q16) and its exact sum xs */
 } Acts;
 
 /* ------------------------------------------------------------------------- small helpers */
@@ -196,14 +212,29 @@ static inline __m256 sti_run(__m256i win, int k, int run, __m256i mask) {
 
 /* ------------------------------------------------------------------------- activations */
 
-/* Copy X (B, cols) into a zero-padded (B, pc) buffer and sum it over each segment. */
+/* x rounded to int16 per block of 32, as the GGML kernels use it: d = max|x| / 32767,
+ * q = rint(x * (1 / d)) (0 where d is 0). The same float32 operations as lowbit.quantize_acts, so
+ * the NumPy fallback rounds every element identically. */
+static void quantize_block(const float *x, int16_t *q, float *dxs, float sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < QK; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float d = amax / 32767.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+    for (int i = 0; i < QK; i++) q[i] = (int16_t)nearbyintf(x[i] * id);
+    dxs[0] = d, dxs[1] = sum;
+}
+
+/* Copy X (B, cols) into a zero-padded (B, pc) buffer and sum it over each segment; for GGML kinds
+ * also its int8 blocks. */
 static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A) {
     A->B = B;
-    size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg);
-    size_t bytes = ((nx + ns) * sizeof(float) + 63) & ~(size_t)63;
+    size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg), ggml = W->kind != K_STI;
+    size_t floats = nx + ns + (ggml ? 2 * ns + nx / 2 : 0); /* x, xs, dxs, q16 (2 codes per float) */
+    size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
     A->x = aligned_alloc(64, bytes ? bytes : 64);
     if (!A->x) return -1;
     A->xs = A->x + nx;
+    A->dxs = ggml ? A->xs + ns : NULL;
+    A->q16 = ggml ? (int16_t *)(A->dxs + 2 * ns) : NULL;
     for (Py_ssize_t b = 0; b < B; b++) {
         float *xb = A->x + b * W->pc;
         memcpy(xb, X + b * W->cols, (size_t)W->cols * sizeof(float));
@@ -212,6 +243,7 @@ static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A)
             float t = 0.0f;
             for (Py_ssize_t i = 0; i < W->seg; i++) t += xb[s * W->seg + i];
             A->xs[b * W->nseg + s] = t;
+            if (ggml) quantize_block(xb + s * QK, A->q16 + b * W->pc + s * QK, A->dxs + 2 * (b * W->nseg + s), t);
         }
     }
     return 0;
@@ -304,110 +336,112 @@ static void deq_row(const Weights *W, Py_ssize_t r, float *out) {
  * y[r] = sum_s a_s * dot(q_s, x_s) + c_s * xs_s. Per segment the partial dot is a short FMA chain
  * and is folded into the row accumulator with one more FMA by the segment's scale. */
 
-#if LB_AVX512
-static inline __m128 load_dm(const uint8_t *blk) { /* [d, m, 0, 0] of a block's two f16 */
+
+/* GGML rows against int16 activations, NB (1..4) vectors at a time: a block's codes are widened
+ * to int16 once for all NB vectors, its integer dot product with each vector's q16 is exact
+ * (vpmaddwd; |sum| <= 32 * 127 * 32767 < 2^31), then acc += (d * d16) * isum and macc += m * xs
+ * in float32. Every vector keeps two accumulator chains (even and odd blocks), which hides the FMA
+ * latency at NB = 1 and makes each vector's result independent of NB and of the rest of the batch. */
+#if LB_AVX2
+static inline __m128 load_dm(const uint8_t *blk) { /* [d, m, 0, 0] of a block's two f16 (m: junk for Q8_0) */
     int32_t v;
     memcpy(&v, blk, 4);
     return _mm_cvtph_ps(_mm_cvtsi32_si128(v));
 }
-#endif
+static inline __m128 load_pair(const float *p) { return _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)p)); }
 
-static float dot_row_q41(const uint8_t *blk, Py_ssize_t nb, const float *x, const float *xs) {
 #if LB_AVX512
-    /* two independent accumulator chains (even and odd blocks): one chain would wait on the FMA
-     * latency (4 cycles) every block */
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    __m128 macc0 = _mm_setzero_ps(), macc1 = _mm_setzero_ps();
-    const __m128i lo4 = _mm_set1_epi8(15);
-#define Q41_BLOCK(acc, macc, blk, x, xs)                                                                     \
-    do {                                                                                                      \
-        __m128i q = _mm_loadu_si128((const __m128i *)((blk) + 4));                                           \
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q, lo4)));                          \
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q, 4), lo4)));       \
-        __m512 p = _mm512_fmadd_ps(hi, _mm512_loadu_ps((x) + 16), _mm512_mul_ps(lo, _mm512_loadu_ps(x)));    \
-        __m128 dm = load_dm(blk);                                                                             \
-        acc = _mm512_fmadd_ps(p, _mm512_broadcastss_ps(dm), acc);                                             \
-        macc = _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_load_ss(xs), macc);                                      \
-    } while (0)
-    Py_ssize_t b = 0;
-    for (; b + 2 <= nb; b += 2, blk += 2 * Q41_BYTES, x += 2 * QK) {
-        Q41_BLOCK(acc0, macc0, blk, x, xs + b);
-        Q41_BLOCK(acc1, macc1, blk + Q41_BYTES, x + QK, xs + b + 1);
-    }
-    if (b < nb) Q41_BLOCK(acc0, macc0, blk, x, xs + b);
-#undef Q41_BLOCK
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + _mm_cvtss_f32(_mm_add_ss(macc0, macc1));
-#elif LB_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    float macc = 0.0f;
-    const __m128i lo4 = _mm_set1_epi8(15);
-    for (Py_ssize_t b = 0; b < nb; b++, blk += Q41_BYTES, x += QK) {
+typedef __m512i wvec; /* a block's 32 codes as int16 */
+typedef __m512 facc;
+static inline __attribute__((always_inline)) wvec ggml_widen(const int Q41, const uint8_t *blk) {
+    if (Q41) {
+        const __m128i lo4 = _mm_set1_epi8(15);
         __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-        __m128i lo = _mm_and_si128(q, lo4), hi = _mm_and_si128(_mm_srli_epi16(q, 4), lo4);
-        __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        __m256 p = _mm256_mul_ps(f0, _mm256_loadu_ps(x));
-        p = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x + 8), p);
-        p = _mm256_fmadd_ps(f2, _mm256_loadu_ps(x + 16), p);
-        p = _mm256_fmadd_ps(f3, _mm256_loadu_ps(x + 24), p);
-        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(_cvtsh_ss(rd16(blk))), acc);
-        macc += _cvtsh_ss(rd16(blk + 2)) * xs[b];
+        return _mm512_cvtepu8_epi16(_mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), lo4), _mm_and_si128(q, lo4)));
     }
-    return hsum8(acc) + macc;
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(blk + 2)));
+}
+static inline __m512i ggml_idot(wvec w, const int16_t *x) { return _mm512_madd_epi16(w, _mm512_loadu_si512(x)); }
+#define FACC_ZERO _mm512_setzero_ps()
+#define FACC_FMA(p, s, acc) _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_broadcastss_ps(s), (acc))
+#define FACC_SUM(a, b) _mm512_reduce_add_ps(_mm512_add_ps((a), (b)))
 #else
-    float acc = 0.0f;
-    for (Py_ssize_t b = 0; b < nb; b++, blk += Q41_BYTES, x += QK) {
-        float p = 0.0f;
-        for (int i = 0; i < 16; i++) p += (float)(blk[4 + i] & 15) * x[i] + (float)(blk[4 + i] >> 4) * x[i + 16];
-        acc += half_to_float(rd16(blk)) * p + half_to_float(rd16(blk + 2)) * xs[b];
+typedef struct { __m256i lo, hi; } wvec;
+typedef __m256 facc;
+static inline __attribute__((always_inline)) wvec ggml_widen(const int Q41, const uint8_t *blk) {
+    wvec w;
+    if (Q41) {
+        const __m128i lo4 = _mm_set1_epi8(15);
+        __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+        w.lo = _mm256_cvtepu8_epi16(_mm_and_si128(q, lo4));
+        w.hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lo4));
+    } else {
+        w.lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        w.hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
     }
-    return acc;
+    return w;
+}
+static inline __m256i ggml_idot(wvec w, const int16_t *x) {
+    return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_madd_epi16(w.hi, _mm256_loadu_si256((const __m256i *)(x + 16))));
+}
+#define FACC_ZERO _mm256_setzero_ps()
+#define FACC_FMA(p, s, acc) _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcastss_ps(s), (acc))
+#define FACC_SUM(a, b) hsum8(_mm256_add_ps((a), (b)))
 #endif
+
+/* One block into chain acc/macc of each of the NB vectors. */
+static inline __attribute__((always_inline)) void ggml_block(const int Q41, const int NB, wvec w, __m128 dm,
+                                                            const int16_t *x, const float *dxs, Py_ssize_t pc,
+                                                            Py_ssize_t dstride, facc *acc, __m128 *macc) {
+    for (int j = 0; j < NB; j++) {
+        __m128 s = _mm_mul_ps(dm, load_pair(dxs + j * dstride)); /* [d * d16, m * xs] */
+        acc[j] = FACC_FMA(ggml_idot(w, x + j * pc), s, acc[j]);
+        if (Q41) macc[j] = _mm_add_ps(macc[j], s);
+    }
 }
 
-static float dot_row_q80(const uint8_t *blk, Py_ssize_t nb, const float *x) {
-#if LB_AVX512
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(); /* even and odd blocks, as for Q4_1 */
-#define Q80_BLOCK(acc, blk, x)                                                                               \
-    do {                                                                                                      \
-        __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((blk) + 2))));  \
-        __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((blk) + 18)))); \
-        __m512 p = _mm512_fmadd_ps(q1, _mm512_loadu_ps((x) + 16), _mm512_mul_ps(q0, _mm512_loadu_ps(x)));    \
-        acc = _mm512_fmadd_ps(p, _mm512_set1_ps(_cvtsh_ss(rd16(blk))), acc);                                  \
-    } while (0)
+static inline __attribute__((always_inline)) void ggml_row(const int Q41, const int NB, const uint8_t *blk,
+                                                          Py_ssize_t nb, const int16_t *x, const float *dxs,
+                                                          Py_ssize_t pc, float *out) {
+    const Py_ssize_t bytes = Q41 ? Q41_BYTES : Q80_BYTES, dstride = 2 * nb;
+    facc a0[4], a1[4];
+    __m128 m0[4], m1[4]; /* lane 1: sum of m * xs */
+    for (int j = 0; j < NB; j++) a0[j] = a1[j] = FACC_ZERO, m0[j] = m1[j] = _mm_setzero_ps();
     Py_ssize_t b = 0;
-    for (; b + 2 <= nb; b += 2, blk += 2 * Q80_BYTES, x += 2 * QK) {
-        Q80_BLOCK(acc0, blk, x);
-        Q80_BLOCK(acc1, blk + Q80_BYTES, x + QK);
+    for (; b + 2 <= nb; b += 2, blk += 2 * bytes) {
+        ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a0, m0);
+        ggml_block(Q41, NB, ggml_widen(Q41, blk + bytes), load_dm(blk + bytes), x + (b + 1) * QK, dxs + 2 * (b + 1),
+                   pc, dstride, a1, m1);
     }
-    if (b < nb) Q80_BLOCK(acc0, blk, x);
-#undef Q80_BLOCK
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-#elif LB_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (Py_ssize_t b = 0; b < nb; b++, blk += Q80_BYTES, x += QK) {
-        const uint8_t *q = blk + 2;
-        __m256 p = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))),
-                                 _mm256_loadu_ps(x));
-        for (int j = 1; j < 4; j++)
-            p = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * j)))),
-                _mm256_loadu_ps(x + 8 * j), p);
-        acc = _mm256_fmadd_ps(p, _mm256_set1_ps(_cvtsh_ss(rd16(blk))), acc);
-    }
-    return hsum8(acc);
-#else
-    float acc = 0.0f;
-    for (Py_ssize_t b = 0; b < nb; b++, blk += Q80_BYTES, x += QK) {
-        float p = 0.0f;
-        for (int i = 0; i < QK; i++) p += (float)(int8_t)blk[2 + i] * x[i];
-        acc += half_to_float(rd16(blk)) * p;
-    }
-    return acc;
-#endif
+    if (b < nb) ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a0, m0);
+    for (int j = 0; j < NB; j++)
+        out[j] = FACC_SUM(a0[j], a1[j]) + (Q41 ? _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(m0[j], m1[j]))) : 0.0f);
 }
+#else
+/* Portable: the same integer sums; the float sums run in block order. */
+static void ggml_row(const int Q41, const int NB, const uint8_t *blk, Py_ssize_t nb, const int16_t *q16,
+                     const float *dxs, Py_ssize_t pc, float *out) {
+    for (int j = 0; j < NB; j++) {
+        const uint8_t *bk = blk;
+        const int16_t *x = q16 + j * pc;
+        const float *ds = dxs + 2 * j * nb;
+        float acc = 0.0f, macc = 0.0f;
+        for (Py_ssize_t b = 0; b < nb; b++, x += QK, ds += 2) {
+            int32_t p = 0;
+            if (Q41) {
+                for (int i = 0; i < 16; i++) p += (bk[4 + i] & 15) * x[i] + (bk[4 + i] >> 4) * x[i + 16];
+                macc += half_to_float(rd16(bk + 2)) * ds[1];
+            } else {
+                for (int i = 0; i < QK; i++) p += (int8_t)bk[2 + i] * x[i];
+            }
+            acc += half_to_float(rd16(bk)) * ds[0] * (float)p;
+            bk += Q41 ? Q41_BYTES : Q80_BYTES;
+        }
+        out[j] = acc + macc;
+    }
+}
+#endif
 
 /* K and CHECKED are compile-time constants at every call site (see dot_row_sti), so the shuffle
  * controls, shifts and masks are hoisted and the group loop is specialised per bitwidth. */
@@ -503,13 +537,36 @@ static float dot_row_sti(const Weights *W, Py_ssize_t r, const float *x, const f
 
 static void rows_b1(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1) {
     for (Py_ssize_t r = r0; r < r1; r++) {
-        float v;
-        switch (W->kind) {
-        case K_Q41: v = dot_row_q41(W->w + r * W->row_bytes, W->nseg, A->x, A->xs); break;
-        case K_Q80: v = dot_row_q80(W->w + r * W->row_bytes, W->nseg, A->x); break;
-        default: v = dot_row_sti(W, r, A->x, A->xs); break;
-        }
+        float v = dot_row_sti(W, r, A->x, A->xs);
         y[r] = accumulate ? y[r] + v : v;
+    }
+}
+
+/* GGML kinds, any B: rows times groups of up to 4 vectors (ggml_row). */
+static void rows_ggml(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1) {
+    const Py_ssize_t nb = W->nseg, R = W->rows, pc = W->pc;
+    const int q41 = W->kind == K_Q41;
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint8_t *blk = W->w + r * W->row_bytes;
+        for (Py_ssize_t b0 = 0; b0 < A->B; b0 += 4) {
+            const int16_t *q16 = A->q16 + b0 * pc;
+            const float *dxs = A->dxs + 2 * b0 * nb;
+            float v[4] = {0};
+            int n = A->B - b0 >= 4 ? 4 : (int)(A->B - b0);
+#define GGML_CASE(N) \
+    case N: q41 ? ggml_row(1, N, blk, nb, q16, dxs, pc, v) : ggml_row(0, N, blk, nb, q16, dxs, pc, v); break
+            switch (n) {
+                GGML_CASE(4);
+                GGML_CASE(3);
+                GGML_CASE(2);
+                default: q41 ? ggml_row(1, 1, blk, nb, q16, dxs, pc, v) : ggml_row(0, 1, blk, nb, q16, dxs, pc, v);
+            }
+#undef GGML_CASE
+            for (int j = 0; j < n; j++) {
+                float *dst = y + (b0 + j) * R + r;
+                *dst = accumulate ? *dst + v[j] : v[j];
+            }
+        }
     }
 }
 
@@ -865,7 +922,9 @@ static void matvec_task(Job *J, Py_ssize_t t, int slot) {
     if (r1 > J->W.rows) r1 = J->W.rows;
     float *y = slot ? J->yh : J->y; /* helpers never touch the caller's memory */
     int accumulate = slot ? 0 : J->accumulate;
-    if (J->A.B == 1) {
+    if (J->W.kind != K_STI) {
+        rows_ggml(&J->W, &J->A, y, accumulate, r0, r1);
+    } else if (J->A.B == 1) {
         rows_b1(&J->W, &J->A, y, accumulate, r0, r1);
     } else {
         float *tile = slot_buf(J, slot, RT * J->W.pc);
@@ -1126,9 +1185,8 @@ static PyTypeObject MatrixType = {
 
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
-    return Py_BuildValue("{s:s,s:s,s:i}", "simd",
-                         LB_AVX512 ? "avx512+avx2+fma+f16c" : LB_AVX2 ? "avx2+fma+f16c" : "portable-c", "threads",
-                         LB_THREADS ? "pthreads" : "none", "max_threads", LB_THREADS ? MAX_THREADS : 1);
+    return Py_BuildValue("{s:s,s:s,s:i,s:i}", "simd", LB_SIMD, "threads", LB_THREADS ? "pthreads" : "none",
+                         "max_threads", LB_THREADS ? MAX_THREADS : 1, "revision", KERNEL_REVISION);
 }
 
 static PyObject *py_test_helper_delay(PyObject *self, PyObject *arg) {
@@ -1155,7 +1213,8 @@ static PyObject *py_pool_state(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"info", py_info, METH_NOARGS, "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int}"},
+    {"info", py_info, METH_NOARGS,
+     "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,
      "_test_helper_delay(microseconds): tests only; helpers sleep this long before each task (0: off)."},
     {"_pool_state", py_pool_state, METH_NOARGS,

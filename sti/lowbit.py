@@ -26,15 +26,19 @@ to force the fallback, as for :mod:`sti.quant`):
 * :func:`dequantize` is **bit-identical**: GGML kinds to ``gguf.quants.dequantize`` (float32
   ``d * q`` then ``+ m``, two roundings, no fused multiply-add), sti-q1 to
   :func:`sti.quant.dequantize_numpy`.
-* :func:`matvec` is **not** bit-identical, and cannot cheaply be made so: the fallback is
-  dequantize then ``x @ W.T`` in BLAS, whose summation order is its own (it differs between BLAS
-  builds and thread counts). The fused kernel also factors each segment's affine map out of its
-  sum — ``sum_s a_s * sum_i q_i x_i + c_s * sum_i x_i`` — and applies sti-q1 outliers as
-  ``(exact - quantized) * x`` corrections. Both sides are float32 sums of the same products, so
-  they differ by rounding only: the tests hold every element to
-  ``|y_c - y_numpy| <= 1e-5 * (|W| @ |x|)``. The largest ratio seen in them is about 3e-7; the
-  quantization error itself is 4e-3 of ``|W| @ |x|`` (median; 4 bits, 576x576 Gaussian weights)
-  and 2e-4 at 8 bits, so the bound is 20 to 400 times below what quantizing already changes.
+* :func:`matvec` is **not** bit-identical, and cannot cheaply be made so: float32 sums run in
+  different orders (BLAS has its own, which differs between builds and thread counts). For sti-q1
+  the fallback is dequantize then ``x @ W.T``; the fused kernel factors each segment's affine map
+  out of its sum — ``sum_s a_s * sum_i q_i x_i + c_s * sum_i x_i`` — and applies outliers as
+  ``(exact - quantized) * x`` corrections. For GGML kinds both sides round x to int16 per block of
+  32 (:func:`quantize_acts`, identical on both sides), take each block's integer dot product with
+  the weight codes exactly, and differ only in the order of the float32 sum of
+  ``d * d16 * isum (+ m * xs)`` over blocks. The tests hold every element to
+  ``|y_c - y_numpy| <= 1e-5 * (|W| @ |x|)``; the largest ratio seen is about 3e-7. Rounding x to
+  int16 moves the product by about 1e-5 of ``|W| @ |x|`` against float32 x (the ``dequant``
+  method), 400 times less than the weights' own 4-bit rounding (4e-3, median; 4 bits, 576x576
+  Gaussian weights); it buys a kernel that widens and multiplies integers instead of converting
+  every weight to float (see sti/_lowbit.c).
 
 Threads: ``threads=2`` splits rows between the calling thread and a helper of a small pthread
 pool inside ``sti._lowbit``. The caller never waits for a helper that has not started (a loaded
@@ -84,7 +88,8 @@ def has_c_kernels() -> bool:
 
 
 def kernel_info() -> dict:
-    """How the C kernels were built: ``{"simd", "threads", "max_threads"}`` (``simd`` None without them)."""
+    """How the C kernels were built: ``{"simd", "threads", "max_threads", "revision"}`` (``simd`` None
+    without them; ``revision`` changes with the kernels' speed or arithmetic)."""
     return dict(_lb.info()) if _lb is not None else {"simd": None, "threads": "none", "max_threads": 1}
 
 
@@ -268,10 +273,43 @@ def matvec(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = F
 
 
 def matvec_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
-    """Reference: :func:`dequantize_numpy`, then ``x @ W.T`` (BLAS)."""
+    """Reference. sti-q1: :func:`dequantize_numpy`, then ``x @ W.T`` (BLAS). GGML kinds: x rounded
+    to int16 blocks (:func:`quantize_acts`) and, per block, the exact integer dot product with the
+    weight codes, scaled by ``d * d16`` (plus ``m * xs`` for Q4_1), as the C kernel computes it."""
     t = as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
-    return _finish(x @ dequantize_numpy(t).T, out, accumulate)
+    if t._q is not None or 0 in t.shape:
+        return _finish(x @ dequantize_numpy(t).T, out, accumulate)
+    q16, d16, xs = quantize_acts(x.reshape(-1, t.shape[1]))  # (B, nb, 32), (B, nb), (B, nb)
+    rows, nb = t.shape[0], t.shape[1] // QK
+    blocks = np.frombuffer(t._raw, dtype=np.uint8).reshape(rows, nb, GGML[t.kind][1])
+    d = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, nb)
+    if t.kind == "ggml-q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., 4:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # (rows, nb, 32): low nibbles first
+    else:
+        codes = blocks[..., 2:].view(np.int8)
+    # integer dot products per block, exact in float64 (|sum| <= 32 * 128 * 32767 < 2**53)
+    isum = np.matmul(codes.transpose(1, 0, 2).astype(np.float64),
+                     q16.transpose(1, 2, 0).astype(np.float64)).astype(np.float32)  # (nb, rows, B)
+    y = ((d.T[:, :, None] * d16.T[:, None, :]) * isum).sum(axis=0)  # (rows, B)
+    if t.kind == "ggml-q4_1":
+        y += m @ xs.T
+    return _finish(y.T.reshape(out.shape), out, accumulate)
+
+
+def quantize_acts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (B, cols) float32, cols a multiple of 32 -> int16 codes (B, cols/32, 32), scales d16 and
+    sums xs (B, cols/32), x ~ d16 * codes per block: d16 = max|x| / 32767, codes = rint(x * (1 /
+    d16)) (0 where d16 is 0). The float32 operations of the C kernels, so both round every element
+    alike."""
+    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(x.shape[0], -1, QK)
+    d16 = np.abs(xb).max(axis=-1) / np.float32(32767)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d16 != 0, np.float32(1) / d16, np.float32(0)).astype(np.float32)
+    q16 = np.rint(xb * inv[..., None]).astype(np.int16)
+    return q16, d16, xb.sum(axis=-1, dtype=np.float32)
 
 
 def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1,
@@ -285,6 +323,7 @@ def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: 
         out += x @ w.T
     else:
         np.matmul(x, w.T, out=out)
+    _blas_at[0] = time.monotonic()
     return out
 
 
@@ -493,25 +532,34 @@ def stream_copies(nbytes: int, stream_bytes: int = STREAM_BYTES, cap: int = 256)
     return max(1, min(cap, -(-stream_bytes // max(1, nbytes))))
 
 
-def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0) -> dict[str, list[float]]:
+def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0,
+                     burst_s: float = 1e-3, max_burst: int = 8) -> dict[str, list[float]]:
     """Seconds per call of each function, the candidates interleaved (A, B, C, A, B, C, ...) and
-    the order rotated each round, after one warm-up call each. With ``prune``, candidates slower
-    than ``prune`` times the fastest in the first timed round are not timed again (a fused kernel
-    at batch 1 is ~10x faster than dequantize + matmul; timing the loser 5 times is wasted)."""
+    the order rotated each round, after one warm-up call each. A short call runs in a burst of
+    back-to-back calls (up to ``max_burst``, about ``burst_s`` in all) and only the calls after the
+    first count, as decode issues them: a pool thread that went to sleep while another candidate
+    ran must not be charged to this one. With ``prune``, candidates slower than ``prune`` times
+    the fastest in the first timed round are not timed again (a fused kernel at batch 1 is ~10x
+    faster than dequantize + matmul; timing the loser 5 times is wasted)."""
     names = list(fns)
+    burst = {}
     for n in names:
+        t0 = time.perf_counter()
         fns[n]()
+        burst[n] = 1 + max(0, min(max_burst - 1, int(burst_s / max(time.perf_counter() - t0, 1e-9))))
     times: dict[str, list[float]] = {n: [] for n in names}
     live = list(names)
     for rep in range(repeats):
         order = live[rep % len(live):] + live[:rep % len(live)]
         for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
+            for i in range(burst[n]):
+                t0 = time.perf_counter()
+                fns[n]()
+                if i or burst[n] == 1:
+                    times[n].append(time.perf_counter() - t0)
         if rep == 0 and prune:
-            best = min(times[n][0] for n in live)
-            live = [n for n in live if times[n][0] <= prune * best]
+            best = min(min(times[n]) for n in live)
+            live = [n for n in live if min(times[n]) <= prune * best]
     return times
 
 
@@ -531,16 +579,30 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
         x = x[0]
     out = np.empty((rows,) if batch == 1 else (batch, rows), dtype=np.float32)
     scratch = np.empty((rows, cols), dtype=np.float32)
-    fns = {}
+    fused, deq = {}, {}
     for th in (threads or thread_candidates()):
-        fns[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
-        fns[f"dequant/{th}"] = cycling(
-            lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
-    times = time_interleaved(fns, max(1, repeats))
+        fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
+        deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
+    # The fused kernels first, on a quiet machine: OpenBLAS's threads spin for a while after each
+    # BLAS call (dequantize + matmul), and a spinning thread takes the core the pool's helper needs;
+    # decode makes no BLAS calls, so that is not what it will see.
+    _wait_for_blas_idle()
+    times = time_interleaved(fused, max(1, repeats))
+    times.update(time_interleaved(deq, max(1, repeats)))
     med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
-    best = min((n for n in med if len(times[n]) == max(len(v) for v in times.values())), key=med.get)
+    best = min(med, key=med.get)  # a pruned candidate's one timing was 4x the best: it never wins
     method, th = best.split("/")
     return KernelChoice(kind, (rows, cols), bits, batch, method, int(th), {n: round(v, 5) for n, v in med.items()})
+
+
+BLAS_SPIN_S = 0.3  # how long after a BLAS call its threads may still be spinning (OpenBLAS: ~0.1 s)
+_blas_at = [0.0]  # time.monotonic() of this module's last BLAS call
+
+
+def _wait_for_blas_idle() -> None:
+    left = _blas_at[0] + BLAS_SPIN_S - time.monotonic()
+    if left > 0:
+        time.sleep(left)
 
 
 def cycling(fn, items):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sti import lowbit
 from sti.loaders.builtin import BUILTIN, package_dir
 
 
@@ -36,3 +37,21 @@ def tiny_bert(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def exact_product(t, x) -> np.ndarray:
+    """x @ W.T in float64 as the kernels define it: for GGML kinds x enters the block dot products
+    rounded to int16 blocks (lowbit.quantize_acts) while Q4_1's offsets m meet the exact sums of x."""
+    w = lowbit.dequantize_numpy(t).astype(np.float64)
+    x = np.asarray(x, dtype=np.float32)
+    if t.kind == "sti-q1":
+        return x.astype(np.float64) @ w.T
+    x2 = x.reshape(-1, t.shape[1])
+    q16, d16, _ = lowbit.quantize_acts(x2)
+    xq = (q16 * d16[..., None].astype(np.float64)).reshape(x2.shape)
+    y = xq @ w.T
+    if t.kind == "ggml-q4_1":  # w = d*q + m: the m part takes x itself
+        blocks = np.frombuffer(t._raw, dtype=np.uint8).reshape(t.shape[0], -1, 20)
+        m = np.repeat(blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64), lowbit.QK, axis=1)
+        y += (x2.astype(np.float64) - xq) @ m.T
+    return y.reshape(x.shape[:-1] + (t.shape[0],))

@@ -35,7 +35,9 @@ def test_lossless_streaming_is_token_identical_to_in_memory(tiny):
         assert greedy(gen, PROMPT) == want
         assert greedy(small, PROMPT) == want
         x = np.asarray([PROMPT])
-        np.testing.assert_allclose(small.logits(x), ref.logits(x), rtol=0, atol=1e-4)
+        # same weights; the kernel measured fastest per shape may differ between the two (fused
+        # products round x to int16 blocks, dequantize + BLAS does not): ~2e-4 here
+        np.testing.assert_allclose(small.logits(x), ref.logits(x), rtol=0, atol=1e-3)
         io = small.engine._io
         assert io.stats["reads"] > 0 and io.stats["bytes"] > 0  # it really streamed
     finally:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import builtin_or_skip
+from conftest import builtin_or_skip, exact_product
 
 from sti import lowbit as lb
 from sti import quant
@@ -124,7 +124,7 @@ def test_matvec_accumulates_into_out(rng):
         out = base.copy()
         assert lb.matvec(t, x, out, accumulate=True) is out
         w = lb.dequantize_numpy(t)
-        assert_close(out - base, x.astype(np.float64) @ w.T.astype(np.float64), w, x)
+        assert_close(out - base, exact_product(t, x), w, x)
         out1 = base[0].copy()
         lb.matvec(t, x[0], out1, accumulate=True, threads=2)
         assert np.allclose(out1, out[0], rtol=0, atol=1e-5 * float(np.abs(out).max()))
@@ -290,7 +290,7 @@ def test_smollm2_tensors_match_gguf(rng):
             want = quants.dequantize(raw, qtype).astype(np.float32)
             assert np.array_equal(lb.dequantize(part).view(np.uint32), want.view(np.uint32))
             x = rng.standard_normal((3, t.shape[1])).astype(np.float32)
-            assert_close(lb.matvec(part, x, threads=2), x.astype(np.float64) @ want.T.astype(np.float64), want, x)
+            assert_close(lb.matvec(part, x, threads=2), exact_product(part, x), want, x)
         with pytest.raises(ValueError, match="Q4_1 and Q8_0"):
             lb.from_gguf(gf, "output_norm.weight")
     finally:
@@ -323,10 +323,27 @@ def test_both_methods_of_a_choice_agree(rng):
     t = lb.random_tensor("ggml-q4_1", (64, 96))
     x = rng.standard_normal((5, 96)).astype(np.float32)
     w = lb.dequantize_numpy(t)
+    # "dequant" multiplies float x; "fused" rounds x to int16 blocks first
+    want = {"dequant": x.astype(np.float64) @ w.T.astype(np.float64), "fused": exact_product(t, x)}
     for method in lb.METHODS:
         c = lb.KernelChoice("ggml-q4_1", (64, 96), 4, 8, method, 2)
-        assert_close(c.matvec(t, x, scratch=np.empty((64, 96), np.float32)),
-                     x.astype(np.float64) @ w.T.astype(np.float64), w, x)
+        assert_close(c.matvec(t, x, scratch=np.empty((64, 96), np.float32)), want[method], w, x)
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+def test_int16_activations_cost_far_less_than_the_weights_own_rounding(rng, kind):
+    """The documented size of rounding x to int16 blocks: ~1e-5 of |W| @ |x|, against the 4-bit
+    weights' own ~4e-3."""
+    t = lb.random_tensor(kind, (576, 576), seed=3)
+    w = lb.dequantize_numpy(t).astype(np.float64)
+    x = rng.standard_normal((4, 576)).astype(np.float32)
+    rel = np.abs(lb.matvec(t, x) - x @ w.T) / (np.abs(x) @ np.abs(w).T)
+    assert np.median(rel) < 3e-5 and rel.max() < 3e-4
+    q16, d16, xs = lb.quantize_acts(x)
+    assert q16.dtype == np.int16 and np.abs(q16).max() == 32767  # each block's largest |x| maps to 32767
+    assert np.allclose(xs, x.reshape(4, -1, 32).sum(-1), rtol=1e-5, atol=1e-5)
+    zero = lb.quantize_acts(np.zeros((1, 64), np.float32))
+    assert not zero[0].any() and not zero[1].any()
 
 
 def test_profile_round_trips_and_is_consulted(tmp_path):
