@@ -195,9 +195,24 @@ class Generator:
         w = {n: t if isinstance(t, np.ndarray) else Packed(t, self.kernels) for n, t in ckpt.weights.items()}
         self.globals = {n: w[n] for n in llama.GLOBAL_NAMES if n in w}
         self.layers = [self._fuse(llama.layer_weights(w, i)) for i in range(self.cfg.num_layers)]
+        self._measure_decode_kernels()
         self.weight_bytes = sum(getattr(t, "nbytes", 0) for t in ckpt.weights.values())
         self.engine = None
         self.stop_ids = set(self.special.get("stop_ids") or [])
+
+    def _measure_decode_kernels(self) -> None:
+        """Choose the one-token kernel of every packed shape now, before anything runs: measured
+        later, mid-request, the timings would share the CPU with threads that the prompt's
+        matrix products (BLAS) and tokenizer leave spinning, and two threads would look no
+        faster than one. Cached per machine, so this costs ~1 s once."""
+        from sti.linops import Packed
+
+        seen = set()
+        for op in [*self.globals.values(), *(v for layer in self.layers for v in layer.values())]:
+            if isinstance(op, Packed) and (op.t.kind, op.shape) not in seen:
+                seen.add((op.t.kind, op.shape))
+                op._kernel(1)
+        _save_kernel_profile(self.kernels)
 
     @staticmethod
     def _fuse(layer: dict) -> dict:

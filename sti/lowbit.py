@@ -323,7 +323,6 @@ def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: 
         out += x @ w.T
     else:
         np.matmul(x, w.T, out=out)
-    _blas_at[0] = time.monotonic()
     return out
 
 
@@ -584,9 +583,11 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
         fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
         deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
     # The fused kernels first, on a quiet machine: OpenBLAS's threads spin for a while after each
-    # BLAS call (dequantize + matmul), and a spinning thread takes the core the pool's helper needs;
-    # decode makes no BLAS calls, so that is not what it will see.
-    _wait_for_blas_idle()
+    # BLAS call (dequantize + matmul here, or any NumPy matmul before this call), and a spinning
+    # thread takes the core the pool's helper needs; decode makes no BLAS calls, so that is not
+    # what it will see. Below BLAS_QUIET_ELEMS one thread wins anyway and the wait is skipped.
+    if max(threads or thread_candidates()) > 1 and rows * cols >= BLAS_QUIET_ELEMS:
+        time.sleep(BLAS_SPIN_S)
     times = time_interleaved(fused, max(1, repeats))
     times.update(time_interleaved(deq, max(1, repeats)))
     med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
@@ -595,14 +596,8 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
     return KernelChoice(kind, (rows, cols), bits, batch, method, int(th), {n: round(v, 5) for n, v in med.items()})
 
 
-BLAS_SPIN_S = 0.3  # how long after a BLAS call its threads may still be spinning (OpenBLAS: ~0.1 s)
-_blas_at = [0.0]  # time.monotonic() of this module's last BLAS call
-
-
-def _wait_for_blas_idle() -> None:
-    left = _blas_at[0] + BLAS_SPIN_S - time.monotonic()
-    if left > 0:
-        time.sleep(left)
+BLAS_SPIN_S = 0.15  # how long after a BLAS call its threads may still spin (OpenBLAS: 2^28 cycles, ~0.1 s)
+BLAS_QUIET_ELEMS = 1 << 16  # matrices from this size on are timed after that wait
 
 
 def cycling(fn, items):
