@@ -19,6 +19,12 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <errno.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#define STI_HAVE_MADVISE 1
+#endif
 
 #define BLOCK 2048 /* codes unpacked per block: a multiple of 8; tmp[] stays in L1 */
 
@@ -379,7 +385,43 @@ static PyObject *py_sum64(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(s0 + s1 + s2 + s3);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * advise(buf, advice): madvise(2) over the pages of buf (a view of a memory-mapped file), with
+ * the GIL released. The streaming decoder's IO worker faults shards in (MADV_POPULATE_READ) and
+ * drops them (MADV_DONTNEED) this way while the compute thread runs Python; mmap.madvise holds
+ * the GIL for the whole call. buf must start on a page boundary. */
+static PyObject *py_advise(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    int advice;
+    if (!PyArg_ParseTuple(args, "y*i", &b, &advice)) return NULL;
+#ifdef STI_HAVE_MADVISE
+    long page = sysconf(_SC_PAGESIZE);
+    if (page <= 0 || ((uintptr_t)b.buf % (uintptr_t)page) != 0) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "advise: the buffer must start on a page boundary");
+        return NULL;
+    }
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = madvise(b.buf, (size_t)b.len, advice);
+    if (rc != 0) err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&b);
+    if (rc != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+#else
+    PyBuffer_Release(&b);
+    PyErr_SetString(PyExc_OSError, "advise: madvise is not available on this platform");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"advise", py_advise, METH_VARARGS,
+     "advise(buf, advice): madvise(2) over buf's pages with the GIL released (buf page-aligned)."},
     {"dequant", py_dequant, METH_VARARGS,
      "dequant(codes, bits, scale, offset, group_size, rows, cols, out): packed k-bit codes to float32.\n"
      "out[r, c] = float32(code) * scale[group] + offset[group] (two float32 roundings), written into the\n"

@@ -238,7 +238,7 @@ class Generator:
     @classmethod
     def from_store(cls, store, memory: str | int = 0, bits: int | str | None = None, batch: int = 1,
                    context: int | None = None, storage: str | None = None, preload: bool = True,
-                   token_latency: str | float | None = None) -> "Generator":
+                   token_latency: str | float | None = None, io: str = "auto") -> "Generator":
         """A decoder streaming the shard store ``store`` under ``memory`` bytes (e.g. "16MB"; 0:
         unbounded) for requests of up to ``batch`` sequences x ``context`` tokens (prompt and
         generated; default: what the budget allows). The plan (``sti.plan_decoder``) runs every
@@ -264,7 +264,8 @@ class Generator:
                                  token_latency=target, storage=storage)
         self.kernels = _kernel_profile()
         self.engine = StreamingDecoder(st, self.plan.schedule, throttle=parse_storage(storage), batch=batch,
-                                       context=self.plan.context, slots=self.plan.slots, kernel_profile=self.kernels)
+                                       context=self.plan.context, slots=self.plan.slots, kernel_profile=self.kernels,
+                                       io=io)
         self.weight_bytes = self.engine.weight_bytes
         self.stop_ids = set(self.special.get("stop_ids") or [])
         return self

@@ -13,6 +13,10 @@ shard store, and on the shards of one layer streamed from storage:
               outputs side by side.
 ``ColSum``    shards cut along the input axis (the output projection of a group of heads, the
               down projection of a neuron slice): each reads its slice of x; the outputs add up.
+``SegmentStack`` shards whose outputs interleave: each part stacks the same segments (the q, k
+              and v rows of one KV-head group; the gate and up rows of one neuron slice), and the
+              result is every part's first segment, then every part's second, and so on. One
+              kernel call per part instead of one per segment and part.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Packed:
             else:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch,
                                         "fused" if lowbit.has_c_kernels() else "dequant", 1)
+            if c.method == "dequant" and not self._fits and batch <= FUSED_MAX_BATCH:
+                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "fused", c.threads)  # no room to dequantize
             self._choice[batch] = c
             if c.method == "fused" and self.t._m is not None:
                 self._direct[batch] = (self.t._m, c.threads)
@@ -150,6 +156,56 @@ class ColSum:
         for k, (p, a, b) in enumerate(zip(self.parts, self.bounds, self.bounds[1:])):
             _apply(p, np.ascontiguousarray(x[:, a:b]), out, accumulate or k > 0)
         return out
+
+
+class SegmentStack:
+    """Parts with the same input and the same row segments ``sizes`` (e.g. [q, k, v] rows of one
+    KV group): the output is segment 0 of every part, then segment 1 of every part, ... — the
+    order of the canonical matrix the parts were cut from (all of wq, then wk, then wv)."""
+
+    def __init__(self, parts: Sequence, sizes: Sequence[int], unfused: Sequence | None = None):
+        """``unfused``: optional operators, one per segment (all parts' rows of it), that batches
+        larger than ``FUSED_MAX_BATCH`` (prefill: matrix-matrix products) run instead."""
+        self.parts = list(parts)
+        self.unfused = list(unfused) if unfused else None
+        self.sizes = [int(n) for n in sizes]
+        per_part = sum(self.sizes)
+        shapes = {tuple(p.shape) for p in self.parts}
+        if len(shapes) != 1 or next(iter(shapes))[0] != per_part:
+            raise ValueError(f"SegmentStack: parts must share one shape with {per_part} rows, got {sorted(shapes)}")
+        self.src = np.cumsum([0] + self.sizes)  # segment k: rows src[k]:src[k+1] of every part
+        self.shape = (len(self.parts) * per_part, next(iter(shapes))[1])
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        n, S, R = x.shape[0], len(self.parts), self.shape[0] // max(len(self.parts), 1)
+        if n > FUSED_MAX_BATCH and self.unfused:
+            res = np.concatenate([_apply(u, x, None, False) for u in self.unfused], axis=1)
+            if out is None:
+                return res
+            if accumulate:
+                out += res
+            else:
+                out[...] = res
+            return out
+        y = np.empty((n, S, R), np.float32)  # (n, part, its rows)
+        for k, p in enumerate(self.parts):
+            if n == 1:  # y[:, k] is one contiguous row: the kernel writes in place
+                _apply(p, x, y[:, k], False)
+            else:
+                y[:, k] = _apply(p, x, None, False)
+        res = np.empty((n, self.shape[0]), np.float32) if out is None or accumulate else out
+        dst = 0
+        for a, b in zip(self.src, self.src[1:]):
+            L = int(b - a)
+            # columns dst : dst + S*L of res, seen as (n, S, L): part k's segment goes to row block k
+            view = np.lib.stride_tricks.as_strided(res[:, dst:], shape=(n, S, L),
+                                                   strides=(res.strides[0], L * res.strides[1], res.strides[1]))
+            view[...] = y[:, :, a:b]
+            dst += S * L
+        if out is not None and accumulate:
+            out += res
+            return out
+        return res
 
 
 def stack_rows(ts) -> lowbit.LowBitTensor | None:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from sti.api import Generator
+from sti.decoder_runtime import zero_copy_supported
 from sti.errors import STIError
+from sti.linops import SegmentStack
 from sti.store import Store, pack
 
 from tiny_llama import CFG, weights, write_gguf
@@ -110,7 +112,32 @@ def test_low_bit_versions_run_within_budget(tiny):
         gen.close()
 
 
-def test_a_damaged_shard_is_named_when_streamed(tiny, tmp_path):
+@pytest.mark.skipif(not zero_copy_supported(), reason="mapped fetches need mmap with madvise (Linux)")
+def test_mapped_and_copied_fetches_give_identical_results(tiny):
+    """io="mmap" (zero-copy: pages faulted in and dropped per slot) and io="read" (pread into
+    buffers) run the same operators on the same bytes: identical logits and tokens."""
+    _, store = tiny
+    budget = _smallest(store) + 40_000
+    gens = {io: Generator.from_store(store, memory=budget, preload=False, io=io) for io in ("mmap", "read")}
+    try:
+        x = np.asarray([PROMPT])
+        np.testing.assert_array_equal(gens["mmap"].logits(x), gens["read"].logits(x))
+        assert greedy(gens["mmap"], PROMPT, n=6) == greedy(gens["read"], PROMPT, n=6)
+        eng = gens["mmap"].engine
+        assert isinstance(eng._layer_w[0]["wqkv"], SegmentStack)  # one product per shard for q, k, v
+        io = eng._io
+        assert 0 < len(io.held) <= eng.n_slots  # never more shards mapped in than slots
+        assert eng.res.peak <= budget
+    finally:
+        for g in gens.values():
+            g.close()
+    assert not io.held  # closing drops every mapped shard
+
+
+@pytest.mark.parametrize("io", ["mmap", "read"])
+def test_a_damaged_shard_is_named_when_streamed(tiny, tmp_path, io):
+    if io == "mmap" and not zero_copy_supported():
+        pytest.skip("mapped fetches need mmap with madvise (Linux)")
     import shutil
 
     _, store = tiny
@@ -124,7 +151,7 @@ def test_a_damaged_shard_is_named_when_streamed(tiny, tmp_path):
         b = f.read(1)
         f.seek(offset + 100)
         f.write(bytes([b[0] ^ 0xFF]))
-    gen = Generator.from_store(copy, memory=_smallest(copy) + 40_000, preload=False)
+    gen = Generator.from_store(copy, memory=_smallest(copy) + 40_000, preload=False, io=io)
     try:
         with pytest.raises(STIError, match=r"layer 1, index 0"):
             greedy(gen, PROMPT, n=2)

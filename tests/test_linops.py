@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sti import lowbit
-from sti.linops import ColSum, FUSED_MAX_BATCH, Packed, RowStack, stack_rows
+from sti.linops import ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, stack_rows
 from sti.ops import linear
 
 
@@ -50,6 +50,30 @@ def test_rowstack_and_colsum_equal_the_whole_matrix():
     op = ColSum([Packed(cols[0]), dense(cols[1])])  # a float32 part mixes in
     assert op.shape == (48, 128)
     close(op.apply(x), x @ wide.T, wide, x)
+
+
+@pytest.mark.parametrize("n", [1, 3, FUSED_MAX_BATCH + 2])
+def test_segment_stack_puts_each_parts_segments_in_canonical_order(n):
+    """Three "KV groups", each one matrix of its [q (48), k (16), v (16)] rows: the result is
+    every group's q, then every group's k, then every group's v — as the unsharded wq, wk, wv."""
+    sizes = (48, 16, 16)
+    groups = [lowbit.random_tensor("ggml-q4_1", (sum(sizes), 64), seed=10 + g) for g in range(3)]
+    dense_groups = [dense(t) for t in groups]
+    bounds = np.cumsum((0,) + sizes)
+    canonical = np.concatenate([d[a:b] for a, b in zip(bounds, bounds[1:]) for d in dense_groups])
+    unfused = [RowStack([Packed(lowbit.LowBitTensor("ggml-q4_1", (b - a, 64),
+                                                       np.frombuffer(t.buf, np.uint8).reshape(sum(sizes), -1)[a:b]))
+                         for t in groups]) for a, b in zip(bounds, bounds[1:])]
+    x = np.random.default_rng(4).standard_normal((n, 64)).astype(np.float32)
+    want = x @ canonical.T
+    for op in (SegmentStack([Packed(t) for t in groups], sizes),
+               SegmentStack([Packed(t) for t in groups], sizes, unfused)):
+        assert op.shape == canonical.shape
+        close(op.apply(x), want, canonical, x)
+        out = np.ones((n, op.shape[0]), np.float32)
+        close(op.apply(x, out, accumulate=True), want + 1, canonical, x)
+    with pytest.raises(ValueError, match="share one shape"):
+        SegmentStack([Packed(groups[0]), Packed(lowbit.random_tensor("ggml-q4_1", (32, 64)))], sizes)
 
 
 def test_stack_rows_and_row_lookup():
