@@ -2,7 +2,9 @@
  * Built with -ffast-math so GCC calls the SIMD erff; results agree with the NumPy
  * fallback in sti/ops.py to within 3e-7 absolute (both are within float32 rounding
  * of the exact GELU), not bit for bit. Kernels whose fallback must be bit-identical
- * (dequantisation) live in a separate extension built without fast-math. */
+ * (dequantisation) live in a separate extension built without fast-math. The one exception here,
+ * the float16 KV-cache write of attend_one, only converts with exact instructions or integer code
+ * and forces its float32 roundings (see "float16 KV cache" below). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <float.h>
@@ -117,7 +119,8 @@ static PyObject *py_layer_norm_(PyObject *self, PyObject *args) {
  * operations per layer, which cost more than the layer's matrix-vector products. These kernels
  * fuse them: rms_norm, the whole attention of one token (RoPE, KV-cache write, scores, softmax,
  * weighted values) and SiLU(gate) * up. Agreement with the NumPy path in sti/models/llama.py is to
- * float32 rounding (tests/models/test_llama.py). */
+ * float32 rounding (tests/models/test_llama.py); the float16 values written into an fp16 KV cache
+ * are bit-identical. */
 
 static void rms_norm_rows_f32(const float *x, const float *w, float *out, Py_ssize_t rows, Py_ssize_t n, float eps) {
     for (Py_ssize_t r = 0; r < rows; r++) {
@@ -168,19 +171,150 @@ static void rope_head(const float *x, const float *c, const float *s, Py_ssize_t
     }
 }
 
+/* ------------------------------------------------------------------------- float16 KV cache
+ * An fp16 cache (llama.cpp's default KV type) holds IEEE binary16 bit patterns as uint16. Writes
+ * round float32 to nearest even, as numpy's astype(np.float16) does, and must give the same bits:
+ * the NumPy path of sti/models/llama.py is the reference. Where the compiler targets F16C the
+ * hardware converts (exact IEEE conversions, unaffected by fast math); otherwise the integer
+ * conversions below, which only move bits, so -ffast-math cannot change them either. Both agree with
+ * numpy for every non-NaN value; a NaN stays a NaN (the integer path keeps numpy's payload bits, the
+ * hardware also quiets a signalling NaN). */
+
+static uint16_t f16_bits_portable(float x) {
+    uint32_t f;
+    memcpy(&f, &x, sizeof f);
+    const uint16_t sign = (uint16_t)((f >> 16) & 0x8000u);
+    const uint32_t mag = f & 0x7fffffffu;
+    if (mag >= 0x7f800000u) { /* inf; a NaN keeps its top 10 payload bits and never becomes inf */
+        if (mag == 0x7f800000u) return sign | 0x7c00u;
+        const uint32_t m = (mag >> 13) & 0x3ffu;
+        return sign | 0x7c00u | (m ? m : 1u);
+    }
+    if (mag >= 0x477ff000u) return sign | 0x7c00u; /* >= 65520, half-way above 65504: overflows to inf */
+    if (mag >= 0x38800000u) {                       /* >= 2^-14: a normal half */
+        uint32_t r = mag - 0x38000000u;             /* exponent bias 127 -> 15 */
+        r += 0x0fffu + ((r >> 13) & 1u);            /* round the 13 dropped bits to nearest even; a carry */
+        return sign | (uint16_t)(r >> 13);          /* into the exponent is the correctly rounded result */
+    }
+    const uint32_t e = mag >> 23;
+    if (e < 102) return sign; /* below 2^-25 (float32 subnormals included): rounds to a signed zero */
+    /* a half subnormal: m 2^-24 with m = round(significand >> shift), ties to even (m = 1024 is 2^-14) */
+    const uint32_t sig = (mag & 0x7fffffu) | 0x800000u, shift = 126 - e; /* 14 .. 24 */
+    uint32_t m = sig >> shift;
+    const uint32_t rest = sig & ((1u << shift) - 1u), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (m & 1u))) m++;
+    return sign | (uint16_t)m;
+}
+
+static inline float f32_from_f16_portable(uint16_t h) { /* exact; branches the compiler can if-convert */
+    const uint32_t mag = h & 0x7fffu;
+    uint32_t f = (mag << 13) + 0x38000000u; /* a normal half: exponent bias 15 -> 127 */
+    if (mag >= 0x7c00u) f += 0x38000000u;   /* inf, NaN: exponent all ones, payload kept */
+    if (mag < 0x0400u) {                    /* zero, subnormal: mag 2^-24, exact in float32 */
+        const float sub = (float)mag * 0x1p-24f;
+        memcpy(&f, &sub, sizeof f);
+    }
+    f |= (uint32_t)(h & 0x8000u) << 16;
+    float x;
+    memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#define F16_ROUND (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define f16_bits(x) _cvtss_sh((x), F16_ROUND)
+#define f32_from_f16(h) _cvtsh_ss(h)
+#define load_f16x8(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#if defined(__FMA__)
+#define fmadd8(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#else
+#define fmadd8(a, b, c) _mm256_add_ps(_mm256_mul_ps((a), (b)), (c))
+#endif
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+#define f16_bits(x) f16_bits_portable(x)
+#define f32_from_f16(h) f32_from_f16_portable(h)
+#endif
+
+static void f16_from_f32_row(const float *x, uint16_t *h, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), F16_ROUND));
+#endif
+    for (; i < n; i++) h[i] = f16_bits(x[i]);
+}
+
+static void f32_from_f16_row(const uint16_t *h, float *x, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, load_f16x8(h + i));
+#endif
+    for (; i < n; i++) x[i] = f32_from_f16(h[i]);
+}
+
+/* q . k for a float32 query and a float16 key */
+static inline float dot_f16(const float *q, const uint16_t *k, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    float d = 0.0f;
+#if defined(__F16C__)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(); /* two chains: hd 64 is 8 FMAs */
+    for (; i + 16 <= n; i += 16) {
+        acc0 = fmadd8(_mm256_loadu_ps(q + i), load_f16x8(k + i), acc0);
+        acc1 = fmadd8(_mm256_loadu_ps(q + i + 8), load_f16x8(k + i + 8), acc1);
+    }
+    if (i + 8 <= n) acc0 = fmadd8(_mm256_loadu_ps(q + i), load_f16x8(k + i), acc0), i += 8;
+    d = hsum8(_mm256_add_ps(acc0, acc1));
+#endif
+#pragma omp simd reduction(+ : d)
+    for (Py_ssize_t r = i; r < n; r++) d += q[r] * f32_from_f16(k[r]);
+    return d;
+}
+
+/* o += p v for a float16 value row */
+static inline void axpy_f16(float *o, float p, const uint16_t *v, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#if defined(__F16C__)
+    const __m256 pp = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, fmadd8(pp, load_f16x8(v + i), _mm256_loadu_ps(o + i)));
+#endif
+#pragma omp simd
+    for (Py_ssize_t r = i; r < n; r++) o[r] += p * f32_from_f16(v[r]);
+}
+
+/* RoPE of a key bound for an fp16 cache, rounded exactly as the NumPy reference rounds it:
+ * x*cos + rotate_half(x)*sin with each product and the sum rounded to float32. Fast math would fuse
+ * a product into an FMA (one rounding fewer), and a key one float32 ulp off can round to a different
+ * float16; the volatile temporaries force every rounding. hd values per KV head and token: cheap. */
+static void rope_head_rounded(const float *x, const float *c, const float *s, Py_ssize_t hd, float *out) {
+    Py_ssize_t h = hd / 2;
+    for (Py_ssize_t i = 0; i < h; i++) {
+        volatile float a = x[i] * c[i], b = x[i + h] * s[i], a2 = x[i + h] * c[i + h], b2 = x[i] * s[i + h];
+        out[i] = a - b;
+        out[i + h] = a2 + b2;
+    }
+}
+
 typedef struct {
     Py_ssize_t B, n_q, n_kv, hd, cap, start, cos_rows;
     const float *qkv, *cos, *sin;
     const int64_t *pad; /* (B,) or NULL */
-    float *k, *v, *out;
+    void *k, *v;        /* caches: float32, or float16 bits (uint16) */
+    float *out;
 } Attend;
 
-static int attend_one(const Attend *a) {
+/* The kernel for either cache type; f16 is a constant in each caller, so each gets its own code and
+ * the float32 one is the loop it always was. */
+static inline __attribute__((always_inline)) int attend_one_any(const Attend *a, const int f16) {
     const Py_ssize_t hd = a->hd, g = a->n_q / a->n_kv, end = a->start + 1, width = (a->n_q + 2 * a->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *scores = malloc((size_t)(end + hd) * sizeof(float));
+    float *scores = malloc((size_t)(end + 2 * hd) * sizeof(float));
     if (!scores) return -1;
-    float *q = scores + end;
+    float *q = scores + end, *kr = q + hd; /* kr: the rotated key before it is rounded to float16 */
     for (Py_ssize_t b = 0; b < a->B; b++) {
         const float *row = a->qkv + b * width;
         const float *c = a->cos + (a->cos_rows > 1 ? b : 0) * hd, *s = a->sin + (a->cos_rows > 1 ? b : 0) * hd;
@@ -188,17 +322,31 @@ static int attend_one(const Attend *a) {
         if (first < 0) first = 0;
         if (first > a->start) first = a->start;
         for (Py_ssize_t j = 0; j < a->n_kv; j++) { /* this token's key (rotated) and value into the cache */
-            float *kc = a->k + ((b * a->n_kv + j) * a->cap) * hd, *vc = a->v + ((b * a->n_kv + j) * a->cap) * hd;
-            rope_head(row + (a->n_q + j) * hd, c, s, hd, kc + a->start * hd);
-            memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
+            const Py_ssize_t base = ((b * a->n_kv + j) * a->cap) * hd;
+            float *kc = NULL, *vc = NULL;
+            uint16_t *kh = NULL, *vh = NULL;
+            if (f16) {
+                kh = (uint16_t *)a->k + base, vh = (uint16_t *)a->v + base;
+                rope_head_rounded(row + (a->n_q + j) * hd, c, s, hd, kr);
+                f16_from_f32_row(kr, kh + a->start * hd, hd);
+                f16_from_f32_row(row + (a->n_q + a->n_kv + j) * hd, vh + a->start * hd, hd);
+            } else {
+                kc = (float *)a->k + base, vc = (float *)a->v + base;
+                rope_head(row + (a->n_q + j) * hd, c, s, hd, kc + a->start * hd);
+                memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
+            }
             for (Py_ssize_t h = j * g; h < (j + 1) * g; h++) {
                 rope_head(row + h * hd, c, s, hd, q);
                 float m = -FLT_MAX, sum = 0.0f; /* finite: this file is built with fast math */
                 for (Py_ssize_t t = first; t < end; t++) {
-                    const float *kt = kc + t * hd;
                     float d = 0.0f;
+                    if (f16) {
+                        d = dot_f16(q, kh + t * hd, hd);
+                    } else {
+                        const float *kt = kc + t * hd;
 #pragma omp simd reduction(+ : d)
-                    for (Py_ssize_t i = 0; i < hd; i++) d += q[i] * kt[i];
+                        for (Py_ssize_t i = 0; i < hd; i++) d += q[i] * kt[i];
+                    }
                     scores[t] = d * scale;
                     m = scores[t] > m ? scores[t] : m;
                 }
@@ -209,9 +357,14 @@ static int attend_one(const Attend *a) {
                 float inv = 1.0f / sum, *o = a->out + b * a->n_q * hd + h * hd;
                 for (Py_ssize_t i = 0; i < hd; i++) o[i] = 0.0f;
                 for (Py_ssize_t t = first; t < end; t++) {
-                    const float *vt = vc + t * hd, p = scores[t] * inv;
+                    const float p = scores[t] * inv;
+                    if (f16) {
+                        axpy_f16(o, p, vh + t * hd, hd);
+                    } else {
+                        const float *vt = vc + t * hd;
 #pragma omp simd
-                    for (Py_ssize_t i = 0; i < hd; i++) o[i] += p * vt[i];
+                        for (Py_ssize_t i = 0; i < hd; i++) o[i] += p * vt[i];
+                    }
                 }
             }
         }
@@ -220,16 +373,30 @@ static int attend_one(const Attend *a) {
     return 0;
 }
 
+static int attend_one_f32(const Attend *a) { return attend_one_any(a, 0); }
+static int attend_one_f16(const Attend *a) { return attend_one_any(a, 1); }
+
+static int check_kv(const Py_buffer *b, Py_ssize_t values, int elsize, const char *what) {
+    if (b->itemsize != elsize || b->len != elsize * values || !PyBuffer_IsContiguous(b, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s must be a C-contiguous float%d buffer of %zd values", what, 8 * elsize,
+                     values);
+        return -1;
+    }
+    return 0;
+}
+
 /* attend_one(qkv, k_cache, v_cache, start, cos, sin, pad, n_q, out): one token per sequence.
  * qkv (B, (n_q + 2 n_kv) hd): its q, k, v before RoPE; k_cache, v_cache (B, n_kv, cap, hd): the
  * rotated k and v are written at slot `start`, then each query head attends over slots
- * pad[b] .. start of its KV head; cos, sin (1 or B, hd); pad (B,) int64 or None; out (B, n_q hd). */
+ * pad[b] .. start of its KV head; cos, sin (1 or B, hd); pad (B,) int64 or None; out (B, n_q hd).
+ * kv_elsize (default 4): the caches' element size, 4 for float32 or 2 for float16 (both caches alike). */
 static PyObject *py_attend_one(PyObject *self, PyObject *args) {
     Py_buffer qkv, k, v, cs, sn, out, pad = {0};
     PyObject *pad_obj;
     Py_ssize_t start, n_q, B, n_kv, cap, hd;
-    if (!PyArg_ParseTuple(args, "y*w*w*ny*y*Onw*(nnnn)", &qkv, &k, &v, &start, &cs, &sn, &pad_obj, &n_q, &out, &B,
-                          &n_kv, &cap, &hd))
+    int elsize = 4;
+    if (!PyArg_ParseTuple(args, "y*w*w*ny*y*Onw*(nnnn)|i", &qkv, &k, &v, &start, &cs, &sn, &pad_obj, &n_q, &out, &B,
+                          &n_kv, &cap, &hd, &elsize))
         return NULL;
     int has_pad = pad_obj != Py_None, ok = 0;
     if (has_pad && PyObject_GetBuffer(pad_obj, &pad, PyBUF_C_CONTIGUOUS) < 0) goto done;
@@ -239,8 +406,12 @@ static PyObject *py_attend_one(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "attend_one: inconsistent shapes");
         goto done;
     }
-    if (check_f32(&qkv, B * (n_q + 2 * n_kv) * hd, "qkv") || check_f32(&k, B * n_kv * cap * hd, "k_cache") ||
-        check_f32(&v, B * n_kv * cap * hd, "v_cache") || check_f32(&cs, cos_rows * hd, "cos") ||
+    if (elsize != 4 && elsize != 2) {
+        PyErr_SetString(PyExc_ValueError, "attend_one: kv_elsize must be 4 (float32 caches) or 2 (float16 caches)");
+        goto done;
+    }
+    if (check_f32(&qkv, B * (n_q + 2 * n_kv) * hd, "qkv") || check_kv(&k, B * n_kv * cap * hd, elsize, "k_cache") ||
+        check_kv(&v, B * n_kv * cap * hd, elsize, "v_cache") || check_f32(&cs, cos_rows * hd, "cos") ||
         check_f32(&sn, cos_rows * hd, "sin") || check_f32(&out, B * n_q * hd, "out"))
         goto done;
     if (has_pad && (pad.itemsize != 8 || pad.len != 8 * B)) {
@@ -251,7 +422,7 @@ static PyObject *py_attend_one(PyObject *self, PyObject *args) {
                 k.buf, v.buf, out.buf};
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = attend_one(&a);
+    err = elsize == 2 ? attend_one_f16(&a) : attend_one_f32(&a);
     Py_END_ALLOW_THREADS
     if (err) PyErr_NoMemory();
     else ok = 1;
@@ -260,6 +431,39 @@ done:
     PyBuffer_Release(&sn), PyBuffer_Release(&out);
     if (has_pad && pad.obj) PyBuffer_Release(&pad);
     if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* f16_convert(src, dst, portable): float32 -> float16 bits (src itemsize 4, dst 2) or back (2 -> 4), n
+ * values, with the conversions the fp16 KV cache uses (F16C where built) or, portable=1, with the
+ * integer conversions a build without F16C uses. For tests: numpy is the reference for both. */
+static PyObject *py_f16_convert(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    int portable;
+    if (!PyArg_ParseTuple(args, "y*w*p", &src, &dst, &portable)) return NULL;
+    Py_ssize_t n = src.itemsize ? src.len / src.itemsize : 0;
+    int down = src.itemsize == 4 && dst.itemsize == 2, up = src.itemsize == 2 && dst.itemsize == 4;
+    int ok = (down || up) && dst.len == n * dst.itemsize && PyBuffer_IsContiguous(&src, 'C') &&
+             PyBuffer_IsContiguous(&dst, 'C');
+    if (ok) {
+        const float *f = src.buf;
+        const uint16_t *h = src.buf;
+        Py_BEGIN_ALLOW_THREADS
+        if (down && portable)
+            for (Py_ssize_t i = 0; i < n; i++) ((uint16_t *)dst.buf)[i] = f16_bits_portable(f[i]);
+        else if (down)
+            f16_from_f32_row(f, dst.buf, n);
+        else if (portable)
+            for (Py_ssize_t i = 0; i < n; i++) ((float *)dst.buf)[i] = f32_from_f16_portable(h[i]);
+        else
+            f32_from_f16_row(h, dst.buf, n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&src), PyBuffer_Release(&dst);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "f16_convert: float32 -> uint16/float16 or back, contiguous, same length");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -295,11 +499,24 @@ static PyMethodDef methods[] = {
     {"softmax_", py_softmax_, METH_VARARGS, "In-place softmax over runs of n float32 values."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out): RMSNorm over rows of len(w) values."},
     {"attend_one", py_attend_one, METH_VARARGS,
-     "attend_one(qkv, k_cache, v_cache, start, cos, sin, pad, n_q, out, (B, n_kv, cap, hd)): decode attention."},
+     "attend_one(qkv, k_cache, v_cache, start, cos, sin, pad, n_q, out, (B, n_kv, cap, hd)[, kv_elsize]): decode "
+     "attention over float32 (kv_elsize 4) or float16 (2) caches."},
+    {"f16_convert", py_f16_convert, METH_VARARGS,
+     "f16_convert(src, dst, portable): float32 <-> float16 as the fp16 KV cache converts (tests)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, n): out = silu(gate) * up."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastmath", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastmath(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastmath(void) {
+    PyObject *m = PyModule_Create(&module);
+#if defined(__F16C__)
+    const int f16c = 1;
+#else
+    const int f16c = 0;
+#endif
+    /* whether the fp16 KV cache converts with F16C instructions (1) or the portable integer code (0) */
+    if (m && PyModule_AddIntConstant(m, "F16C", f16c) < 0) Py_CLEAR(m);
+    return m;
+}

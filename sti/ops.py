@@ -1,4 +1,5 @@
-"""Tensor primitives of the NumPy runtime. Pure functions on float32 arrays."""
+"""Tensor primitives of the NumPy runtime. Pure functions on float32 arrays (the decode attention
+also reads and writes float16 KV caches)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,10 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     return silu(gate_up[..., :n]) * gate_up[..., n:]
 
 
+# Element types of the KV caches :func:`attend_one` reads and writes (both caches alike).
+ATTEND_ONE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
 def has_attend_one() -> bool:
     """Whether the C decode-attention kernel (:func:`attend_one`) is built."""
     return _attend_one_c is not None
@@ -111,11 +116,19 @@ def attend_one(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start:
     holds its q, k, v before RoPE; the rotated k and v are written into the caches (B, n_kv, cap,
     hd) at slot ``start``, and each query head attends over its KV head's slots ``pad[b]..start``.
     cos, sin (1 or B, hd). Returns the context (B, n_q hd). ``sti.models.llama.attention`` is the
-    NumPy reference."""
+    NumPy reference.
+
+    The caches are both float32 or both float16 (:data:`ATTEND_ONE_DTYPES`). A float16 cache gets
+    k and v rounded to nearest even, bit for bit as ``astype(np.float16)`` rounds them, and the
+    scores and the weighted sum are computed in float32 from the stored values, this token's
+    included."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in ATTEND_ONE_DTYPES:
+        raise ValueError(f"attend_one: k_cache and v_cache must both be float32 or both float16, "
+                         f"not {k_cache.dtype} and {v_cache.dtype}")
     B, n_kv, cap, hd = k_cache.shape
     out = np.empty((B, n_q * hd), np.float32)
     _attend_one_c(qkv, k_cache, v_cache, start, cos, sin, None if pad is None else np.asarray(pad, np.int64),
-                  n_q, out, (B, n_kv, cap, hd))
+                  n_q, out, (B, n_kv, cap, hd), k_cache.itemsize)
     return out
 
 

@@ -5,6 +5,10 @@ over per-layer weight dicts, with a KV cache and the two regimes of generation: 
 A layer dict may hold a subset of KV-head groups (rows of wk/wv, the rows of wq of the query
 heads in those groups, the matching columns of wo) and a subset of FFN neurons; the layer runs
 at the width it is given.
+
+The KV cache holds float32 or, as llama.cpp does by default, float16 keys and values (half the
+memory): k and v are rounded to float16 when written and attention computes in float32 from the
+stored values.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import attend_one, has_attend_one, linear, rms_norm, silu, silu_mul, softmax_
+from sti.ops import ATTEND_ONE_DTYPES, attend_one, has_attend_one, linear, rms_norm, silu, silu_mul, softmax_
 
 
 @dataclass(frozen=True)
@@ -120,16 +124,46 @@ def layer_weights(weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.nda
     return {n: weights[f"layers.{i}.{n}"] for n in LAYER_NAMES}
 
 
-class KVCache:
-    """Keys and values of every layer for a batch: (B, n_kv, capacity, hd) each, filled to ``length``."""
+# Element types of the KV cache, by name: float32, or float16 as llama.cpp's default KV cache
+# (half the memory; keys and values rounded to nearest even when written).
+KV_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
-    def __init__(self, cfg: LlamaConfig, batch: int, capacity: int, kv_heads: list[int] | None = None):
+
+def kv_dtype(dtype) -> np.dtype:
+    """The KV-cache element type named by ``dtype``: "fp32" or "fp16" (:data:`KV_DTYPES`), or
+    np.float32 / np.float16 (a type or a dtype). Anything else is a ValueError."""
+    if isinstance(dtype, str):
+        if dtype in KV_DTYPES:
+            return np.dtype(KV_DTYPES[dtype])
+    elif dtype is not None:  # np.dtype(None) would be float64
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            dt = None
+        if dt is not None and any(dt == t for t in KV_DTYPES.values()):
+            return dt
+    raise ValueError(f"KV cache dtype {dtype!r} is not one of {', '.join(map(repr, KV_DTYPES))} "
+                     f"or np.float32, np.float16")
+
+
+def kv_bytes_per_token(cfg: LlamaConfig, dtype=np.float32) -> int:
+    """Bytes of K and V of one token of one sequence across all layers, at full KV width."""
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_dtype(dtype).itemsize
+
+
+class KVCache:
+    """Keys and values of every layer for a batch: (B, n_kv, capacity, hd) each, filled to ``length``.
+    ``dtype``: float32, or float16 ("fp16", half the bytes; see :func:`kv_dtype`)."""
+
+    def __init__(self, cfg: LlamaConfig, batch: int, capacity: int, kv_heads: list[int] | None = None,
+                 dtype=np.float32):
         self.capacity = capacity
         self.length = 0
+        self.dtype = kv_dtype(dtype)
         self.pad: np.ndarray | None = None  # (B,) left-padding slots per sequence of a batch
         heads = kv_heads or [cfg.num_kv_heads] * cfg.num_layers
-        self.k = [np.zeros((batch, h, capacity, cfg.head_dim), np.float32) for h in heads]
-        self.v = [np.zeros((batch, h, capacity, cfg.head_dim), np.float32) for h in heads]
+        self.k = [np.zeros((batch, h, capacity, cfg.head_dim), self.dtype) for h in heads]
+        self.v = [np.zeros((batch, h, capacity, cfg.head_dim), self.dtype) for h in heads]
 
     @property
     def nbytes(self) -> int:
@@ -168,10 +202,15 @@ def attention(cfg: LlamaConfig, qkv: np.ndarray, n_q: int, k_cache: np.ndarray, 
     their q, k, v before RoPE; k and v go into the caches (B, n_kv, cap, hd) at slots
     start..start+T-1. Returns the context (B, T, n_q hd). ``pad`` (B,): sequence b's first
     ``pad[b]`` cache slots are left padding, never attended to. One token per sequence (decode)
-    runs in C when built (:func:`sti.ops.attend_one`); this NumPy code is its reference."""
+    runs in C when built (:func:`sti.ops.attend_one`); this NumPy code is its reference.
+
+    float16 caches get k and v rounded to nearest even (``astype(np.float16)``) when written; the
+    scores and the weighted sum are then computed in float32 from the stored values, so the new
+    tokens attend to their own rounded k and v exactly as later tokens will."""
     B, T, _ = qkv.shape
     hd, n_kv = cfg.head_dim, k_cache.shape[1]
-    if T == 1 and has_attend_one() and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous:
+    if (T == 1 and has_attend_one() and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
+            and k_cache.dtype == v_cache.dtype and k_cache.dtype in ATTEND_ONE_DTYPES):
         ctx = attend_one(np.ascontiguousarray(qkv.reshape(B, -1)), k_cache, v_cache, start,
                          np.ascontiguousarray(cos.reshape(-1, hd)), np.ascontiguousarray(sin.reshape(-1, hd)), pad, n_q)
         return ctx.reshape(B, 1, n_q * hd)
@@ -182,10 +221,13 @@ def attention(cfg: LlamaConfig, qkv: np.ndarray, n_q: int, k_cache: np.ndarray, 
     v = v.reshape(B, T, n_kv, hd).transpose(0, 2, 1, 3)
     q = apply_rope(q, cos, sin)
     end = start + T
-    k_cache[:, :, start:end] = apply_rope(k, cos, sin)
-    v_cache[:, :, start:end] = v
+    k_cache[:, :, start:end] = apply_rope(k, cos, sin).astype(k_cache.dtype, copy=False)  # fp16: nearest even
+    v_cache[:, :, start:end] = v.astype(v_cache.dtype, copy=False)
+    keys, values = k_cache[:, :, :end], v_cache[:, :, :end]  # (B, n_kv, end, hd)
+    if keys.dtype != np.float32:  # an fp16 cache: float32 copies of the stored (rounded) values
+        keys, values = keys.astype(np.float32), values.astype(np.float32)
     q = q.reshape(B, n_kv, g * T, hd)  # (B, n_kv, g*T, hd): query heads grouped by their KV head
-    scores = q @ k_cache[:, :, :end].transpose(0, 1, 3, 2)  # (B, n_kv, g*T, end)
+    scores = q @ keys.transpose(0, 1, 3, 2)  # (B, n_kv, g*T, end)
     scores *= np.float32(1.0 / np.sqrt(hd))
     hidden = None  # (..., g*T, end): True where a query must not see a key
     if T > 1:  # causal: query t (at start+t) sees keys 0..start+t
@@ -195,7 +237,7 @@ def attention(cfg: LlamaConfig, qkv: np.ndarray, n_q: int, k_cache: np.ndarray, 
         hidden = padding if hidden is None else hidden | padding
     if hidden is not None:
         scores += np.where(hidden, np.finfo(np.float32).min, np.float32(0)).astype(np.float32)
-    ctx = softmax_(scores) @ v_cache[:, :, :end]  # (B, n_kv, g*T, hd)
+    ctx = softmax_(scores) @ values  # (B, n_kv, g*T, hd)
     return ctx.reshape(B, n_q, T, hd).transpose(0, 2, 1, 3).reshape(B, T, n_q * hd)  # (B, T, n_q*hd)
 
 
