@@ -181,7 +181,7 @@ class Generator:
     (:meth:`load`; a GGUF file's blocks stay packed) or streamed from a shard store under a
     memory budget (:meth:`from_store`)."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, kv: str = "fp16"):
         if ckpt.family != "llama":
             raise STIError(f"{ckpt.source} is a {ckpt.family} model, not a decoder",
                            "use a LLaMA-family model such as 'smollm2' for generate")
@@ -190,6 +190,8 @@ class Generator:
 
         self.ckpt, self.cfg, self.tokenizer, self.source = ckpt, ckpt.config, ckpt.tokenizer, ckpt.source
         self.chat_template, self.special = ckpt.chat_template, dict(ckpt.special)
+        self.kv = kv
+        llama.kv_bytes_per_token(self.cfg, kv)  # validates kv
         # packed matrices run through the fused low-bit kernels, chosen per shape by measurement
         self.kernels = _kernel_profile()
         w = {n: t if isinstance(t, np.ndarray) else Packed(t, self.kernels) for n, t in ckpt.weights.items()}
@@ -230,21 +232,25 @@ class Generator:
         return layer
 
     @classmethod
-    def load(cls, model: str = "smollm2", progress: bool = True, packed: bool = True) -> "Generator":
+    def load(cls, model: str = "smollm2", progress: bool = True, packed: bool = True, kv: str = "fp16") -> "Generator":
         """``packed``: keep a GGUF file's Q4_1/Q8_0 matrices packed and multiply with the fused
-        low-bit kernels (the default: ~5x less memory, faster decode); else dequantize to float32."""
-        return cls(load_checkpoint(model, progress=progress, packed=packed))
+        low-bit kernels (the default: ~5x less memory, faster decode); else dequantize to float32.
+        ``kv``: the KV cache's element type, "fp16" (half the memory, as llama.cpp) or "fp32"
+        (bit-for-bit the float32 attention of a float32 reference)."""
+        return cls(load_checkpoint(model, progress=progress, packed=packed), kv=kv)
 
     @classmethod
     def from_store(cls, store, memory: str | int = 0, bits: int | str | None = None, batch: int = 1,
                    context: int | None = None, storage: str | None = None, preload: bool = True,
-                   token_latency: str | float | None = None, io: str = "auto") -> "Generator":
+                   token_latency: str | float | None = None, io: str = "auto", kv: str = "fp16") -> "Generator":
         """A decoder streaming the shard store ``store`` under ``memory`` bytes (e.g. "16MB"; 0:
         unbounded) for requests of up to ``batch`` sequences x ``context`` tokens (prompt and
         generated; default: what the budget allows). The plan (``sti.plan_decoder``) runs every
         shard at its lossless version, or at ``bits``, or at the bitwidths that meet
         ``token_latency`` per decode step; the rest of the budget preloads shards.
-        ``storage`` emulates slower storage (``emmc``, ``<N>MBps``)."""
+        ``storage`` emulates slower storage (``emmc``, ``<N>MBps``). ``io``: how streamed shards
+        are fetched ("mmap": zero-copy, "read": pread; default: mmap where supported). ``kv``: the
+        KV cache's element type ("fp16" or "fp32"), counted in the budget."""
         from sti.decoder_runtime import StreamingDecoder
         from sti.plan_decoder import plan_decoder
         from sti.profile import parse_storage
@@ -261,11 +267,12 @@ class Generator:
         self.chat_template, self.special = st.chat_template, st.special
         self.globals = self.layers = None
         self.plan = plan_decoder(st, budget, bits=bits, batch=batch, context=context, preload=preload,
-                                 token_latency=target, storage=storage)
+                                 token_latency=target, storage=storage, kv=kv)
+        self.kv = kv
         self.kernels = _kernel_profile()
         self.engine = StreamingDecoder(st, self.plan.schedule, throttle=parse_storage(storage), batch=batch,
                                        context=self.plan.context, slots=self.plan.slots, kernel_profile=self.kernels,
-                                       io=io)
+                                       io=io, kv=kv)
         self.weight_bytes = self.engine.weight_bytes
         self.stop_ids = set(self.special.get("stop_ids") or [])
         return self
@@ -298,7 +305,7 @@ class Generator:
 
         if self.engine is not None:
             return self.engine.new_cache(batch, tokens)
-        return llama.KVCache(self.cfg, batch, min(tokens, self.cfg.max_position))
+        return llama.KVCache(self.cfg, batch, min(tokens, self.cfg.max_position), dtype=self.kv)
 
     def free_cache(self, cache) -> None:
         if self.engine is not None:

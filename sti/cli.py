@@ -127,7 +127,7 @@ def cmd_generate(a) -> int:
 
     if a.store:
         gen = Generator.from_store(a.store, memory=a.memory, bits=a.bits, batch=a.batch, storage=a.storage,
-                                   token_latency=a.token_latency)
+                                   token_latency=a.token_latency, kv=a.kv)
         if not a.json:
             p = gen.plan
             print(f"sti: streaming {a.store}: {p.weight_bytes / 1e6:.1f} MB of weights resident "
@@ -139,7 +139,7 @@ def cmd_generate(a) -> int:
             if getattr(a, opt) not in (None, "0"):
                 raise STIError(f"--{opt.replace('_', '-')} needs --store", "pack the model (sti pack smollm2 -o STORE) "
                                                                           "and pass --store STORE")
-        gen = Generator.load(a.model, progress=not a.json)
+        gen = Generator.load(a.model, progress=not a.json, kv=a.kv)
     if a.batch < 1:
         raise STIError(f"--batch must be at least 1, got {a.batch}", "pass --batch 1 or more")
     ids = gen.encode_prompt(a.prompt, chat=a.chat)
@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     sp.add_argument("--json", action="store_true", help='print {"tokens": [generated ids], "text": ...} at the end')
+    sp.add_argument("--kv", choices=("fp16", "fp32"), default="fp16",
+                    help="KV cache element type (default: fp16, half the memory; fp32 matches a float32 "
+                         "reference bit for bit)")
     g = sp.add_argument_group("streaming from a shard store (sti pack smollm2 -o STORE)")
     g.add_argument("--store", help="run from this decoder store, streaming what does not fit in --memory")
     g.add_argument("--memory", default="0", help="budget for weights, KV cache and read buffers, e.g. 16MB "

@@ -120,12 +120,12 @@ class StreamingDecoder:
 
     def __init__(self, store, schedule: DecoderSchedule, throttle: Throttle | None = None,
                  kernel_profile=None, batch: int = 1, context: int | None = None, slots: int | None = None,
-                 io: str = "auto"):
+                 io: str = "auto", kv: str = "fp16"):
         """``batch`` x ``context`` tokens (prompt + generated; default: the model's context, or
         what the budget allows) is the largest request the engine reserves KV cache for.
         ``slots``: read slots (default: one layer's shards plus two, or every streamed shard
         when the budget is unbounded). ``io``: "mmap", "read" or "auto" (mmap where supported);
-        see the module docstring."""
+        see the module docstring. ``kv``: the KV cache's element type, "fp16" or "fp32"."""
         if io == "auto":
             io = "mmap" if zero_copy_supported() else "read"
         if io not in IO_MODES:
@@ -141,6 +141,8 @@ class StreamingDecoder:
                            "plan against this store")
         self.store, self.schedule, self.throttle, self.profile = store, schedule, throttle, kernel_profile
         self.cfg = store.config
+        self.kv = kv
+        self.kv_token_bytes = llama.kv_bytes_per_token(self.cfg, kv)  # also validates kv
         self._lock = threading.Lock()
         g = store.globals()
         self.norm = g["norm"]
@@ -216,7 +218,7 @@ class StreamingDecoder:
     def request_bytes(self, batch: int, tokens: int) -> int:
         """What a request holds besides weights: its KV cache and its tokens' embedding rows."""
         c = self.cfg
-        return 4 * batch * tokens * (2 * c.num_layers * c.num_kv_heads * c.head_dim + c.hidden_size)
+        return batch * tokens * (self.kv_token_bytes + 4 * c.hidden_size)
 
     def _fit_context(self, batch: int, context: int | None) -> int:
         budget = self.schedule.memory_budget
@@ -243,7 +245,7 @@ class StreamingDecoder:
             raise STIError(f"a request of {tokens} tokens x batch {batch} does not fit: the engine was sized for "
                            f"{self.context} tokens x batch {self.batch} under its memory budget",
                            "shorten the prompt or --max-tokens, lower --batch, or raise --memory")
-        cache = llama.KVCache(self.cfg, batch, tokens)
+        cache = llama.KVCache(self.cfg, batch, tokens, dtype=self.kv)
         cache.held = self.request_bytes(batch, tokens)
         self.res.hold(cache.held)
         return cache

@@ -23,6 +23,7 @@ from sti.errors import STIError
 from sti.store import format as fmt
 
 HEAD = fmt.HEAD
+DEFAULT_KV = "fp16"  # KV-cache element type (llama.cpp's default too); "fp32" for exact float32 parity
 DEFAULT_CONTEXT = 512  # tokens reserved when the caller does not say (less if the budget is smaller)
 EXTRA_SLOTS = 2  # read buffers beyond one layer's shards: the IO worker reads ahead while a layer runs
 
@@ -54,6 +55,7 @@ class DecoderPlan:
     weight_bytes: int  # norms + preload + slots + scratch
     stream_bytes_per_pass: int  # bytes read per forward pass
     notes: list[str] = field(default_factory=list)
+    kv: str = DEFAULT_KV  # the KV cache's element type the budget was counted with
 
     @property
     def schedule(self):
@@ -68,9 +70,12 @@ class DecoderPlan:
         return d
 
 
-def decoder_shape(store) -> DecoderShape:
-    """The sizes of a decoder store (and of the runtime's fixed buffers) for the planner."""
+def decoder_shape(store, kv: str = DEFAULT_KV) -> DecoderShape:
+    """The sizes of a decoder store (and of the runtime's fixed buffers) for the planner, with a
+    KV cache of element type ``kv`` ("fp16" or "fp32")."""
     import numpy as np
+
+    from sti.models import llama
 
     if store.family != "llama":
         raise STIError(f"{store.path} holds a {store.family} model, not a decoder", "pack a LLaMA-family model")
@@ -83,15 +88,15 @@ def decoder_shape(store) -> DecoderShape:
     norms = store.globals()["norm"].nbytes + sum(a.nbytes for i in range(L) for a in store.layer_common(i).values())
     scratch = 4 * max(int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay
                       if len(e.shape) == 2 and e.name != "lm_head")
-    token = 4 * (2 * c.num_layers * c.num_kv_heads * c.head_dim + c.hidden_size)
+    token = llama.kv_bytes_per_token(c, kv) + 4 * c.hidden_size  # its KV entries and its embedding row
     return DecoderShape(layers, head, sizes, tuple(store.bits), norms, scratch, token, c.max_position)
 
 
 def plan_decoder(store, memory: int = 0, *, bits: int | str | None = None, batch: int = 1,
                  context: int | None = None, preload: bool = True, token_latency: float | None = None,
-                 storage: str | None = None) -> DecoderPlan:
-    """Plan for a store (see :func:`plan_decoder_shape`)."""
-    shape = decoder_shape(store)
+                 storage: str | None = None, kv: str = DEFAULT_KV) -> DecoderPlan:
+    """Plan for a store (see :func:`plan_decoder_shape`), its KV cache in ``kv`` (fp16, fp32)."""
+    shape = decoder_shape(store, kv)
     versions, note = None, None
     if token_latency is not None:
         if bits is not None:
@@ -106,6 +111,7 @@ def plan_decoder(store, memory: int = 0, *, bits: int | str | None = None, batch
                               versions=versions)
     if note:
         plan.notes.insert(0, note)
+    plan.kv = kv
     return plan
 
 

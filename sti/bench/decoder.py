@@ -556,11 +556,14 @@ def run_decoder(out_dir: str | Path = "bench-results", repeats: int = 3, quick: 
            "loadavg_end": _loadavg(), "cpu_model": cpu_model(), "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size,
            "elapsed_s": round(time.perf_counter() - t0, 1), "contention": total, "sections": sections}
     notes = [f"budgets are {', '.join(f'{f:.0%}' for f in FRACTIONS)} of the GGUF's {gguf.stat().st_size / 1e6:.1f} MB "
-             "and count the KV cache (fp32) and the read buffers, not only weights; rows that do not fit say so, "
+             "and count the KV cache (fp16, STI's default, as llama.cpp's) and the read slots, not only weights; "
+             "rows that do not fit say so, "
              "with the planner's smallest feasible budget, and a labelled variant shows a reduced workload",
              "STI 'real' storage: the store is evicted from the page cache once, before the first real-storage "
              "configuration; later reads are served by the page cache as it is (the engine cannot evict between "
              "passes). The peers' 'real' evicts before every read. '200MBps' is emulated for both: every read paced",
+             "STI streams zero-copy: a read slot is a shard's pages of the mapped store file, faulted in by the IO "
+             "thread and dropped when the slot is reused, so at most the slots' bytes are mapped in (and in RSS)",
              "resident weight bytes: STI in memory = packed weights; STI streaming = the plan's norms + preloaded "
              "shards + read buffers + prefill scratch; peak RSS is each configuration's own process (VmHWM), measured "
              "after generation and before perplexity",
