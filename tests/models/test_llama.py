@@ -134,22 +134,32 @@ def test_matches_transformers_tiny_llama(rng):
 needs_fastmath = pytest.mark.skipif(not llama.has_attend_one(), reason="sti._fastmath is not built (no C compiler)")
 
 
+def _attention_c_and_numpy(cfg, rng, monkeypatch, pad, n_q, n_kv, dtype):
+    """One decode step of attention (3 sequences, 12-slot caches of ``dtype``, slot 7) through the
+    C kernel and then through the NumPy reference, each on its own copy of the same caches:
+    (got, want, (got_k, got_v), (want_k, want_v), the caches as they were, the slot)."""
+    B, cap, start, hd = 3, 12, 7, cfg.head_dim
+    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
+    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0).astype(dtype) for _ in range(2)]
+    pos = llama.positions(start, 1, None if pad is None else np.asarray(pad))
+    cos, sin = llama.rope_tables(cfg, pos)
+    got_k, got_v = (c.copy() for c in caches)
+    got = llama.attention(cfg, qkv, n_q, got_k, got_v, start, cos, sin, pad)
+    with monkeypatch.context() as m:
+        m.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
+        want_k, want_v = (c.copy() for c in caches)
+        want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
+    return got, want, (got_k, got_v), (want_k, want_v), caches, start
+
+
 @needs_fastmath
 @pytest.mark.parametrize("pad", [None, [0, 3, 5]])
 @pytest.mark.parametrize("n_q,n_kv", [(4, 2), (3, 3), (2, 1)])
 def test_decode_attention_kernel_matches_numpy(rng, monkeypatch, pad, n_q, n_kv):
     cfg = tiny_cfg(num_heads=4, num_kv_heads=2, hidden_size=32)  # head_dim 8; widths below are partial
-    B, cap, start, hd = 3, 12, 7, cfg.head_dim
-    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
-    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0) for _ in range(2)]
-    pos = llama.positions(start, 1, None if pad is None else np.asarray(pad))
-    cos, sin = llama.rope_tables(cfg, pos)
-    got_k, got_v = (c.copy() for c in caches)
-    got = llama.attention(cfg, qkv, n_q, got_k, got_v, start, cos, sin, pad)
-    monkeypatch.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
-    want_k, want_v = (c.copy() for c in caches)
-    want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
-    assert got.shape == want.shape == (B, 1, n_q * hd)
+    got, want, (got_k, got_v), (want_k, want_v), caches, start = _attention_c_and_numpy(
+        cfg, rng, monkeypatch, pad, n_q, n_kv, np.float32)
+    assert got.shape == want.shape == (3, 1, n_q * cfg.head_dim)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_k, want_k, rtol=1e-6, atol=1e-6)  # this token's rotated key written at start
     np.testing.assert_array_equal(got_v, want_v)
@@ -264,17 +274,9 @@ def test_fp16_cache_forward_close_to_fp32(rng, monkeypatch, c_kernel):
 @pytest.mark.parametrize("head_dim", [8, 44])  # 44 = 16 + 16 + 8 + 4: every loop of the fp16 kernel
 def test_decode_attention_kernel_matches_numpy_fp16(rng, monkeypatch, pad, n_q, n_kv, head_dim):
     cfg = tiny_cfg(num_heads=4, num_kv_heads=2, hidden_size=32, head_dim=head_dim)
-    B, cap, start, hd = 3, 12, 7, cfg.head_dim
-    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
-    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0).astype(np.float16) for _ in range(2)]
-    pos = llama.positions(start, 1, None if pad is None else np.asarray(pad))
-    cos, sin = llama.rope_tables(cfg, pos)
-    got_k, got_v = (c.copy() for c in caches)
-    got = llama.attention(cfg, qkv, n_q, got_k, got_v, start, cos, sin, pad)
-    monkeypatch.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
-    want_k, want_v = (c.copy() for c in caches)
-    want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
-    assert got.shape == want.shape == (B, 1, n_q * hd) and got.dtype == np.float32
+    got, want, (got_k, got_v), (want_k, want_v), caches, start = _attention_c_and_numpy(
+        cfg, rng, monkeypatch, pad, n_q, n_kv, np.float16)
+    assert got.shape == want.shape == (3, 1, n_q * cfg.head_dim) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got_k.view(np.uint16), want_k.view(np.uint16))  # the same float16 bits
     np.testing.assert_array_equal(got_v.view(np.uint16), want_v.view(np.uint16))
