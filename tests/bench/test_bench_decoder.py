@@ -192,7 +192,9 @@ def test_the_child_streams_a_tiny_store(tmp_path):
         assert res["ok"] and res["speed"]["decode_tok_s"] > 0 and res["peak_rss_bytes"] > 0
         assert res["resident_weight_bytes"] > 0
     assert stream["speed"]["tokens"] == mem["speed"]["tokens"]  # lossless streaming = in memory
-    assert stream["perplexity"]["w8"]["perplexity"] == pytest.approx(mem["perplexity"]["w8"]["perplexity"], rel=1e-4)
+    # same weights; each side's kernel per shape is measured (fused products round x to int16
+    # blocks, dequantize + BLAS does not), so logits differ by ~2e-4 and perplexity by ~1e-4
+    assert stream["perplexity"]["w8"]["perplexity"] == pytest.approx(mem["perplexity"]["w8"]["perplexity"], rel=1e-3)
     assert stream["io"]["reads"] >= 0 and "plan" in stream
     small = child.run({**base, "mode": "stream", "memory": 1000})
     assert small["ok"] is False and small["does_not_fit"] and "too small" in small["problem"]
