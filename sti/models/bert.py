@@ -148,53 +148,59 @@ def mean_pool(h: np.ndarray, mask: np.ndarray, normalize: bool = True) -> np.nda
     return e
 
 
-# A streamed layer runs chunk by chunk so that only a few shards are ever dequantized at once:
-# first the attention of every chunk of shards (heads are independent), then, after the first
-# LayerNorm, the FFN of every chunk (neuron slices are independent; their down projections add
-# up). The runtime hands each chunk's weights over in three parts, each array holding the
-# chunk's shards one after another along its rows. STREAM_PARTS: part -> array -> the shard
-# tensors stacked into it (every shard's rows of the first, then of the second, ...), so that
-# q, k and v of a chunk come from one matrix product.
+# A streamed layer runs chunk by chunk so that only a few shards are ever dequantized at once.
+# The runtime hands each chunk's weights over in four parts, each array holding the chunk's
+# shards one after another along its rows: first q, k and v of every chunk (one matrix product
+# per chunk), then attention over all active heads at once, then the output projection of every
+# chunk, then, after the first LayerNorm, the FFN of every chunk (neuron slices are independent;
+# their down projections add up). STREAM_PARTS: part -> array -> the shard tensors stacked
+# into it (every shard's rows of the first, then of the second, ...).
 STREAM_PARTS = {
-    "attn": {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv"), "wo_t": ("wo_t",)},
+    "qkv": {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv")},
+    "o": {"wo_t": ("wo_t",)},
     "up": {"w_up": ("w_up",), "b_up": ("b_up",)},
     "down": {"w_down_t": ("w_down_t",)},
 }
 
 
-def attention_part(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, w: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Contribution of some heads to the attention output (B, T, H): ``wqkv`` (3*n*hd, H) their
-    rows of wq, then wk, then wv; ``bqkv`` (3*n*hd,); ``wo_t`` (n*hd, H) their rows of wo.T."""
-    B, T, H = x.shape
-    hd = cfg.head_dim
-    m = w["wo_t"].shape[0]  # n * hd
-    nh = m // hd
-    qkv = linear(x, w["wqkv"], w["bqkv"])  # (B, T, 3*n*hd)
-    q = _heads(qkv[..., :m], nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
-    k = _heads(qkv[..., m:2 * m], nh, hd, (0, 2, 3, 1))  # (B, nh, hd, T)
-    v = _heads(qkv[..., 2 * m:], nh, hd, (0, 2, 1, 3))  # (B, nh, T, hd)
-    q *= np.float32(1.0 / np.sqrt(hd))
-    scores = q @ k
-    if bias is not None:
-        scores += bias
-    ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B, T, m)  # (B, T, n*hd)
-    return linear(ctx, w["wo_t"].T)
-
-
 def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, common: Mapping[str, np.ndarray],
                    chunks: list, load: Callable[[object, str], Mapping[str, np.ndarray]]) -> np.ndarray:
     """``layer`` computed chunk by chunk: ``load(chunk, part)`` returns the ``STREAM_PARTS[part]``
-    arrays of a group of shards, valid until the next ``load`` call (so only one part of one
-    chunk is ever dequantized). Equals ``layer`` on the same shards up to float rounding."""
-    attn = np.zeros_like(x)
-    for c in chunks:
-        attn += attention_part(cfg, x, bias, load(c, "attn"))
+    arrays of a group of shards (one attention head and one FFN neuron slice each), valid until
+    the next ``load`` call (so only one part of one chunk is ever dequantized). Equals ``layer``
+    on the same shards up to float rounding."""
+    B, T, H = x.shape
+    hd = cfg.head_dim
+    x2 = x.reshape(B * T, H)
+    sizes = [len(c) for c in chunks]
+    nh = sum(sizes)
+    attn = np.zeros_like(x2)
+    if nh:
+        qkv = np.empty((B * T, 3, nh, hd), np.float32)  # every chunk's heads, in chunk order
+        h0 = 0
+        for c, n in zip(chunks, sizes):
+            w = load(c, "qkv")
+            qkv[:, :, h0:h0 + n] = linear(x2, w["wqkv"], w["bqkv"]).reshape(B * T, 3, n, hd)
+            h0 += n
+        qkv = qkv.reshape(B, T, 3, nh, hd)
+        q = np.ascontiguousarray(qkv[:, :, 0].transpose(0, 2, 1, 3))  # (B, nh, T, hd)
+        k = np.ascontiguousarray(qkv[:, :, 1].transpose(0, 2, 3, 1))  # (B, nh, hd, T)
+        v = np.ascontiguousarray(qkv[:, :, 2].transpose(0, 2, 1, 3))  # (B, nh, T, hd)
+        q *= np.float32(1.0 / np.sqrt(hd))
+        scores = q @ k
+        if bias is not None:
+            scores += bias
+        ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B * T, nh * hd)  # (B*T, nh*hd)
+        h0 = 0
+        for c, n in zip(chunks, sizes):
+            attn += ctx[:, h0 * hd:(h0 + n) * hd] @ load(c, "o")["wo_t"]
+            h0 += n
     attn += common["bo"]
-    x = layer_norm_(x + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
-    ffn = np.zeros_like(x)
+    x2 = layer_norm_(x2 + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
+    ffn = np.zeros_like(x2)
     for c in chunks:
         up = load(c, "up")
-        h = gelu_(linear(x, up["w_up"], up["b_up"]))  # (B, T, n*f)
-        ffn += linear(h, load(c, "down")["w_down_t"].T)
+        h = gelu_(linear(x2, up["w_up"], up["b_up"]))  # (B*T, n*f)
+        ffn += h @ load(c, "down")["w_down_t"]
     ffn += common["b_down"]
-    return layer_norm_(x + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps)
+    return layer_norm_(x2 + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps).reshape(B, T, H)
