@@ -144,16 +144,31 @@ class Residency:
 
 
 class Throttle:
-    """Emulated slower storage: each read takes at least latency + bytes / bandwidth."""
+    """Emulated slower storage: a device that serves reads one after another, each taking
+    latency + bytes / bandwidth of device time. A read issued at ``t_start`` completes at
+    max(t_start, the previous read's completion) + latency + bytes / bandwidth, and the reader
+    sleeps until then. The OS wakes a sleeper late (~0.1 ms on this kind of VM, 20-30% of a
+    50 KB read at 200 MB/s); that delay belongs to the emulation, not to the device, so a read
+    issued right after a late wake-up is charged from the previous completion: back-to-back
+    reads run at exactly the emulated bandwidth."""
 
     def __init__(self, bandwidth: float, latency: float = 0.0, label: str | None = None):
         self.bandwidth, self.latency = bandwidth, latency
         self.label = label or f"emulated {bandwidth / 1e6:.0f} MB/s"
+        self._free_at = 0.0  # when the device completes the reads issued so far (perf_counter s)
+        self._late = 0.0  # how late the last sleeping reader woke
+        self._lock = threading.Lock()
 
     def pace(self, t_start: float, nbytes: int) -> None:
-        due = t_start + self.latency + nbytes / self.bandwidth
+        with self._lock:
+            due = max(t_start - self._late, self._free_at) + self.latency + nbytes / self.bandwidth
+            self._free_at = due
+        slept = False
         while (left := due - time.perf_counter()) > 0:
             time.sleep(left)
+            slept = True
+        with self._lock:
+            self._late = time.perf_counter() - due if slept else 0.0
 
 
 class StreamingEncoder:
@@ -183,6 +198,7 @@ class StreamingEncoder:
         self._arena = np.empty(self.scratch_bytes // 4, np.float32)
         self._views = self._make_views()
         self._programs: dict = {}
+        self._calls: dict = {}
         self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
         self._check_fits()
         self.res.hold(self.fixed_bytes + self.scratch_bytes)
@@ -340,22 +356,36 @@ class StreamingEncoder:
         trace.resident_peak = self.res.peak
         return x, trace
 
+    def _layer_calls(self, layer: int) -> tuple[list[tuple[int, ...]], dict]:
+        """The chunks of ``layer`` and, per (chunk, part), the arrays ``streamed_layer`` gets
+        and the decode calls that fill them: (program, (layer, shard), destinations). Built
+        once per layer: the schedule never changes."""
+        got = self._calls.get(layer)
+        if got is None:
+            shards = self.schedule.layers[layer]
+            n = self.schedule.chunk_shards
+            idx = sorted(shards)
+            chunks = [tuple(idx[i:i + n]) for i in range(0, len(idx), n)]
+            calls = {}
+            for chunk in chunks:
+                for part in bert.STREAM_PARTS:
+                    views, dst = self._views[(len(chunk), part)]
+                    calls[(chunk, part)] = (views, [(self._program(layer, s, shards[s], part), (layer, s), dst[j])
+                                                    for j, s in enumerate(chunk)])
+            got = self._calls[layer] = (chunks, calls)
+        return got
+
     def _layer(self, layer: int, x, bias, shards: Mapping[int, int], arrived: dict, cv: threading.Condition,
                failure: list, trace: Trace, t_start: float) -> np.ndarray:
         """One layer, chunk by chunk: a chunk's parts are decoded from its shards' bytes (waiting
         for the IO worker when they are not there yet) and its streamed bytes are released once
         its last part (the down projection) is decoded."""
-        n = self.schedule.chunk_shards
-        idx = sorted(shards)
-        chunks = [tuple(idx[i:i + n]) for i in range(0, len(idx), n)]
+        chunks, calls = self._layer_calls(layer)
         preloaded = self.preloaded
         seg = [time.perf_counter()]  # start of the current compute segment
 
-        def raw_of(s):
-            return preloaded.get((layer, s)) or arrived[(layer, s)]
-
         def load(chunk, part):
-            if part == "attn":
+            if part == "qkv":  # the first part of a chunk: wait for its shards
                 missing = [s for s in chunk if (layer, s) not in preloaded and (layer, s) not in arrived]
                 if missing:
                     t0 = time.perf_counter()
@@ -367,9 +397,9 @@ class StreamingEncoder:
                         raise failure[0]
                     seg[0] = t1 = time.perf_counter()
                     trace.stalls.append((layer, t0 - t_start, t1 - t_start))
-            views, dst = self._views[(len(chunk), part)]
-            for j, s in enumerate(chunk):
-                self._program(layer, s, shards[s], part)(raw_of(s), dst[j])
+            views, decode = calls[(chunk, part)]
+            for program, key, dst in decode:
+                program(preloaded.get(key) or arrived[key], dst)
             if part == "down":
                 freed = 0
                 with cv:

@@ -145,13 +145,42 @@ def test_concurrent_requests_are_serialised_and_correct(tiny_bert):
         np.testing.assert_array_equal(h, ref)
 
 
+def test_throttle_follows_the_device_clock(monkeypatch):
+    """Back-to-back reads complete on the emulated device's clock: a reader woken late does not
+    slow the device down, an idle device starts afresh, and every read takes at least its own
+    latency + bytes / bandwidth."""
+    import sti.runtime as rt
+
+    clock = [100.0]
+    late = 3e-4  # every sleep overshoots by this much, as an OS may
+    monkeypatch.setattr(rt.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(rt.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s + late))
+    th = Throttle(1e6, 1e-4)  # 1 MB/s: 1000 B take 1 ms, + 0.1 ms per read
+    done = []
+    for _ in range(10):  # issued back to back: each read starts when the previous returns
+        th.pace(clock[0], 1000)
+        done.append(clock[0])
+    # the device finished read i at 100 + (i + 1) * 1.1 ms; the reader saw it <= `late` later
+    for i, t in enumerate(done):
+        assert 100 + (i + 1) * 1.1e-3 - 1e-12 <= t <= 100 + (i + 1) * 1.1e-3 + late + 1e-12
+    clock[0] += 1.0  # idle: the next read takes its full time from when it is issued
+    t0 = clock[0]
+    th.pace(t0, 1000)
+    assert clock[0] >= t0 + 1.1e-3
+
+
 def test_trace_exports_and_throttle_is_labelled(tiny_bert, tmp_path):
     _, _, path = tiny_bert
     with Store.open(path) as st:
         eng = StreamingEncoder(st, Schedule.full(st, 4), throttle=Throttle(50e6, 1e-4))
         _, trace = eng.run(*inputs())
-    for *_, t0, t1, n in trace.io:  # each read paced to at least latency + bytes / bandwidth
-        assert t1 - t0 >= 1e-4 + n / 50e6 - 1e-6
+    # the emulated device serves one read after another: read i completes no earlier than the
+    # first read's start + the device time (latency + bytes / bandwidth) of reads 0..i
+    reads = sorted(trace.io, key=lambda r: r[4])
+    device = 0.0
+    for *_, t0, t1, n in reads:
+        device += 1e-4 + n / 50e6
+        assert t1 >= reads[0][3] + device - 1e-6
     doc = json.loads(json.dumps(trace.to_chrome()))
     assert {e["tid"] for e in doc["traceEvents"]} >= {"io", "compute"}
     assert doc["otherData"]["storage"] == "emulated 50 MB/s"

@@ -79,8 +79,10 @@ class Storage:
 
     ``cold``: the file is evicted from the page cache before every read, so every read is
     served by the device. ``bandwidth`` (bytes/s) and ``latency`` (s per read): emulated slower
-    storage; each read is paced to take at least ``latency + bytes / bandwidth``, the rule of
-    ``sti.runtime.Throttle`` that paces STI's own reads. Reads may come from a prefetch thread.
+    storage, the rule of ``sti.runtime.Throttle`` that paces STI's own reads: a device serving
+    reads one after another, each taking ``latency + bytes / bandwidth`` of device time from
+    when it is issued or the previous read completes, whichever is later (a reader's late
+    wake-up from its sleep is not charged to the device). Reads may come from a prefetch thread.
     """
 
     def __init__(self, cold: bool = False, bandwidth: float | None = None, latency: float = 0.0):
@@ -90,6 +92,8 @@ class Storage:
         self.seconds = 0.0
         self.probe = None  # called with the bytes of each read as it completes (resident-bytes probe)
         self._lock = threading.Lock()
+        self._free_at = 0.0  # the emulated device's clock (perf_counter s)
+        self._late = 0.0  # how late the last sleeping reader woke
 
     @classmethod
     def from_spec(cls, spec: dict | None) -> "Storage":
@@ -104,9 +108,14 @@ class Storage:
         obj = load()
         nbytes = tensor_bytes(obj)
         if self.bandwidth:
-            due = t0 + self.latency + nbytes / self.bandwidth
+            with self._lock:
+                due = self._free_at = max(t0 - self._late, self._free_at) + self.latency + nbytes / self.bandwidth
+            slept = False
             while (left := due - time.perf_counter()) > 0:
                 time.sleep(left)
+                slept = True
+            with self._lock:
+                self._late = time.perf_counter() - due if slept else 0.0
         with self._lock:
             self.reads += 1
             self.bytes += nbytes
