@@ -13,6 +13,9 @@ Inputs
 ``DeviceProfile``  IO: one read of ``nbytes`` costs ``io_latency + nbytes / io_bandwidth``.
                    Compute: layer at width w (active shards) and sequence length n costs
                    ``c0 + c1*w*n + c2*w*n*n``, plus ``dequant_per_byte[b] * bytes`` per shard.
+                   These predict the *median* request; ``tail_ratio`` (its 95th percentile /
+                   median, measured) turns a deadline T into the median bound T / tail_ratio
+                   every planner works with, so that 95% of requests meet T.
 
 The pipeline model (the runtime implements exactly this)
 ---------------------------------------------------------
@@ -215,12 +218,17 @@ class DeviceProfile:
     c2: float = 0.0  # s per shard per token^2
     dequant_per_byte: dict[int, float] = field(default_factory=dict)  # bits -> s per stored byte
     label: str = "real storage"
+    # 95th-percentile / median request latency on this device: the times above predict the
+    # median request, and a plan meets its deadline when ``predicted * tail_ratio <= T``
+    tail_ratio: float = 1.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
+        if not self.tail_ratio >= 1.0:
+            raise STIError(f"a device profile's tail_ratio (p95 / median latency) must be >= 1, got {self.tail_ratio}")
 
     def compute_time(self, width: int, seq_len: int) -> float:
         """Seconds of one layer's math at ``width`` active shards, ``seq_len`` tokens (no dequant)."""
@@ -600,14 +608,21 @@ def _min_memory_for(ctx: _Ctx, bits, preload, T) -> int | None:
     return hi
 
 
-def _make_plan(ctx, imp, bits, preload, T, M, method, solver) -> Plan:
+def _deadline(device: DeviceProfile, T: float) -> float:
+    """The median latency a plan may have so that 95% of requests meet the deadline T."""
+    return T / device.tail_ratio
+
+
+def _make_plan(ctx, imp, bits, preload, T, M, method, solver, deadline: float) -> Plan:
+    """The Plan of a configuration found for the median-latency bound T (= deadline / tail_ratio)."""
     order = _canonical_order(bits, preload)
     tl = simulate(bits, ctx.shape, ctx.dev, ctx.n, preload=preload, memory_budget=M, stream_order=order)
     if not _fits(tl.feasible, tl.latency, tl.peak_resident_bytes, T, M):  # a bug, not bad input
         raise RuntimeError(f"{method} planner produced a plan its simulator rejects: {tl.latency} s, "
                            f"{tl.peak_resident_bytes} B for T = {T} s, M = {M} B")
     layers = [LayerPlan([s for s, b in enumerate(row) if b], [b for b in row if b]) for row in bits]
-    return Plan(target_latency=float(T), memory_budget=int(M), seq_len=ctx.n, method=method,
+    solver = {**solver, "tail_ratio": ctx.dev.tail_ratio, "median_latency_bound": float(T)}
+    return Plan(target_latency=float(deadline), memory_budget=int(M), seq_len=ctx.n, method=method,
                 shards_per_layer=ctx.S, layers=layers, preload=sorted(preload), stream_order=order,
                 timeline=tl, predicted_latency=tl.latency, predicted_loss=_loss(imp, bits),
                 stall_time=tl.stall, resident_bytes_peak=tl.peak_resident_bytes,
@@ -620,11 +635,14 @@ def _abs_min_memory(ctx, min_width) -> int:
 
 
 def _infeasible(ctx, T, M, method, min_width, minima) -> InfeasiblePlanError:
-    """Build the error; ``minima(T, M)`` -> (min_latency at M, min_memory at T) for ``method``."""
+    """Build the error; ``minima(T, M)`` -> (min_latency at M, min_memory at T) for ``method``.
+    T is the median-latency bound; the error speaks of deadlines (x ``tail_ratio``)."""
+    tail = ctx.dev.tail_ratio
     abs_mem = _abs_min_memory(ctx, min_width)
     abs_lat, _ = minima(None, None, want_memory=False)
     lat_m = None if M < abs_mem else minima(None, M, want_memory=False)[0]
     mem_t = None if T < abs_lat * (1 - REL_TOL) else minima(T, None, want_latency=False)[1]
+    T, abs_lat, lat_m = T * tail, abs_lat * tail, None if lat_m is None else lat_m * tail
     what = f"no {method} plan meets T = {_fmt_time(T)} with M = {_fmt_bytes(M)}"
     what += f" (seq_len {ctx.n}, device {ctx.dev.label!r})"
     parts = []
@@ -785,7 +803,7 @@ def plan_heuristic(shape: ModelShape, importance: Importance, device: DeviceProf
     """
     T, M = target_latency, memory_budget
     _check(shape, importance, device, T, M, seq_len, min_width)
-    M = int(M)
+    M, T = int(M), _deadline(device, T)
     t0 = time.perf_counter()
     ctx = _Ctx(shape, device, seq_len)
     r = _heuristic(ctx, importance, T, M, min_width, bit_tries, preload_tries)
@@ -793,7 +811,7 @@ def plan_heuristic(shape: ModelShape, importance: Importance, device: DeviceProf
         raise _infeasible(ctx, T, M, "heuristic", min_width, _heuristic_minima(ctx, min_width))
     bits, preload, info = r
     info["seconds"] = round(time.perf_counter() - t0, 6)
-    return _make_plan(ctx, importance, bits, preload, T, M, "heuristic", info)
+    return _make_plan(ctx, importance, bits, preload, T, M, "heuristic", info, target_latency)
 
 
 def _heuristic(ctx, importance, T, M, min_width, bit_tries=3, preload_tries=6):
@@ -1151,7 +1169,7 @@ def plan_exact(shape: ModelShape, importance: Importance, device: DeviceProfile,
     """
     T, M = target_latency, memory_budget
     _check(shape, importance, device, T, M, seq_len, min_width)
-    M = int(M)
+    M, T = int(M), _deadline(device, T)
     try:
         import scipy.optimize  # noqa: F401
     except ImportError as e:  # pragma: no cover - scipy is a test dependency
@@ -1177,7 +1195,7 @@ def plan_exact(shape: ModelShape, importance: Importance, device: DeviceProfile,
     if r is None:
         bits, preload = h[0], h[1]
     info["seconds"] = round(time.perf_counter() - t0, 6)
-    return _make_plan(ctx, importance, bits, preload, T, M, "exact", info)
+    return _make_plan(ctx, importance, bits, preload, T, M, "exact", info, target_latency)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1202,23 +1220,24 @@ def plan(shape: ModelShape, importance: Importance, device: DeviceProfile, targe
 
 def min_latency(shape: ModelShape, device: DeviceProfile, seq_len: int, memory_budget: int | None = None, *,
                 method: str = "exact", min_width: int = 1, time_limit: float | None = 60.0) -> float | None:
-    """Smallest latency (s) of any plan within ``memory_budget`` (None: unbounded), or None if
-    no plan fits that memory. ``method`` "heuristic" searches the heuristic's space only."""
+    """Smallest deadline (s; predicted median latency x ``tail_ratio``) of any plan within
+    ``memory_budget`` (None: unbounded), or None if no plan fits that memory. ``method`` "heuristic" searches the heuristic's space only."""
     _check(shape, None, device, None, memory_budget, seq_len, min_width)
     ctx = _Ctx(shape, device, seq_len)
     if memory_budget is not None and memory_budget < _abs_min_memory(ctx, min_width):
         return None
     m = _heuristic_minima(ctx, min_width) if method == "heuristic" else _exact_minima(ctx, min_width, time_limit)
-    return m(None, None if memory_budget is None else int(memory_budget), want_memory=False)[0]
+    t = m(None, None if memory_budget is None else int(memory_budget), want_memory=False)[0]
+    return None if t is None else t * device.tail_ratio
 
 
 def min_memory(shape: ModelShape, device: DeviceProfile, seq_len: int, target_latency: float | None = None, *,
                method: str = "exact", min_width: int = 1, time_limit: float | None = 60.0) -> int | None:
-    """Smallest memory budget (bytes) at which some plan meets ``target_latency`` (None: any
-    latency), or None if no plan is that fast."""
+    """Smallest memory budget (bytes) at which some plan meets the deadline ``target_latency``
+    (None: any latency), or None if no plan is that fast."""
     _check(shape, None, device, target_latency, None, seq_len, min_width)
     ctx = _Ctx(shape, device, seq_len)
     if target_latency is None:
         return _abs_min_memory(ctx, min_width)
     m = _heuristic_minima(ctx, min_width) if method == "heuristic" else _exact_minima(ctx, min_width, time_limit)
-    return m(target_latency, None, want_latency=False)[1]
+    return m(_deadline(device, target_latency), None, want_latency=False)[1]

@@ -16,9 +16,11 @@ planner (``sti.plan``) and stores them beside the shard store:
   squares on plan-like read sequences run as the runtime runs a cold request: evict with
   ``posix_fadvise(DONTNEED)``, then the reads in stream order), the per-layer compute time of the
   runtime's own chunked layer (``sti.models.bert.streamed_layer``) fitted as
-  ``c0 + c1*w*n + c2*w*n^2`` (w active shards, n tokens, one sequence), and the seconds per
-  stored byte to check + dequantize a shard at each bitwidth (``Store.decode_shard``, called as
-  the runtime calls it). ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO by an
+  ``c0 + c1*w*n + c2*w*n^2`` (w active shards, n tokens, one sequence; medians: the planner
+  predicts the median request), the seconds per stored byte to check + dequantize a shard at
+  each bitwidth (``Store.decode_shard``, called as the runtime calls it), and from the real
+  runtime a per-shard overhead and the ``tail_ratio`` (95th percentile / median request
+  latency) with which the planner turns a deadline into a median bound. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO by an
   emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
 
 How the importance is computed fast
@@ -88,7 +90,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: device times are medians and carry tail_ratio (1: best-of times)
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -895,10 +897,10 @@ def _measure_compute(store, seq_lens, repeats, chunk_shards, rng) -> dict:
             if rep:
                 times[(w, n)].append(dt)
     keys = sorted(times)
-    # The best of the repeats: on a shared machine another process can slow a multi-threaded
-    # BLAS call by 10x for a while (measured here: medians 3-10x the best during a neighbour's
-    # pip install); the device's speed is its best, the medians are kept for reference.
-    y = np.array([min(times[k]) for k in keys])
+    # The median of the repeats: the planner predicts the median request (its tail is
+    # ``tail_ratio``). A busy neighbour inflates medians (3-10x was seen during a pip install),
+    # so profile on a quiet machine; the best times are kept for reference.
+    y = np.array([float(np.median(times[k])) for k in keys])
     X = np.array([[1.0, w * n, w * n * n] for w, n in keys])
     c = _nnls_rel(X, y)
     # The same fit with a per-shard term independent of n (weights streamed through the cache,
@@ -909,7 +911,7 @@ def _measure_compute(store, seq_lens, repeats, chunk_shards, rng) -> dict:
     c5 = _nnls_rel(X5, y)
     return {"c0": float(c[0]), "c1": float(c[1]), "c2": float(c[2]), "widths": widths, "seq_lens": seq_lens,
             "repeats": repeats, "chunk_shards": chunk_shards, "batch": 1,
-            "statistic": f"best of {repeats}",
+            "statistic": f"median of {repeats}",
             "measured_ms": {f"w{w}_n{n}": round(float(min(times[(w, n)])) * 1e3, 4) for w, n in keys},
             "median_ms": {f"w{w}_n{n}": round(float(np.median(times[(w, n)])) * 1e3, 4) for w, n in keys},
             "fit": _fit_report(X, y, c),
@@ -951,32 +953,96 @@ def _measure_dequant(store, repeats, rng) -> dict:
     return {"per_byte": out, "ms_per_shard": detail}
 
 
-def _calibrate_runtime_overhead(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, repeats: int = 7) -> dict:
-    """Per-layer time the isolated layer measurements miss (the IO handshake, checksums, decode
-    calls, scratch accounting): run the real ``StreamingEncoder`` with every shard preloaded at
-    4 bits (no IO, so the pipeline time is pure compute side) and compare with the model's
-    prediction. The median excess per shard is returned (the caller adds it to each shard's cost)."""
+def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None,
+                       repeats: int = 21) -> dict:
+    """What the isolated measurements miss, measured on the real ``StreamingEncoder`` (both
+    engines run interleaved, so they see the same machine), and the device profile corrected
+    for it:
+
+    * compute side: every shard preloaded at 4 bits (no IO). The median latency's excess over
+      the model, per shard, is fitted as ``overhead + delta * n`` (the IO handshake, decode
+      calls and scratch traffic per shard; a per-token correction of ``c1``);
+    * IO side: every shard streamed at 4 bits through the IO worker (with ``throttle``, as plans
+      run; without one, cold: the store evicted from the page cache before every request). On a 2-core machine the IO worker shares the cores with BLAS threads, so reads
+      finish later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
+      that makes the model's timeline match the measured median is kept (median over lengths);
+    * ``tail_ratio``: 95th percentile / median latency of the streamed requests, the largest
+      over the lengths. A deadline T is planned as a median bound T / tail_ratio.
+
+    Returns (the corrected profile, the measurements)."""
+    from sti.plan import simulate
     from sti.runtime import Schedule, StreamingEncoder
 
     bits = 4 if 4 in store.bits else max(b for b in store.bits if b != FP32)
     L = store.num_layers
     layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
+    w = len(layers[0])
     preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
-    eng = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards))
+    pre = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards))
+    # as the device profile models reads: cold (page cache evicted per request) or emulated
+    streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
+                                cold=throttle is None)
+    shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
     rows = []
-    for n in sorted(set(seq_lens)):
-        n = min(int(n), store.config.max_position)
+    for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):
         ids = rng.integers(0, store.config.vocab_size, (1, n))
         mask = np.ones_like(ids)
-        eng.run(ids, mask)  # warm-up
-        measured = min(eng.run(ids, mask)[1].latency for _ in range(repeats))
-        w = len(layers[0])
-        shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
+        pre.run(ids, mask)  # warm-up
+        streamed.run(ids, mask)
+        t_pre, t_str = [], []
+        for _ in range(repeats):
+            t_pre.append(pre.run(ids, mask)[1].latency)
+            t_str.append(streamed.run(ids, mask)[1].latency)
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
-        rows.append({"seq_len": n, "measured_ms": round(measured * 1e3, 3), "predicted_ms": round(predicted * 1e3, 3)})
-    w = len(layers[0])
-    excess = float(np.median([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / (L * w) for r in rows]))
-    return {"bits": bits, "rows": rows, "per_shard_overhead": max(0.0, excess)}
+        med = float(np.median(t_str))
+        rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
+                     "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
+                     "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
+                     "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4)})
+    # compute side: excess per shard = overhead + delta * n (least squares; overhead >= 0, c1 + delta >= 0)
+    ns = np.array([r["seq_len"] for r in rows], float)
+    ex = np.array([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / (L * w) for r in rows])
+    if len(rows) >= 2:
+        delta, overhead = np.polyfit(ns, ex, 1)
+    else:
+        delta, overhead = 0.0, float(ex[0])
+    if overhead < 0:  # refit with the constant at 0
+        overhead, delta = 0.0, float(ns @ ex / (ns @ ns))
+    delta = max(float(delta), -dev.c1)
+    per_byte = {b: v + overhead / store.shard_nbytes(0, min(store.shard_indices(0)), b)
+                for b, v in dev.dequant_per_byte.items()}
+    fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte})
+    # IO side: the read-time factor that makes the streamed plan's timeline match its median
+    shape = model_shape(store, chunk_shards=chunk_shards)
+    matrix = [[bits] * w for _ in range(L)]
+
+    def predicted_streamed(k, n):
+        d = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k,
+                             "io_latency": fixed.io_latency * k})
+        return simulate(matrix, shape, d, n).latency
+
+    slow = []
+    for r in rows:
+        target = r["streamed_median_ms"] / 1e3
+        lo, hi = 1.0, 4.0
+        if predicted_streamed(lo, r["seq_len"]) >= target:
+            k = 1.0  # the model is not optimistic here
+        elif predicted_streamed(hi, r["seq_len"]) <= target:
+            k = hi
+        else:
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if predicted_streamed(mid, r["seq_len"]) < target else (lo, mid)
+            k = (lo + hi) / 2
+        r["io_slowdown"] = round(k, 4)
+        r["streamed_predicted_ms"] = round(predicted_streamed(k, r["seq_len"]) * 1e3, 3)
+        slow.append(k)
+    k = float(np.median(slow))
+    tail = max(1.0, max(r["tail_ratio"] for r in rows))
+    out = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k, "io_latency": fixed.io_latency * k,
+                           "tail_ratio": tail})
+    return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
+                 "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail}
 
 
 def _loadavg() -> float | None:
@@ -1028,13 +1094,10 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label)
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
-    calib = _calibrate_runtime_overhead(store, dev, seq_lens, chunk_shards, rng)
-    if calib["per_shard_overhead"] > 0:
-        # All shards of one version have the same size, so a per-shard constant is exactly a
-        # per-byte term of that version: fold it into the dequantization cost.
-        per_byte = {b: v + calib["per_shard_overhead"] / store.shard_nbytes(0, min(store.shard_indices(0)), b)
-                    for b, v in dev.dequant_per_byte.items()}
-        dev = DeviceProfile(**{**dev.__dict__, "dequant_per_byte": per_byte})
+    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle)
+    if calib["io_slowdown"] > 1.0:
+        dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
+                      f"computes beside them (measured on the streaming runtime)")
     meta = {"io_measured": io, "compute": comp, "dequant": deq, "runtime_calibration": calib,
             "storage": storage_key(storage),
             "seconds": {"io": round(t_io, 3), "compute": round(t_comp, 3), "dequant": round(t_deq, 3),
@@ -1054,9 +1117,11 @@ def profile_device(store, storage: str | None = None, seq_lens=(16, 32, 64, 128)
     ``_measure_io``: the fit and every sequence's predicted / actual are kept in the profile's
     meta, with isolated one-read-per-eviction numbers for reference). Compute: ``bert.streamed_layer``
     (the runtime's chunked layer, ``chunk_shards`` shards per chunk, already-decoded fp32 shards,
-    one sequence) at several widths w and each ``seq_lens`` n, best of ``repeats``, fitted as
+    one sequence) at several widths w and each ``seq_lens`` n, median of ``repeats``, fitted as
     ``c0 + c1*w*n + c2*w*n^2``. Dequantization: seconds per stored byte at each stored bitwidth
-    (checksum + decode into scratch, as the runtime does; fp32 is a checked copy).
+    (checksum + decode into scratch, as the runtime does; fp32 is a checked copy). Then the
+    real runtime calibrates both (``_calibrate_runtime``): a per-shard overhead, and the
+    ``tail_ratio`` (95th percentile / median request latency) the planner turns deadlines with.
     ``storage`` (see :func:`parse_storage`) replaces the IO numbers by the emulated device's."""
     store, opened = _open(store)
     try:

@@ -274,6 +274,28 @@ def test_infeasible_names_both_minima_and_they_are_feasible(method):
         plan(shape, imp, dev, err.min_latency * (1 - 1e-6), M, n, method=method)
 
 
+@pytest.mark.parametrize("method", ["heuristic", pytest.param("exact", marks=needs_scipy)])
+def test_tail_ratio_plans_the_median_under_the_deadline(method):
+    """A device whose 95th-percentile request takes 1.25x its median: planning for deadline T is
+    planning the median for T / 1.25, and every latency the planner reports is a deadline."""
+    from dataclasses import replace
+
+    shape, imp, dev, n, T, M = instance(1)
+    tailed = replace(dev, tail_ratio=1.25)
+    p = plan(shape, imp, tailed, T, M, n, method=method)
+    q = plan(shape, imp, dev, T / 1.25, M, n, method=method)
+    assert p.target_latency == T and p.predicted_latency * 1.25 <= T * (1 + TOL)
+    assert p.bits_matrix() == q.bits_matrix() and p.preload == q.preload
+    assert p.solver["tail_ratio"] == 1.25 and p.solver["median_latency_bound"] == pytest.approx(T / 1.25)
+    assert min_latency(shape, tailed, n, M, method=method) == pytest.approx(1.25 * min_latency(shape, dev, n, M, method=method))
+    t_fast = min_latency(shape, tailed, n, None, method=method)
+    with pytest.raises(InfeasiblePlanError) as ei:
+        plan(shape, imp, tailed, t_fast * 0.99, M, n, method=method)
+    assert ei.value.abs_min_latency == pytest.approx(t_fast)
+    with pytest.raises(STIError, match="tail_ratio"):
+        replace(dev, tail_ratio=0.9)
+
+
 @needs_scipy
 def test_infeasible_below_absolute_minima():
     shape, imp, dev, n, _, _ = instance(2)

@@ -128,13 +128,18 @@ def test_device_profile_fit(tiny_bert):
     assert dev.compute_time(4, 16) > dev.compute_time(1, 16) and dev.compute_time(2, 16) > dev.compute_time(2, 4)
     assert set(dev.dequant_per_byte) == set(Store.open(path).bits) and all(v > 0 for v in dev.dequant_per_byte.values())
     assert meta["compute"]["fit"]["max_rel_error"] >= 0 and len(meta["io_measured"]["by_sequence"]) >= 4
+    calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
+    assert dev.tail_ratio == calib["tail_ratio"] >= 1.0
+    assert all(r["streamed_p95_ms"] >= r["streamed_median_ms"] > 0 for r in calib["rows"])
 
 
 def test_emulated_storage_profile(tiny_bert):
     _, _, path = tiny_bert
     with Store.open(path) as st:
         dev, meta = prof._profile_device(st, storage="emmc", seq_lens=(8, 16), repeats=1)
-    assert dev.io_bandwidth == 200e6 and dev.io_latency == pytest.approx(0.5e-3)
+    # the emulated device's numbers, times the slowdown the runtime measured on its reads
+    k = meta["runtime_calibration"]["io_slowdown"]
+    assert k >= 1.0 and dev.io_bandwidth == pytest.approx(200e6 / k) and dev.io_latency == pytest.approx(0.5e-3 * k)
     assert dev.label.startswith("emulated eMMC") and meta["storage"] == "emmc"
 
 
