@@ -19,9 +19,10 @@ planner (``sti.plan``) and stores them beside the shard store:
   ``c0 + c1*w*n + c2*w*n^2`` (w active shards, n tokens, one sequence; medians: the planner
   predicts the median request), the seconds per stored byte to check + dequantize a shard at
   each bitwidth (``Store.decode_shard``, called as the runtime calls it), and from the real
-  runtime a per-shard overhead and the ``tail_ratio`` (95th percentile / median request
-  latency) with which the planner turns a deadline into a median bound. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO by an
-  emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
+  runtime a per-shard overhead, the slowdown of reads while compute shares the cores, and the
+  ``tail_ratio`` (95th percentile / median request latency) with which the planner turns a
+  deadline into a median bound. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO
+  by an emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
 
 How the importance is computed fast
 -----------------------------------
@@ -912,7 +913,7 @@ def _measure_compute(store, seq_lens, repeats, chunk_shards, rng) -> dict:
     return {"c0": float(c[0]), "c1": float(c[1]), "c2": float(c[2]), "widths": widths, "seq_lens": seq_lens,
             "repeats": repeats, "chunk_shards": chunk_shards, "batch": 1,
             "statistic": f"median of {repeats}",
-            "measured_ms": {f"w{w}_n{n}": round(float(min(times[(w, n)])) * 1e3, 4) for w, n in keys},
+            "best_ms": {f"w{w}_n{n}": round(float(min(times[(w, n)])) * 1e3, 4) for w, n in keys},
             "median_ms": {f"w{w}_n{n}": round(float(np.median(times[(w, n)])) * 1e3, 4) for w, n in keys},
             "fit": _fit_report(X, y, c),
             "with_per_shard_term": {"c0": float(c4[0]), "cw": float(c4[1]), "c1": float(c4[2]), "c2": float(c4[3]),

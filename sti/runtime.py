@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,8 +146,8 @@ class Throttle:
     """Emulated slower storage: a device that serves reads one after another, each taking
     latency + bytes / bandwidth of device time. A read issued at ``t_start`` completes at
     max(t_start, the previous read's completion) + latency + bytes / bandwidth, and the reader
-    sleeps until then. The OS wakes a sleeper late (~0.1 ms on this kind of VM, 20-30% of a
-    50 KB read at 200 MB/s); that delay belongs to the emulation, not to the device, so a read
+    sleeps until then. The OS wakes a sleeper late (~0.1 ms measured on a small cloud VM, 20-30%
+    of a 50 KB read at 200 MB/s); that delay belongs to the emulation, not to the device, so a read
     issued right after a late wake-up is charged from the previous completion: back-to-back
     reads run at exactly the emulated bandwidth."""
 
@@ -344,8 +343,8 @@ class StreamingEncoder:
             g = dict(self.globals, **{"embed.word": self.embed_table})
             x = bert.embed(self.cfg, g, ids)
             bias = bert.attention_bias(mask)
-            for layer, shards in enumerate(self.schedule.layers):
-                x = self._layer(layer, x, bias, shards, arrived, cv, failure, trace, t_start)
+            for layer in range(len(self.schedule.layers)):
+                x = self._layer(layer, x, bias, arrived, cv, failure, trace, t_start)
         finally:
             stop.set()
             worker.join()
@@ -375,8 +374,8 @@ class StreamingEncoder:
             got = self._calls[layer] = (chunks, calls)
         return got
 
-    def _layer(self, layer: int, x, bias, shards: Mapping[int, int], arrived: dict, cv: threading.Condition,
-               failure: list, trace: Trace, t_start: float) -> np.ndarray:
+    def _layer(self, layer: int, x, bias, arrived: dict, cv: threading.Condition, failure: list, trace: Trace,
+               t_start: float) -> np.ndarray:
         """One layer, chunk by chunk: a chunk's parts are decoded from its shards' bytes (waiting
         for the IO worker when they are not there yet) and its streamed bytes are released once
         its last part (the down projection) is decoded."""
