@@ -336,8 +336,11 @@ def cmd_plan(a) -> int:
                         for s, b in zip(lp.shards, lp.bits))
         print(f"  layer {layer}: width {len(lp.shards):>2}  {bits}")
     print("  (shard:bits, * = preloaded)")
-    print(f"predicted latency {p.predicted_latency * 1e3:.2f} ms (stall {p.stall_time * 1e3:.2f} ms), "
-          f"loss {p.predicted_loss:.4g}, resident peak {p.resident_bytes_peak:,} B, preload {p.preload_bytes:,} B")
+    tail = p.solver.get("tail_ratio", 1.0)
+    print(f"predicted latency {p.predicted_latency * 1e3:.2f} ms median, {p.predicted_latency * tail * 1e3:.2f} ms "
+          f"at the 95th percentile (x{tail:.3g}, measured by sti profile; the deadline is "
+          f"{p.target_latency * 1e3:.1f} ms), stall {p.stall_time * 1e3:.2f} ms, loss {p.predicted_loss:.4g}, "
+          f"resident peak {p.resident_bytes_peak:,} B, preload {p.preload_bytes:,} B")
     return 0
 
 
