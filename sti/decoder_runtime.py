@@ -50,6 +50,7 @@ from sti.checksums import sum64_int
 from sti.linops import ColSum, Packed, RowStack, SegmentStack
 from sti.lowbit import GGML, LowBitTensor
 from sti.models import llama
+from sti.plan_decoder import read_slots
 from sti.runtime import Residency, Throttle
 from sti.store import format as fmt
 
@@ -123,8 +124,8 @@ class StreamingDecoder:
                  io: str = "auto", kv: str = "fp16"):
         """``batch`` x ``context`` tokens (prompt + generated; default: the model's context, or
         what the budget allows) is the largest request the engine reserves KV cache for.
-        ``slots``: read slots (default: one layer's shards plus two, or every streamed shard
-        when the budget is unbounded). ``io``: "mmap", "read" or "auto" (mmap where supported);
+        ``slots``: read slots (default: two layers' shards, ``sti.plan_decoder.read_slots``, or
+        every streamed shard when the budget is unbounded). ``io``: "mmap", "read" or "auto" (mmap where supported);
         see the module docstring. ``kv``: the KV cache's element type, "fp16" or "fp32"."""
         if io == "auto":
             io = "mmap" if zero_copy_supported() else "read"
@@ -154,7 +155,7 @@ class StreamingDecoder:
         per_layer = max((sum(1 for it in order if it[0] == layer) for layer in range(store.num_layers)), default=0)
         self.min_slots = max(per_layer, 1) if order else 0
         if slots is None:
-            slots = (self.min_slots + 2 if schedule.memory_budget else len(order)) if order else 0
+            slots = (read_slots(per_layer) if schedule.memory_budget else len(order)) if order else 0
         self.n_slots = min(max(slots, self.min_slots), len(order))
         # prefill dequantizes one shard matrix at a time into this (decode never does)
         self.scratch_bytes = 4 * max((int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay
@@ -378,6 +379,7 @@ class _Stream:
         self.stats = {"bytes": 0, "reads": 0, "io_s": 0.0, "stall_s": 0.0}
         self.held: dict[int, tuple[int, int]] = {}  # mmap mode: slot -> the shard whose pages it holds
         self.holder: dict[tuple[int, int], int] = {}  # and back
+        self.stale: set[int] = set()  # slots given back whose pages are still mapped in
         self._populate = True  # MADV_POPULATE_READ works here (else pages are touched by the checksum)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sti-io", daemon=True)
@@ -419,7 +421,8 @@ class _Stream:
         """Fault the shard's pages in as the slot's content (dropping what the slot held before),
         and verify its checksum on the engine's first fetch of this version."""
         eng = self.eng
-        self._drop(slot)
+        if slot in self.held:
+            self._drop_stale()
         m, off, n = eng.regions[(layer, s)]
         first = (layer, s, bits) not in eng.verified
         if self._populate:
@@ -435,12 +438,21 @@ class _Stream:
         self.held[slot] = (layer, s)
         self.holder[(layer, s)] = slot
 
-    def _drop(self, slot: int) -> None:
-        """Unmap the pages the slot holds (unless a newer slot holds the same shard)."""
-        key = self.held.pop(slot, None)
-        if key is not None and self.holder.get(key) == slot:
-            del self.holder[key]
-            m, off, n = self.eng.regions[key]
+    def _drop_stale(self) -> None:
+        """Unmap the pages of every slot given back since the last drop (unless a newer slot
+        holds the same shard), adjacent shards as one range: a layer's shards lie back to back
+        in a version file, so this is about one ``madvise`` per layer instead of one per shard.
+        Each unmapping interrupts the other core for a TLB shootdown (an IPI, a VM exit on a
+        virtual machine); SmolLM2 at a 10 % budget took 130 of them per token one by one."""
+        with self.cv:
+            slots, self.stale = self.stale, set()
+        ranges = []
+        for slot in slots:
+            key = self.held.pop(slot, None)
+            if key is not None and self.holder.get(key) == slot:
+                del self.holder[key]
+                ranges.append(self.eng.regions[key])
+        for m, off, n in _merged(ranges):
             advise(m, off, n, mmap.MADV_DONTNEED)
 
     def _get_free(self):
@@ -464,6 +476,8 @@ class _Stream:
             return self.ready.pop(key)
 
     def give_back(self, slots) -> None:
+        with self.cv:
+            self.stale.update(slots)
         for slot in slots:
             self.free.put(slot)
 
@@ -473,8 +487,23 @@ class _Stream:
     def close(self) -> None:
         self._stop.set()
         self.thread.join()
-        for slot in list(self.held):
-            self._drop(slot)
+        self.stale.update(self.held)
+        self._drop_stale()
+
+
+def _merged(ranges) -> list[tuple[mmap.mmap, int, int]]:
+    """(map, offset, length) ranges with the ones that touch (up to page padding) joined."""
+    out: list[list] = []
+    for m, off, n in sorted(ranges, key=lambda r: (id(r[0]), r[1])):
+        if out and out[-1][0] is m and out[-1][1] + out[-1][2] <= off <= _page_up(out[-1][1] + out[-1][2]):
+            out[-1][2] = off + n - out[-1][1]
+        else:
+            out.append([m, off, n])
+    return [tuple(r) for r in out]
+
+
+def _page_up(n: int) -> int:
+    return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _adjacent_rows(raw, entries) -> LowBitTensor | None:

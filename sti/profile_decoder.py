@@ -556,6 +556,7 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     ``repeats``: timed rounds of the per-version tables; ``rounds`` x ``steps``: timed decode
     steps of each runtime configuration."""
     from sti.decoder_runtime import DecoderSchedule, StreamingDecoder
+    from sti.plan_decoder import read_slots
     from sti.profile import _fsync_store, parse_storage
 
     throttle = parse_storage(storage)
@@ -624,7 +625,7 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     products = _PassOps(store, items, lossless, kernels, scratch)
     versions = [lossless] + [k for k in (8, 4, 3, 2) if k in store.bits]
     streamed = {b: StreamingDecoder(store, DecoderSchedule.uniform(store, b), throttle=throttle, kernel_profile=kernels,
-                                    batch=1, context=capacity, slots=len(store.shard_indices(0)) + 2)
+                                    batch=1, context=capacity, slots=read_slots(len(store.shard_indices(0))))
                 for b in versions}
     steppers = {("resident", batch): _Stepper(resident, batch, context, capacity) for batch in BATCHES}
     steppers.update({("streamed", b): _Stepper(eng, 1, context, capacity) for b, eng in streamed.items()})

@@ -79,6 +79,28 @@ def test_an_impossible_budget_names_the_smallest_one(tiny):
         Generator.from_store(store, memory=smallest - 1, preload=False)
 
 
+def test_the_budget_buys_double_buffering_before_preloads(tiny):
+    from sti.plan_decoder import plan_decoder
+
+    _, store = tiny
+    st = Store.open(store)
+    per_layer = len(st.shard_indices(0))
+    smallest = _smallest(store)
+    tight = plan_decoder(st, smallest, context=2)
+    assert tight.slots == per_layer + 1 and not tight.preload
+    assert any("double buffering" in n for n in tight.notes)
+    # (per_layer - 1) more buffers fit: the IO worker can now hold the next layer whole
+    roomy = plan_decoder(st, smallest + (per_layer - 1) * tight.slot_bytes, context=2)
+    assert roomy.slots == 2 * per_layer and not roomy.preload
+    # every further byte goes to preloads, never at the cost of the second layer of buffers
+    for extra in (1, 3, 6):
+        p = plan_decoder(st, smallest + (per_layer - 1 + extra) * tight.slot_bytes, context=2)
+        streamed = p.schedule.stream_order()
+        per = max(sum(1 for it in streamed if it[0] == i) for i in range(st.num_layers))
+        assert p.preload and p.slots == min(2 * max(per, 1), len(streamed))
+        assert p.weight_bytes <= p.memory_budget
+
+
 def test_prompt_longer_than_the_context_is_refused(tiny):
     _, store = tiny
     gen = Generator.from_store(store, memory=_smallest(store) + 20_000, preload=False)
