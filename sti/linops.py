@@ -175,6 +175,9 @@ class SegmentStack:
             raise ValueError(f"SegmentStack: parts must share one shape with {per_part} rows, got {sorted(shapes)}")
         self.src = np.cumsum([0] + self.sizes)  # segment k: rows src[k]:src[k+1] of every part
         self.shape = (len(self.parts) * per_part, next(iter(shapes))[1])
+        # output column j is row perm[j] of the parts' outputs side by side (part k at k * per_part)
+        self.perm = np.concatenate([np.arange(a, b) + k * per_part for a, b in zip(self.src, self.src[1:])
+                                    for k in range(len(self.parts))]).astype(np.intp)
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
         n, S, R = x.shape[0], len(self.parts), self.shape[0] // max(len(self.parts), 1)
@@ -194,14 +197,7 @@ class SegmentStack:
             else:
                 y[:, k] = _apply(p, x, None, False)
         res = np.empty((n, self.shape[0]), np.float32) if out is None or accumulate else out
-        dst = 0
-        for a, b in zip(self.src, self.src[1:]):
-            L = int(b - a)
-            # columns dst : dst + S*L of res, seen as (n, S, L): part k's segment goes to row block k
-            view = np.lib.stride_tricks.as_strided(res[:, dst:], shape=(n, S, L),
-                                                   strides=(res.strides[0], L * res.strides[1], res.strides[1]))
-            view[...] = y[:, :, a:b]
-            dst += S * L
+        np.take(y.reshape(n, -1), self.perm, axis=1, out=res)
         if out is not None and accumulate:
             out += res
             return out
