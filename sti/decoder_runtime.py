@@ -125,8 +125,9 @@ class StreamingDecoder:
         """``batch`` x ``context`` tokens (prompt + generated; default: the model's context, or
         what the budget allows) is the largest request the engine reserves KV cache for.
         ``slots``: read slots (default: two layers' shards, ``sti.plan_decoder.read_slots``, or
-        every streamed shard when the budget is unbounded). ``io``: "mmap", "read" or "auto" (mmap where supported);
-        see the module docstring. ``kv``: the KV cache's element type, "fp16" or "fp32"."""
+        every streamed shard when the budget is unbounded). ``io``: "mmap", "read" or "auto"
+        (mmap where supported); see the module docstring. ``kv``: the KV cache's element type,
+        "fp16" or "fp32"."""
         if io == "auto":
             io = "mmap" if zero_copy_supported() else "read"
         if io not in IO_MODES:

@@ -11,8 +11,9 @@ by :func:`decoder_shape`) and returns a plain :class:`DecoderPlan`. Without a pe
 target every shard runs at one version (the store's lossless one by default); with one, the
 versions come from the decoder profile's importance and device measurements (see
 ``sti.profile_decoder``). What the budget leaves after the request's KV cache and the minimum
-read buffers is spent on preloading shards in pass order: the first layers' shards are then
-resident when a request starts, and every preloaded byte is a byte not read per token.
+read buffers goes first to a second layer of read buffers (double buffering), then to preloading
+shards in pass order: the first layers' shards are then resident when a request starts, and
+every preloaded byte is a byte not read per token.
 """
 
 from __future__ import annotations
