@@ -176,6 +176,21 @@ class GenerationResult:
     stopped: str  # "max_tokens" (the limit was reached) | "eos" (an end token, or the context filled)
 
 
+def prompt_ids(tokenizer, chat_template: str | None, special: dict, prompt: str, chat: bool = False,
+               system: str | None = None) -> list[int]:
+    """A prompt's token ids as a generator runs them: wrapped in the chat template when ``chat``,
+    BOS first where the model adds one."""
+    from sti.generation import render_chat
+
+    _check_texts([prompt])
+    text = render_chat(chat_template, prompt, system) if chat else prompt
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    bos = special.get("bos_id")
+    if special.get("add_bos") and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
 class Generator:
     """A LLaMA-family decoder with a KV cache, sampling and chat templates: in memory
     (:meth:`load`; a GGUF file's blocks stay packed) or streamed from a shard store under a
@@ -242,10 +257,13 @@ class Generator:
     @classmethod
     def from_store(cls, store, memory: str | int = 0, bits: int | str | None = None, batch: int = 1,
                    context: int | None = None, storage: str | None = None, preload: bool = True,
-                   token_latency: str | float | None = None, io: str = "auto", kv: str = "fp16") -> "Generator":
-        """A decoder streaming the shard store ``store`` under ``memory`` bytes (e.g. "16MB"; 0:
-        unbounded) for requests of up to ``batch`` sequences x ``context`` tokens (prompt and
-        generated; default: what the budget allows). The plan (``sti.plan_decoder``) runs every
+                   token_latency: str | float | None = None, io: str = "auto", kv: str = "fp16",
+                   min_context: int = 2) -> "Generator":
+        """A decoder streaming the shard store ``store`` (a path or an open ``Store``) under
+        ``memory`` bytes (e.g. "16MB"; 0: unbounded) for requests of up to ``batch`` sequences x
+        ``context`` tokens (prompt and generated; default: what the budget allows, and at least
+        ``min_context`` before the budget buys a second layer of read buffers, when it can).
+        The plan (``sti.plan_decoder``) runs every
         shard at its lossless version, or at ``bits``, or at the bitwidths that meet
         ``token_latency`` per decode step; the rest of the budget preloads shards.
         ``storage`` emulates slower storage (``emmc``, ``<N>MBps``). ``io``: how streamed shards
@@ -257,7 +275,7 @@ class Generator:
         from sti.store import Store
         from sti.units import parse_bytes, parse_latency
 
-        st = Store.open(store)
+        st = store if isinstance(store, Store) else Store.open(store)
         if st.family != "llama":
             raise STIError(f"{st.path} holds a {st.family} model, not a decoder", "pack a LLaMA-family model")
         budget = parse_bytes(memory) if memory else 0
@@ -267,7 +285,7 @@ class Generator:
         self.chat_template, self.special = st.chat_template, st.special
         self.globals = self.layers = None
         self.plan = plan_decoder(st, budget, bits=bits, batch=batch, context=context, preload=preload,
-                                 token_latency=target, storage=storage, kv=kv)
+                                 token_latency=target, storage=storage, kv=kv, min_context=min_context)
         self.kv = kv
         self.kernels = _kernel_profile()
         self.engine = StreamingDecoder(st, self.plan.schedule, throttle=parse_storage(storage), batch=batch,
@@ -290,15 +308,7 @@ class Generator:
         return self.engine.context if self.engine is not None else self.cfg.max_position
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
-        from sti.generation import render_chat
-
-        _check_texts([prompt])
-        text = render_chat(self.chat_template, prompt, system) if chat else prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        bos = self.special.get("bos_id")
-        if self.special.get("add_bos") and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        return ids
+        return prompt_ids(self.tokenizer, self.chat_template, self.special, prompt, chat, system)
 
     def new_cache(self, tokens: int, batch: int = 1):
         from sti.models import llama

@@ -126,8 +126,13 @@ def cmd_generate(a) -> int:
     from sti.api import Generator
 
     if a.store:
-        gen = Generator.from_store(a.store, memory=a.memory, bits=a.bits, batch=a.batch, storage=a.storage,
-                                   token_latency=a.token_latency, kv=a.kv)
+        from sti.api import prompt_ids
+        from sti.store import Store
+
+        st = Store.open(a.store)  # the request's length decides how the budget is split
+        need = len(prompt_ids(st.tokenizer(), st.chat_template, st.special, a.prompt, a.chat)) + a.max_tokens
+        gen = Generator.from_store(st, memory=a.memory, bits=a.bits, batch=a.batch, storage=a.storage,
+                                   token_latency=a.token_latency, kv=a.kv, min_context=need)
         if not a.json:
             p = gen.plan
             print(f"sti: streaming {a.store}: {p.weight_bytes / 1e6:.1f} MB of weights resident "

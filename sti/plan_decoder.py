@@ -104,7 +104,7 @@ def decoder_shape(store, kv: str = DEFAULT_KV) -> DecoderShape:
 
 def plan_decoder(store, memory: int = 0, *, bits: int | str | None = None, batch: int = 1,
                  context: int | None = None, preload: bool = True, token_latency: float | None = None,
-                 storage: str | None = None, kv: str = DEFAULT_KV) -> DecoderPlan:
+                 storage: str | None = None, kv: str = DEFAULT_KV, min_context: int = 2) -> DecoderPlan:
     """Plan for a store (see :func:`plan_decoder_shape`), its KV cache in ``kv`` (fp16, fp32)."""
     shape = decoder_shape(store, kv)
     versions, note = None, None
@@ -118,7 +118,7 @@ def plan_decoder(store, memory: int = 0, *, bits: int | str | None = None, batch
         note = (f"versions for {token_latency * 1e3:.0f} ms/token: predicted {choice.predicted_s * 1e3:.1f} ms, "
                 f"summed KL {choice.kl:.3g} nats/token")
     plan = plan_decoder_shape(shape, memory, bits=bits, batch=batch, context=context, preload=preload,
-                              versions=versions)
+                              versions=versions, min_context=min_context)
     if note:
         plan.notes.insert(0, note)
     plan.kv = kv
@@ -144,9 +144,12 @@ def _bits_code(bits, have) -> int:
 
 def plan_decoder_shape(shape: DecoderShape, memory: int = 0, *, bits: int | str | None = None, batch: int = 1,
                        context: int | None = None, preload: bool = True,
-                       versions: tuple[list[dict[int, int]], dict[int, int]] | None = None) -> DecoderPlan:
+                       versions: tuple[list[dict[int, int]], dict[int, int]] | None = None,
+                       min_context: int = 2) -> DecoderPlan:
     """The plan for ``memory`` bytes (0: unbounded). ``versions``: (per-layer {shard: bits},
-    {head shard: bits}) chosen elsewhere; else every shard at ``bits`` (default lossless)."""
+    {head shard: bits}) chosen elsewhere; else every shard at ``bits`` (default lossless).
+    ``min_context``: without a ``context``, the tokens a request needs (a prompt and its new
+    tokens): double buffering is bought only if this many still fit."""
     if batch < 1:
         raise STIError(f"batch must be at least 1, got {batch}", "pass --batch 1 or more")
     notes = []
@@ -176,7 +179,7 @@ def plan_decoder_shape(shape: DecoderShape, memory: int = 0, *, bits: int | str 
         return shape.fixed_bytes + pre + n * slot + (shape.scratch_bytes if streamed else 0), n, slot
 
     # The budget is spent in this order: the fewest read buffers and the request's KV cache (the
-    # context asked for, else two tokens), then double buffering (it removes a stall per layer,
+    # context asked for, else min_context tokens where they fit), then double buffering (it removes a stall per layer,
     # worth more than any preloaded shard), then the context up to its default, then preloads.
     w0, n0, slot0 = weights(set(), False)
     if memory:
@@ -191,7 +194,7 @@ def plan_decoder_shape(shape: DecoderShape, memory: int = 0, *, bits: int | str 
                            f"{batch * need_ctx * shape.token_bytes:,} B",
                            f"raise --memory to at least {smallest:,} B ({smallest / 1e6:.1f} MB), use lower "
                            f"bitwidths, or a shorter context")
-        floor = want_ctx if context is not None else 2
+        floor = want_ctx if context is not None else max(2, min(min_context, want_ctx))
         double = weights(set(), True)[0] + batch * floor * shape.token_bytes <= memory
         fits = max(0, memory - weights(set(), double)[0]) // (batch * shape.token_bytes)
         ctx = int(min(want_ctx, fits))

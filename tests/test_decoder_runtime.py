@@ -92,6 +92,11 @@ def test_the_budget_buys_double_buffering_before_preloads(tiny):
     # (per_layer - 1) more buffers fit: the IO worker can now hold the next layer whole
     roomy = plan_decoder(st, smallest + (per_layer - 1) * tight.slot_bytes, context=2)
     assert roomy.slots == 2 * per_layer and not roomy.preload
+    # without a context, a request's own length comes before double buffering
+    budget = smallest + (per_layer - 1) * tight.slot_bytes
+    assert plan_decoder(st, budget, min_context=2).slots == 2 * per_layer
+    long = plan_decoder(st, budget, min_context=roomy.context + 1)
+    assert long.slots == per_layer + 1 and long.context > roomy.context
     # every further byte goes to preloads, never at the cost of the second layer of buffers
     for extra in (1, 3, 6):
         p = plan_decoder(st, smallest + (per_layer - 1 + extra) * tight.slot_bytes, context=2)
@@ -99,6 +104,33 @@ def test_the_budget_buys_double_buffering_before_preloads(tiny):
         per = max(sum(1 for it in streamed if it[0] == i) for i in range(st.num_layers))
         assert p.preload and p.slots == min(2 * max(per, 1), len(streamed))
         assert p.weight_bytes <= p.memory_budget
+
+
+def test_cli_generate_keeps_room_for_the_whole_request(tiny, capsys):
+    import json
+
+    from sti.cli import main
+
+    _, store = tiny
+    st = Store.open(store)
+    smallest = _smallest(store)  # fewest read buffers and two tokens
+    # double buffering would fit here, but only with a context shorter than prompt + 12
+    budget = smallest + (len(st.shard_indices(0)) - 1) * _slot_bytes(st) + 3 * _token_bytes(st)
+    assert main(["generate", "--store", str(store), "--memory", str(budget), "--json", "--max-tokens", "12",
+                 "hello there"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 12
+
+
+def _slot_bytes(st) -> int:
+    from sti.plan_decoder import plan_decoder
+
+    return plan_decoder(st, 0, preload=False).slot_bytes
+
+
+def _token_bytes(st) -> int:
+    from sti.plan_decoder import decoder_shape
+
+    return decoder_shape(st).token_bytes
 
 
 def test_prompt_longer_than_the_context_is_refused(tiny):
