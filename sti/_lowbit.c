@@ -103,7 +103,15 @@ typedef struct {
     const uint32_t *oidx; /* outliers: flat indices into (rows, cols) ... */
     const float *oval;    /* ... and their exact values */
     Py_ssize_t nout;
+    /* GGML kinds put together from tiles of other matrices (_lowbit.tiled), else band_base is
+     * NULL and P is 1: rows band_start[k] .. band_start[k+1]-1 form band k, and row i of band k is
+     * P tiles of nseg / P blocks, tile p at band_base[k * P + p] + i * tile_bytes */
+    const uint8_t *const *band_base;
+    const Py_ssize_t *band_start;
+    Py_ssize_t nband, P, tile_bytes;
 } Weights;
+
+#define MAX_TILES 64 /* column tiles per row of a tiled matrix */
 
 typedef struct {
     Py_ssize_t B;
@@ -324,12 +332,29 @@ static void deq_row_sti(const Weights *W, Py_ssize_t r, float *out) {
     }
 }
 
-static void deq_row(const Weights *W, Py_ssize_t r, float *out) {
-    switch (W->kind) {
-    case K_Q41: deq_row_q41(W->w + r * W->row_bytes, W->nseg, out); break;
-    case K_Q80: deq_row_q80(W->w + r * W->row_bytes, W->nseg, out); break;
-    default: deq_row_sti(W, r, out); break;
+/* The P tiles of row r of a GGML matrix into tp (one, the row itself, for a matrix in one piece).
+ * *k: a band at or before row r's, advanced to it (rows are visited in order). */
+static inline void row_tiles(const Weights *W, Py_ssize_t r, Py_ssize_t *k, const uint8_t **tp) {
+    if (!W->band_base) {
+        tp[0] = W->w + r * W->row_bytes;
+        return;
     }
+    while (r >= W->band_start[*k + 1]) ++*k;
+    const Py_ssize_t off = (r - W->band_start[*k]) * W->tile_bytes;
+    for (Py_ssize_t p = 0; p < W->P; p++) tp[p] = W->band_base[*k * W->P + p] + off;
+}
+
+static void deq_row(const Weights *W, Py_ssize_t r, float *out) {
+    if (W->kind == K_STI) {
+        deq_row_sti(W, r, out);
+        return;
+    }
+    const uint8_t *tiles[MAX_TILES];
+    Py_ssize_t k = 0;
+    row_tiles(W, r, &k, tiles);
+    const Py_ssize_t nbp = W->nseg / W->P;
+    for (Py_ssize_t p = 0; p < W->P; p++, out += nbp * QK)
+        W->kind == K_Q41 ? deq_row_q41(tiles[p], nbp, out) : deq_row_q80(tiles[p], nbp, out);
 }
 
 /* ------------------------------------------------------------------------- fused rows, B = 1
@@ -401,33 +426,48 @@ static inline __attribute__((always_inline)) void ggml_block(const int Q41, cons
     }
 }
 
-static inline __attribute__((always_inline)) void ggml_row(const int Q41, const int NB, const uint8_t *blk,
-                                                          Py_ssize_t nb, const int16_t *x, const float *dxs,
-                                                          Py_ssize_t pc, float *out) {
-    const Py_ssize_t bytes = Q41 ? Q41_BYTES : Q80_BYTES, dstride = 2 * nb;
-    facc a0[4], a1[4];
-    __m128 m0[4], m1[4]; /* lane 1: sum of m * xs */
-    for (int j = 0; j < NB; j++) a0[j] = a1[j] = FACC_ZERO, m0[j] = m1[j] = _mm_setzero_ps();
-    Py_ssize_t b = 0;
-    for (; b + 2 <= nb; b += 2, blk += 2 * bytes) {
+/* Blocks b .. b+n-1 of a row, their bytes from blk on: block b goes into chain b & 1 whatever
+ * tile it lies in, so a row cut into tiles sums exactly as the same row in one piece. */
+static inline __attribute__((always_inline)) void ggml_span(const int Q41, const int NB, const uint8_t *blk,
+                                                           Py_ssize_t b, Py_ssize_t n, const int16_t *x,
+                                                           const float *dxs, Py_ssize_t pc, Py_ssize_t dstride,
+                                                           facc *a0, facc *a1, __m128 *m0, __m128 *m1) {
+    const Py_ssize_t bytes = Q41 ? Q41_BYTES : Q80_BYTES, end = b + n;
+    if ((b & 1) && b < end) {
+        ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a1, m1);
+        b++, blk += bytes;
+    }
+    for (; b + 2 <= end; b += 2, blk += 2 * bytes) {
         ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a0, m0);
         ggml_block(Q41, NB, ggml_widen(Q41, blk + bytes), load_dm(blk + bytes), x + (b + 1) * QK, dxs + 2 * (b + 1),
                    pc, dstride, a1, m1);
     }
-    if (b < nb) ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a0, m0);
+    if (b < end) ggml_block(Q41, NB, ggml_widen(Q41, blk), load_dm(blk), x + b * QK, dxs + 2 * b, pc, dstride, a0, m0);
+}
+
+/* One row, its nb blocks in P tiles of nb / P blocks, against NB vectors. */
+static inline __attribute__((always_inline)) void ggml_row(const int Q41, const int NB, const uint8_t *const *tiles,
+                                                          Py_ssize_t P, Py_ssize_t nb, const int16_t *x,
+                                                          const float *dxs, Py_ssize_t pc, float *out) {
+    const Py_ssize_t dstride = 2 * nb, nbp = nb / P;
+    facc a0[4], a1[4];
+    __m128 m0[4], m1[4]; /* lane 1: sum of m * xs */
+    for (int j = 0; j < NB; j++) a0[j] = a1[j] = FACC_ZERO, m0[j] = m1[j] = _mm_setzero_ps();
+    for (Py_ssize_t p = 0; p < P; p++) ggml_span(Q41, NB, tiles[p], p * nbp, nbp, x, dxs, pc, dstride, a0, a1, m0, m1);
     for (int j = 0; j < NB; j++)
         out[j] = FACC_SUM(a0[j], a1[j]) + (Q41 ? _mm_cvtss_f32(_mm_movehdup_ps(_mm_add_ps(m0[j], m1[j]))) : 0.0f);
 }
 #else
 /* Portable: the same integer sums; the float sums run in block order. */
-static void ggml_row(const int Q41, const int NB, const uint8_t *blk, Py_ssize_t nb, const int16_t *q16,
-                     const float *dxs, Py_ssize_t pc, float *out) {
+static void ggml_row(const int Q41, const int NB, const uint8_t *const *tiles, Py_ssize_t P, Py_ssize_t nb,
+                     const int16_t *q16, const float *dxs, Py_ssize_t pc, float *out) {
+    const Py_ssize_t nbp = nb / P, bytes = Q41 ? Q41_BYTES : Q80_BYTES;
     for (int j = 0; j < NB; j++) {
-        const uint8_t *bk = blk;
         const int16_t *x = q16 + j * pc;
         const float *ds = dxs + 2 * j * nb;
         float acc = 0.0f, macc = 0.0f;
         for (Py_ssize_t b = 0; b < nb; b++, x += QK, ds += 2) {
+            const uint8_t *bk = tiles[b / nbp] + (b % nbp) * bytes;
             int32_t p = 0;
             if (Q41) {
                 for (int i = 0; i < 16; i++) p += (bk[4 + i] & 15) * x[i] + (bk[4 + i] >> 4) * x[i + 16];
@@ -436,7 +476,6 @@ static void ggml_row(const int Q41, const int NB, const uint8_t *blk, Py_ssize_t
                 for (int i = 0; i < QK; i++) p += (int8_t)bk[2 + i] * x[i];
             }
             acc += half_to_float(rd16(bk)) * ds[0] * (float)p;
-            bk += Q41 ? Q41_BYTES : Q80_BYTES;
         }
         out[j] = acc + macc;
     }
@@ -542,24 +581,32 @@ static void rows_b1(const Weights *W, const Acts *A, float *y, int accumulate, P
     }
 }
 
-/* GGML kinds, any B: rows times groups of up to 4 vectors (ggml_row). */
-static void rows_ggml(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1) {
-    const Py_ssize_t nb = W->nseg, R = W->rows, pc = W->pc;
+/* GGML kinds, any B: rows times groups of up to 4 vectors (ggml_row). TILED is a compile-time
+ * constant: a matrix in one piece runs ggml_row with P = 1 known, as fast as before tiles existed. */
+static inline __attribute__((always_inline)) void rows_ggml_k(const Weights *W, const Acts *A, float *y,
+                                                             int accumulate, Py_ssize_t r0, Py_ssize_t r1,
+                                                             const int TILED) {
+    const Py_ssize_t nb = W->nseg, R = W->rows, pc = W->pc, P = TILED ? W->P : 1;
     const int q41 = W->kind == K_Q41;
+    const uint8_t *tiles[TILED ? MAX_TILES : 1];
+    Py_ssize_t band = 0;
     for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint8_t *blk = W->w + r * W->row_bytes;
+        if (TILED)
+            row_tiles(W, r, &band, tiles);
+        else
+            tiles[0] = W->w + r * W->row_bytes;
         for (Py_ssize_t b0 = 0; b0 < A->B; b0 += 4) {
             const int16_t *q16 = A->q16 + b0 * pc;
             const float *dxs = A->dxs + 2 * b0 * nb;
             float v[4] = {0};
             int n = A->B - b0 >= 4 ? 4 : (int)(A->B - b0);
 #define GGML_CASE(N) \
-    case N: q41 ? ggml_row(1, N, blk, nb, q16, dxs, pc, v) : ggml_row(0, N, blk, nb, q16, dxs, pc, v); break
+    case N: q41 ? ggml_row(1, N, tiles, P, nb, q16, dxs, pc, v) : ggml_row(0, N, tiles, P, nb, q16, dxs, pc, v); break
             switch (n) {
                 GGML_CASE(4);
                 GGML_CASE(3);
                 GGML_CASE(2);
-                default: q41 ? ggml_row(1, 1, blk, nb, q16, dxs, pc, v) : ggml_row(0, 1, blk, nb, q16, dxs, pc, v);
+                default: q41 ? ggml_row(1, 1, tiles, P, nb, q16, dxs, pc, v) : ggml_row(0, 1, tiles, P, nb, q16, dxs, pc, v);
             }
 #undef GGML_CASE
             for (int j = 0; j < n; j++) {
@@ -568,6 +615,13 @@ static void rows_ggml(const Weights *W, const Acts *A, float *y, int accumulate,
             }
         }
     }
+}
+
+static void rows_ggml(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1) {
+    if (W->band_base)
+        rows_ggml_k(W, A, y, accumulate, r0, r1, 1);
+    else
+        rows_ggml_k(W, A, y, accumulate, r0, r1, 0);
 }
 
 /* ------------------------------------------------------------------------- batched rows, B > 1
@@ -991,6 +1045,10 @@ typedef struct {
     Weights W;
     Py_buffer buf[NBUF];
     int held[NBUF];
+    Py_buffer *tbuf; /* a tiled matrix's buffers (ntbuf of them, all held) ... */
+    Py_ssize_t ntbuf;
+    const uint8_t **band_base; /* ... its (bands, P) tile pointers into them, and its band starts */
+    Py_ssize_t *band_start;
 } Matrix;
 
 static int fail(const char *fmt, ...) {
@@ -1006,6 +1064,10 @@ static int fail(const char *fmt, ...) {
 static void Matrix_dealloc(Matrix *self) {
     for (int i = 0; i < NBUF; i++)
         if (self->held[i]) PyBuffer_Release(&self->buf[i]);
+    for (Py_ssize_t i = 0; i < self->ntbuf; i++) PyBuffer_Release(&self->tbuf[i]);
+    PyMem_Free(self->tbuf);
+    PyMem_Free(self->band_base);
+    PyMem_Free(self->band_start);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1025,7 +1087,7 @@ static int Matrix_init(Matrix *self, PyObject *args, PyObject *kw) {
     int kind, bits = 0;
     Py_ssize_t rows, cols, G = 0;
     PyObject *w, *scale = NULL, *offset = NULL, *oidx = NULL, *oval = NULL;
-    if (self->held[B_W]) return fail("Matrix is already initialised");
+    if (self->held[B_W] || self->band_base) return fail("Matrix is already initialised");
     if (!PyArg_ParseTupleAndKeywords(args, kw, "innO|inOOOO", names, &kind, &rows, &cols, &w, &bits, &G, &scale,
                                      &offset, &oidx, &oval))
         return -1;
@@ -1035,7 +1097,7 @@ static int Matrix_init(Matrix *self, PyObject *args, PyObject *kw) {
     Weights *W = &self->W;
     if (kind == K_Q41 || kind == K_Q80) {
         if (cols % QK) return fail("Matrix: GGML rows hold a multiple of 32 columns, got %zd", cols);
-        *W = (Weights){.kind = kind, .rows = rows, .cols = cols, .seg = QK, .nseg = cols / QK, .pc = cols};
+        *W = (Weights){.kind = kind, .rows = rows, .cols = cols, .seg = QK, .nseg = cols / QK, .pc = cols, .P = 1};
         W->row_bytes = W->nseg * (kind == K_Q41 ? Q41_BYTES : Q80_BYTES);
     } else if (kind == K_STI) {
         if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
@@ -1045,7 +1107,8 @@ static int Matrix_init(Matrix *self, PyObject *args, PyObject *kw) {
         if (!scale || !offset || !oidx || !oval)
             return fail("Matrix: sti-q1 needs scale, offset, outlier_idx and outlier_val");
         Py_ssize_t ng = (cols + G - 1) / G;
-        *W = (Weights){.kind = K_STI, .rows = rows, .cols = cols, .seg = G, .nseg = ng, .pc = ng * G, .bits = bits};
+        *W = (Weights){.kind = K_STI, .rows = rows, .cols = cols, .seg = G, .nseg = ng, .pc = ng * G, .bits = bits,
+                        .P = 1};
         W->row_bytes = W->pc * bits / 8;
     } else {
         return fail("Matrix: kind must be 0 (Q4_1), 1 (Q8_0) or 2 (sti-q1), got %d", kind);
@@ -1070,7 +1133,7 @@ static int Matrix_init(Matrix *self, PyObject *args, PyObject *kw) {
 }
 
 static int ready(Matrix *self) {
-    if (!self->held[B_W]) return fail("Matrix is not initialised");
+    if (!self->held[B_W] && !self->band_base) return fail("Matrix is not initialised");
     return 0;
 }
 
@@ -1183,6 +1246,93 @@ static PyTypeObject MatrixType = {
     .tp_methods = Matrix_methods,
 };
 
+/* tiled(kind, rows, cols, bufs, starts, index): a GGML Matrix whose rows are read in place from
+ * several buffers (np.block for packed matrices; sti.lowbit.TiledTensor builds the arguments).
+ * starts: int64 (bands + 1,), the first row of each row band, then rows. index: int64 (bands, P, 2),
+ * the buffer number and byte offset of the first row of each band's P column tiles (cols / P
+ * columns each; a tile's rows lie back to back). The kernels read a tiled row exactly as the same
+ * row in one piece (same blocks, same sums). */
+static PyObject *py_tiled(PyObject *mod, PyObject *args) {
+    (void)mod;
+    int kind;
+    Py_ssize_t rows, cols;
+    PyObject *bufs, *starts, *index;
+    if (!PyArg_ParseTuple(args, "innOOO", &kind, &rows, &cols, &bufs, &starts, &index)) return NULL;
+    if (kind != K_Q41 && kind != K_Q80) return fail("tiled: kind must be 0 (Q4_1) or 1 (Q8_0), got %d", kind), NULL;
+    if (rows < 1 || cols < QK || cols % QK || rows > PY_SSIZE_T_MAX / 64 / cols)
+        return fail("tiled: bad shape (%zd, %zd)", rows, cols), NULL;
+    PyObject *seq = PySequence_Fast(bufs, "tiled: bufs must be a sequence of buffers");
+    if (!seq) return NULL;
+    Matrix *self = (Matrix *)PyType_GenericNew(&MatrixType, NULL, NULL);
+    Py_buffer st = {0}, ix = {0};
+    int have_st = 0, have_ix = 0;
+    if (!self) goto error;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1) {
+        fail("tiled: no buffers");
+        goto error;
+    }
+    if (!(self->tbuf = PyMem_Calloc((size_t)n, sizeof(Py_buffer)))) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (; self->ntbuf < n; self->ntbuf++)
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, self->ntbuf), &self->tbuf[self->ntbuf], PyBUF_C_CONTIGUOUS) < 0)
+            goto error;
+    if (PyObject_GetBuffer(starts, &st, PyBUF_C_CONTIGUOUS) < 0) goto error;
+    have_st = 1;
+    if (PyObject_GetBuffer(index, &ix, PyBUF_C_CONTIGUOUS) < 0) goto error;
+    have_ix = 1;
+    const Py_ssize_t nband = st.len / 8 - 1, nb = cols / QK;
+    const int64_t *s0 = st.buf, *e = ix.buf;
+    if (st.len % 8 || (uintptr_t)st.buf % 8 || nband < 1 || s0[0] != 0 || s0[nband] != rows) {
+        fail("tiled: starts must be int64 (bands + 1,) from 0 to %zd rows", rows);
+        goto error;
+    }
+    const Py_ssize_t P = ix.len / 16 / nband;
+    if (ix.len % 16 || (uintptr_t)ix.buf % 8 || P < 1 || P * nband * 16 != ix.len || P > MAX_TILES || nb % P) {
+        fail("tiled: index must be int64 (bands, P, 2) with P <= %d dividing the %zd blocks of a row, got %zd bytes",
+             MAX_TILES, nb, ix.len);
+        goto error;
+    }
+    const Py_ssize_t tile_bytes = nb / P * (kind == K_Q41 ? Q41_BYTES : Q80_BYTES);
+    self->band_base = PyMem_Malloc((size_t)(nband * P) * sizeof(uint8_t *));
+    self->band_start = PyMem_Malloc((size_t)(nband + 1) * sizeof(Py_ssize_t));
+    if (!self->band_base || !self->band_start) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (Py_ssize_t k = 0; k <= nband; k++) {
+        if (k && s0[k] <= s0[k - 1]) {
+            fail("tiled: band %zd is empty or out of order (starts must increase)", k - 1);
+            goto error;
+        }
+        self->band_start[k] = (Py_ssize_t)s0[k];
+    }
+    for (Py_ssize_t i = 0; i < nband * P; i++) {
+        int64_t b = e[2 * i], off = e[2 * i + 1], k = i / P, len = (s0[k + 1] - s0[k]) * tile_bytes;
+        if (b < 0 || b >= n || off < 0 || off > self->tbuf[b].len - len) {
+            fail("tiled: tile %zd of band %lld (buffer %lld, bytes %lld..%lld) lies outside its buffer", i % P,
+                 (long long)k, (long long)b, (long long)off, (long long)(off + len));
+            goto error;
+        }
+        self->band_base[i] = (const uint8_t *)self->tbuf[b].buf + off;
+    }
+    PyBuffer_Release(&st);
+    PyBuffer_Release(&ix);
+    Py_DECREF(seq);
+    self->W = (Weights){.kind = kind, .rows = rows, .cols = cols, .seg = QK, .nseg = nb, .pc = cols,
+                        .row_bytes = P * tile_bytes, .band_base = self->band_base, .band_start = self->band_start,
+                        .nband = nband, .P = P, .tile_bytes = tile_bytes};
+    return (PyObject *)self;
+error:
+    if (have_st) PyBuffer_Release(&st);
+    if (have_ix) PyBuffer_Release(&ix);
+    Py_DECREF(seq);
+    Py_XDECREF(self);
+    return NULL;
+}
+
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
     return Py_BuildValue("{s:s,s:s,s:i,s:i}", "simd", LB_SIMD, "threads", LB_THREADS ? "pthreads" : "none",
@@ -1213,6 +1363,10 @@ static PyObject *py_pool_state(PyObject *self, PyObject *noargs) {
 }
 
 static PyMethodDef methods[] = {
+    {"tiled", py_tiled, METH_VARARGS,
+     "tiled(kind, rows, cols, bufs, starts, index): a GGML Matrix read in place from tiles of several buffers;\n"
+     "starts int64 (bands + 1,): each row band's first row, then rows; index int64 (bands, P, 2): buffer number\n"
+     "and byte offset of the first row of each band's P tiles of cols / P columns."},
     {"info", py_info, METH_NOARGS,
      "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,

@@ -47,7 +47,7 @@ import numpy as np
 
 from sti.errors import STIError
 from sti.checksums import sum64_int
-from sti.linops import ColSum, Packed, RowStack, SegmentStack
+from sti.linops import ColSum, Packed, RowStack, SegmentStack, tiled
 from sti.lowbit import GGML, LowBitTensor
 from sti.models import llama
 from sti.plan_decoder import read_slots
@@ -182,6 +182,12 @@ class StreamingDecoder:
         else:
             self._map_streamed(order)
         self._layer_w: dict[int, dict] = {}  # layer -> its weight dict, when its operators never change
+        self._slot_w: dict[tuple, dict] = {}  # read mode: (layer, its shards' slots...) -> its weight dict
+        if self.io_mode == "mmap":  # mapped and preloaded shards: the same views every pass
+            for layer, shards in enumerate(schedule.layers):
+                self._layer_w[layer] = self._layer_weights(
+                    layer, [self._shard_ops(layer, s, None if (layer, s) in self.preloaded else 0) for s in sorted(shards)],
+                    whole=True)
         self._measure_kernels()
         self._io: _Stream | None = None
 
@@ -206,8 +212,9 @@ class StreamingDecoder:
         if self.profile is None:
             return
         seen = set()
-        for ops in [*self.preloaded.values(), *self.mapped_ops.values()]:
+        for ops in [*self.preloaded.values(), *self.mapped_ops.values(), *self._layer_w.values()]:
             for op in ops.values():
+                op = getattr(op, "small", op)  # sti.linops.BySize
                 if isinstance(op, Packed) and (op.t.kind, op.shape, op.t.bits) not in seen:
                     seen.add((op.t.kind, op.shape, op.t.bits))
                     op._kernel(1)
@@ -279,9 +286,12 @@ class StreamingDecoder:
             self._ops[(key, layout)] = ops
         return ops
 
-    def _layer_weights(self, layer: int, shard_ops: list[dict]) -> dict:
+    def _layer_weights(self, layer: int, shard_ops: list[dict], whole: bool = False) -> dict:
         """The dict ``llama.layer`` runs on, from the operators of every shard of the layer: a
-        shard's adjacent q/k/v (gate/up) rows run as one product per shard (``SegmentStack``)."""
+        shard's adjacent q/k/v (gate/up) rows run as one product per shard (``SegmentStack``).
+        ``whole``: decode multiplies each layer matrix as one, read in place from the shards
+        (``sti.linops.tiled``): one kernel call per matrix instead of one per shard, and every
+        output the same sum as in the unsharded matrix."""
         w = dict(self.common[layer])
         done = set()
         for fused, names in llama.FUSED.items():
@@ -296,6 +306,9 @@ class StreamingDecoder:
                 continue
             parts = [ops[name] for ops in shard_ops]
             w[st.target] = ColSum(parts) if st.stored_axis == 1 else RowStack(parts)
+        if whole:
+            for name, op in w.items():
+                w[name] = tiled(op) or op
         return w
 
     def _shard_ops(self, layer: int, s: int, slot: int | None) -> dict:
@@ -341,10 +354,11 @@ class StreamingDecoder:
         for layer, shards in enumerate(self.schedule.layers):
             got = [io.take(layer, s) if (layer, s) not in self.preloaded else None for s in sorted(shards)]
             w = self._layer_w.get(layer)
-            if w is None:
-                w = self._layer_weights(layer, [self._shard_ops(layer, s, slot) for s, slot in zip(sorted(shards), got)])
-                if self.io_mode == "mmap":  # its operators are fixed: the same views every pass
-                    self._layer_w[layer] = w
+            if w is None:  # read mode: the operators over the slots this pass's shards are in
+                w = self._slot_w.get((layer, *got))
+                if w is None:
+                    w = self._slot_w[(layer, *got)] = self._layer_weights(
+                        layer, [self._shard_ops(layer, s, slot) for s, slot in zip(sorted(shards), got)], whole=True)
             x = llama.layer(cfg, x, w, cache.k[layer], cache.v[layer], start, cos, sin, cache.pad)
             io.give_back([slot for slot in got if slot is not None])
         cache.length = start + T

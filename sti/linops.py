@@ -17,6 +17,12 @@ shard store, and on the shards of one layer streamed from storage:
               and v rows of one KV-head group; the gate and up rows of one neuron slice), and the
               result is every part's first segment, then every part's second, and so on. One
               kernel call per part instead of one per segment and part.
+``BySize``    one matrix as two operators: one for decode's small batches, one for prefill.
+
+:func:`tiled` turns any of the three composites of packed GGML shards into one ``Packed`` matrix
+read in place from the shards (:class:`sti.lowbit.TiledTensor`): one kernel call, one rounding of
+x and one thread hand-off for the whole layer matrix instead of one per shard, with every output
+element the same sum as in the matrix the shards were cut from.
 """
 
 from __future__ import annotations
@@ -202,6 +208,42 @@ class SegmentStack:
             out += res
             return out
         return res
+
+
+class BySize:
+    """One matrix, two operators: ``small`` for batches up to ``FUSED_MAX_BATCH`` rows (decode),
+    ``large`` above (prefill)."""
+
+    def __init__(self, small, large):
+        if tuple(small.shape) != tuple(large.shape):
+            raise ValueError(f"BySize: {tuple(small.shape)} and {tuple(large.shape)} are not one matrix")
+        self.small, self.large, self.shape = small, large, tuple(large.shape)
+
+    def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+        op = self.small if x.shape[0] <= FUSED_MAX_BATCH else self.large
+        return op.apply(x, out, accumulate)
+
+
+def tiled(op) -> BySize | None:
+    """``op`` (a RowStack, ColSum or SegmentStack of ``Packed`` GGML matrices of one kind, with the C
+    kernels built) as :class:`BySize`: one ``Packed`` over a :class:`sti.lowbit.TiledTensor` of the
+    parts' bytes for decode, ``op`` itself for prefill (which dequantizes part by part into a
+    scratch the size of one part). None when ``op`` is anything else."""
+    parts = getattr(op, "parts", None)
+    if (not lowbit.has_c_kernels() or not parts or not all(isinstance(p, Packed) for p in parts)
+            or len({p.t.kind for p in parts}) != 1 or parts[0].t.kind not in lowbit.GGML):
+        return None
+    ts = [p.t for p in parts]
+    if isinstance(op, SegmentStack):
+        bands = [[lowbit.row_range(t, a, b)] for a, b in zip(op.src, op.src[1:]) for t in ts]
+    elif isinstance(op, RowStack):
+        bands = [[t] for t in ts]
+    elif isinstance(op, ColSum) and len({t.shape[1] for t in ts}) == 1 and ts[0].shape[1] % lowbit.QK == 0:
+        bands = [ts]
+    else:
+        return None
+    whole = Packed(lowbit.TiledTensor(bands), parts[0].profile, scratch=parts[0].scratch)
+    return BySize(whole, op)
 
 
 def stack_rows(ts) -> lowbit.LowBitTensor | None:

@@ -159,6 +159,73 @@ class LowBitTensor:
         return LowBitTensor(self.kind, self.shape, bytearray(memoryview(self.buf).cast("B")), self.meta)
 
 
+def row_range(t, start: int, stop: int) -> LowBitTensor:
+    """Rows ``start:stop`` of a GGML matrix, over the same bytes (no copy)."""
+    t = as_lowbit(t)
+    if t.kind not in GGML:
+        raise ValueError(f"row_range needs GGML blocks, not {t.kind}")
+    rows, cols = t.shape
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"row_range: rows {start}:{stop} of a matrix with {rows}")
+    rb = cols // QK * GGML[t.kind][1]
+    return LowBitTensor(t.kind, (stop - start, cols), t._raw[start * rb:stop * rb])
+
+
+class TiledTensor:
+    """A GGML matrix put together from others in place, as ``np.block`` puts arrays together:
+    ``bands`` are row bands top to bottom, each a list of P tiles side by side (GGML matrices of one
+    kind with the band's rows and cols / P columns each; :func:`row_range` cuts rows out of a
+    matrix without a copy). The C kernels read every tile where it lies, so a layer's shards, each
+    holding some rows or columns of its matrices, multiply as one matrix: one kernel call and one
+    rounding of x for all of them, and every output element the same sum, bit for bit, as in the
+    matrix the shards were cut from. Without the C kernels, :func:`matvec` and :func:`dequantize`
+    read a contiguous copy (made on first use)."""
+
+    def __init__(self, bands):
+        bands = [[as_lowbit(t) for t in band] for band in bands]
+        if not bands or any(not band for band in bands):
+            raise ValueError("TiledTensor: needs at least one band of at least one tile")
+        kind, P = bands[0][0].kind, len(bands[0])
+        if kind not in GGML or any(t.kind != kind for band in bands for t in band):
+            raise ValueError(f"TiledTensor: every tile must be one GGML kind, got "
+                             f"{sorted({t.kind for band in bands for t in band})}")
+        tcols = bands[0][0].shape[1]
+        for band in bands:
+            if len(band) != P or any(t.shape[1] != tcols or t.shape[0] != band[0].shape[0] for t in band):
+                raise ValueError(f"TiledTensor: every band needs {P} tiles of {tcols} columns and one row count, got "
+                                 f"{[t.shape for t in band]}")
+        self.kind, self.bands, self.meta, self._q = kind, bands, None, None
+        self.shape = (sum(band[0].shape[0] for band in bands), P * tcols)
+        self._contig = None
+        self._m = None
+        if _lb is not None:
+            bufs = [t._raw for band in bands for t in band]  # tile p of band k: buffer k * P + p, from byte 0
+            index = np.stack([np.arange(len(bufs)), np.zeros(len(bufs), np.int64)], axis=1).astype(np.int64)
+            starts = np.cumsum([0] + [band[0].shape[0] for band in bands]).astype(np.int64)
+            self._m = _lb.tiled(GGML[kind][0], self.shape[0], self.shape[1], bufs, starts, index)
+
+    @property
+    def bits(self) -> int:
+        return GGML[self.kind][2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for band in self.bands for t in band)
+
+    @property
+    def _raw(self) -> memoryview:
+        """The matrix's bytes in one piece (a copy, for the NumPy paths)."""
+        if self._contig is None:
+            self._contig = memoryview(np.concatenate(
+                [np.concatenate([np.frombuffer(t._raw, np.uint8).reshape(t.shape[0], -1) for t in band], axis=1)
+                 for band in self.bands]).reshape(-1))
+        return self._contig
+
+    @property
+    def buf(self) -> memoryview:
+        return self._raw
+
+
 def from_gguf(gf, name: str) -> LowBitTensor:
     """A Q4_1 or Q8_0 tensor of an open :class:`sti.loaders.gguf.GGUFFile`, over its mapped bytes."""
     from gguf import GGMLQuantizationType as T
@@ -172,8 +239,9 @@ def from_gguf(gf, name: str) -> LowBitTensor:
 
 
 def as_lowbit(t) -> LowBitTensor:
-    """``t`` itself, or a :class:`LowBitTensor` built from any object with kind, shape, buf, meta."""
-    if isinstance(t, LowBitTensor):
+    """``t`` itself (a :class:`LowBitTensor` or :class:`TiledTensor`), or a :class:`LowBitTensor`
+    built from any object with kind, shape, buf, meta."""
+    if isinstance(t, (LowBitTensor, TiledTensor)):
         return t
     return LowBitTensor(t.kind, tuple(t.shape), t.buf, getattr(t, "meta", None))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sti import lowbit
-from sti.linops import ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, stack_rows
+from sti.linops import BySize, ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, stack_rows, tiled
 from sti.ops import linear
 
 
@@ -86,3 +86,37 @@ def test_stack_rows_and_row_lookup():
     np.testing.assert_array_equal(Packed(st)[ids], dense(st)[ids])
     with pytest.raises(IndexError):
         Packed(st)[np.array([64])]
+
+
+@pytest.mark.skipif(not lowbit.has_c_kernels(), reason="tiled matrices need sti._lowbit (no C compiler)")
+@pytest.mark.parametrize("n", [1, 5, FUSED_MAX_BATCH + 3])
+def test_tiled_composites_are_one_matrix_read_in_place(n):
+    """A SegmentStack, a RowStack and a ColSum of packed shards, as ``tiled`` makes them: one kernel
+    call over the shards' own bytes for decode batches, equal bitwise to the contiguous matrix they
+    stand for; prefill batches still run part by part (the composite)."""
+    rng = np.random.default_rng(5)
+    sizes = (48, 16, 16)
+    groups = [lowbit.random_tensor("ggml-q4_1", (sum(sizes), 64), seed=20 + g) for g in range(3)]
+    bounds = np.cumsum((0,) + sizes)
+    raws = [np.frombuffer(t.buf, np.uint8).reshape(sum(sizes), -1) for t in groups]
+    canonical = lowbit.LowBitTensor("ggml-q4_1", (3 * sum(sizes), 64), np.concatenate(
+        [r[a:b] for a, b in zip(bounds, bounds[1:]) for r in raws]).reshape(-1))
+    cols = [lowbit.random_tensor("ggml-q8_0", (40, 64), seed=30 + k) for k in range(3)]
+    wide = lowbit.LowBitTensor("ggml-q8_0", (40, 192), np.concatenate(
+        [np.frombuffer(c.buf, np.uint8).reshape(40, -1) for c in cols], axis=1).reshape(-1))
+    rows = [lowbit.random_tensor("ggml-q4_1", (r, 64), seed=r) for r in (32, 64)]
+    cases = [(SegmentStack([Packed(t) for t in groups], sizes), canonical),
+             (ColSum([Packed(c) for c in cols]), wide),
+             (RowStack([Packed(r) for r in rows]), stack_rows(rows))]
+    for op, whole in cases:
+        t = tiled(op)
+        assert isinstance(t, BySize) and t.shape == op.shape == whole.shape and t.large is op
+        x = rng.standard_normal((n, op.shape[1])).astype(np.float32)
+        if n <= FUSED_MAX_BATCH:
+            np.testing.assert_array_equal(t.apply(x), lowbit.matvec(whole, x))
+        close(t.apply(x), x @ dense(whole).T, dense(whole), x)
+        out = np.ones((n, op.shape[0]), np.float32)
+        close(t.apply(x, out, accumulate=True), x @ dense(whole).T + 1, dense(whole), x)
+    assert tiled(RowStack([Packed(rows[0]), Packed(lowbit.random_tensor("sti-q1", (16, 64)))])) is None
+    assert tiled(ColSum([Packed(cols[0]), dense(cols[1])])) is None  # a float32 part
+    assert tiled(np.zeros((4, 4), np.float32)) is None

@@ -182,6 +182,63 @@ def test_tensor_validation():
 
 
 @needs_c
+def _cut(full, P, row_bands):
+    """``full`` cut into P contiguous column tiles (each its own buffer), reassembled as a TiledTensor
+    of row_bands (row ranges) of those tiles."""
+    rows, cols = full.shape
+    raw = np.frombuffer(full._raw, np.uint8).reshape(rows, -1)
+    tb = raw.shape[1] // P
+    tiles = [lb.LowBitTensor(full.kind, (rows, cols // P), np.ascontiguousarray(raw[:, p * tb:(p + 1) * tb]).reshape(-1))
+             for p in range(P)]
+    return lb.TiledTensor([[lb.row_range(t, a, b) for t in tiles] for a, b in row_bands])
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+@pytest.mark.parametrize("cols, P", [(576, 3), (96, 3), (192, 2), (128, 1)])  # 6, 1 (odd), 3 (odd), 4 blocks a tile
+def test_a_tiled_matrix_multiplies_bit_for_bit_as_the_matrix_in_one_piece(rng, kind, cols, P):
+    """Row bands from different buffers and rows cut into column tiles: the kernels read every tile
+    in place and sum each row's blocks in the same chains as the contiguous matrix, so results are
+    equal bitwise (not just close), on one thread or two, and so are the NumPy fallback's."""
+    full = lb.random_tensor(kind, (150, cols), seed=1)
+    t = _cut(full, P, [(0, 70), (70, 71), (71, 150)])
+    assert t.shape == full.shape and t.kind == kind and t.bits == full.bits and t.nbytes == full.nbytes
+    assert np.array_equal(np.frombuffer(t.buf, np.uint8), np.frombuffer(full._raw, np.uint8))
+    for batch in (1, 3, 5, 16):
+        x = rng.standard_normal((batch, cols)).astype(np.float32)
+        want = lb.matvec(full, x)
+        assert np.array_equal(lb.matvec(t, x), want)
+        assert np.array_equal(lb.matvec(t, x, threads=2), want)
+        assert np.array_equal(lb.matvec_numpy(t, x), lb.matvec_numpy(full, x))
+        acc = np.ones_like(want)
+        assert np.array_equal(lb.matvec(t, x, acc, accumulate=True), lb.matvec(full, x, np.ones_like(want), True))
+    assert np.array_equal(lb.dequantize(t), lb.dequantize_numpy(full))
+    assert np.array_equal(lb.dequantize(t, threads=2), lb.dequantize_numpy(full))
+
+
+def test_tiled_tensor_validation():
+    a = lb.random_tensor("ggml-q4_1", (8, 64))
+    with pytest.raises(ValueError, match="one GGML kind"):
+        lb.TiledTensor([[a], [lb.random_tensor("ggml-q8_0", (8, 64))]])
+    with pytest.raises(ValueError, match="one GGML kind"):
+        lb.TiledTensor([[lb.random_tensor("sti-q1", (8, 64))]])
+    with pytest.raises(ValueError, match="tiles of 64 columns"):
+        lb.TiledTensor([[a, a], [a]])
+    with pytest.raises(ValueError, match="at least one band"):
+        lb.TiledTensor([])
+    with pytest.raises(ValueError, match="rows 4:9"):
+        lb.row_range(a, 4, 9)
+    if lb.has_c_kernels():  # the C constructor checks what it is given on its own
+        from sti import _lowbit
+        with pytest.raises(ValueError, match="outside its buffer"):
+            _lowbit.tiled(0, 2, 64, [a._raw], np.array([0, 2]), np.array([[0, 250]]))  # 250 + 2 * 40 > 320 bytes
+        with pytest.raises(ValueError, match="dividing the 2 blocks"):
+            _lowbit.tiled(0, 1, 64, [a._raw], np.array([0, 1]), np.zeros((1, 3, 2), np.int64))
+        with pytest.raises(ValueError, match="band 0 is empty"):
+            _lowbit.tiled(0, 2, 64, [a._raw], np.array([0, 0, 2]), np.zeros((2, 1, 2), np.int64))
+        with pytest.raises(ValueError, match="from 0 to 2 rows"):
+            _lowbit.tiled(0, 2, 64, [a._raw], np.array([0, 1]), np.zeros((1, 1, 2), np.int64))
+
+
 def test_concurrent_callers_share_the_pool_safely(rng):
     """Two Python threads asking for 2 threads each: one runs on the pool, the other alone."""
     t = lb.random_tensor("ggml-q4_1", (1024, 256))
