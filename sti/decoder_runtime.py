@@ -142,6 +142,7 @@ class StreamingDecoder:
             raise STIError(f"the schedule has {len(schedule.layers)} layers, the store {store.num_layers}",
                            "plan against this store")
         self.store, self.schedule, self.throttle, self.profile = store, schedule, throttle, kernel_profile
+        store.read_pattern(sequential=True)  # every pass reads the streamed shards in file order
         self.cfg = store.config
         self.kv = kv
         self.kv_token_bytes = llama.kv_bytes_per_token(self.cfg, kv)  # also validates kv

@@ -569,6 +569,7 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     t_kernels = time.perf_counter() - t0
 
     _say(progress, f"measuring shard IO and compute per version ({len(store.bits)} versions) ...")
+    store.read_pattern(sequential=True)  # as the streaming decoder reads it (and leaves the page cache)
     _fsync_store(store)
     items = _pass_items(store)
     scratch = np.empty(max(int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay if len(e.shape) == 2),

@@ -179,6 +179,7 @@ def test_mapped_and_copied_fetches_give_identical_results(tiny):
         np.testing.assert_array_equal(gens["mmap"].logits(x), gens["read"].logits(x))
         assert greedy(gens["mmap"], PROMPT, n=6) == greedy(gens["read"], PROMPT, n=6)
         eng = gens["mmap"].engine
+        assert not Store.open(store).sequential and eng.store.sequential  # read-ahead on: large page-cache folios
         wqkv = eng._layer_w[0]["wqkv"]
         assert isinstance(wqkv, BySize) and isinstance(wqkv.large, SegmentStack)  # prefill: a product per shard
         if lowbit.has_c_kernels():  # decode: one product over every shard's q, k and v rows, in place

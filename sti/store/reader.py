@@ -114,8 +114,8 @@ class Store:
         self._fds: dict[str, int] = {}
         for name in manifest.files:
             fd = self._fds[name] = os.open(path / name, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):  # shard reads hop between files: read-ahead only wastes IO
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self.sequential = False
+        self.read_pattern(sequential=False)
         self._lock = threading.Lock()
         self._globals_buf: bytes | None = None
         self._checked: set[str] = set()
@@ -521,6 +521,19 @@ class Store:
                 problems.append(f"{len(bad)} rows of the word-embedding table in {self.path / e.file} are damaged "
                                 f"(checksum mismatch; first rows: {bad[:5]})")
         return problems
+
+    def read_pattern(self, sequential: bool) -> None:
+        """Tell the OS how the data files will be read (``posix_fadvise``). Random (the default):
+        an encoder plan hops between versions shard by shard, so read-ahead would only waste IO.
+        Sequential: a decoder pass reads every streamed shard in file order, token after token;
+        the OS then reads ahead, and fills its page cache with large folios instead of single
+        pages, which makes faulting a shard's pages into a mapping and dropping them again several
+        times cheaper (SmolLM2's 96 MB per token, measured here: ~3 ms against ~11 ms of page-table
+        work; the pages a random-pattern read brought in stay single pages until evicted)."""
+        self.sequential = bool(sequential)
+        if hasattr(os, "posix_fadvise"):
+            for fd in self._fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_NORMAL if sequential else os.POSIX_FADV_RANDOM)
 
     def evict(self) -> None:
         """Drop the store's data files from the page cache (posix_fadvise DONTNEED), for cold-IO
