@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sti import blas
 from sti.errors import STIError
 from sti.checksums import sum64_int
 from sti.linops import ColSum, Packed, RowStack, SegmentStack, tiled
@@ -322,14 +323,19 @@ class StreamingDecoder:
     # ------------------------------------------------------------------ running
 
     def start(self) -> None:
-        """Start the IO worker (the first pass's reads begin now)."""
+        """Start the IO worker (the first pass's reads begin now). While it runs, BLAS (prefill's
+        products) runs on one thread: an idle OpenBLAS thread spins on the core the IO worker
+        needs (``sti.blas``)."""
         if self._io is None:
+            self._blas = blas.limited(1)
+            self._blas.__enter__()
             self._io = _Stream(self)
 
     def stop(self) -> None:
         if self._io is not None:
             self._io.close()
             self._io = None
+            self._blas.__exit__(None, None, None)
 
     def forward(self, ids: np.ndarray, cache: llama.KVCache, all_logits: bool = False) -> np.ndarray:
         """One pass: ids (B, T) appended at cache.length -> logits (B, V) of the last token

@@ -113,7 +113,7 @@ class Store:
         self.num_layers = sum(1 for layer in self._by_layer if layer != fmt.HEAD)
         self._fds: dict[str, int] = {}
         for name in manifest.files:
-            fd = self._fds[name] = os.open(path / name, os.O_RDONLY)
+            self._fds[name] = os.open(path / name, os.O_RDONLY)
         self.sequential = False
         self.read_pattern(sequential=False)
         self._lock = threading.Lock()
