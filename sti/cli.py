@@ -352,7 +352,7 @@ def cmd_plan(a) -> int:
 def cmd_bench(a) -> int:
     from sti.bench import run_bench
 
-    return run_bench(a.suite, out_dir=a.out, repeats=a.repeats, quick=a.quick, store=a.store)
+    return run_bench(a.suite, out_dir=a.out, repeats=a.repeats, quick=a.quick, store=a.store, peers=a.peers)
 
 
 def cmd_demo(a) -> int:
@@ -489,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--store", help="encoder: the MiniLM shard store to measure (default: packed and profiled "
                                     "once in the cache directory, $STI_CACHE or ~/.cache/sti); decoder: the "
                                     "SmolLM2 store (default: packed once into the cache directory)")
+    sp.add_argument("--peers", metavar="SPEC", help="decoder: the peers to measure, comma-separated, each NAME or "
+                    "NAME@STORAGE[/BATCH] to measure it there only, e.g. llama.cpp,transformers,airllm@real/1 "
+                    "(default: llama.cpp, transformers, airllm and accelerate on every storage and batch; AirLLM "
+                    "and accelerate add about an hour)")
 
     sp = add("demo", cmd_demo, "The elastic engine end to end on the built-in MiniLM: pack, profile, plan, "
                                "classify sample headlines, accuracy against the whole model; then a short chat answer.")

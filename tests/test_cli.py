@@ -86,3 +86,10 @@ def test_overlong_text_truncates_with_notice_or_errors_when_strict():
     assert "truncated" in p.stderr
     p = sti("embed", "--strict", long, check=False)
     assert p.returncode != 0 and "at most 512" in p.stderr
+
+
+def test_bench_peers_are_checked_before_anything_runs():
+    p = sti("bench", "kernels", "--peers", "llama.cpp", check=False)
+    assert p.returncode == 2 and "--peers is for the decoder suite" in p.stderr
+    p = sti("bench", "decoder", "--peers", "vllm", "--out", "unused", check=False)
+    assert p.returncode == 2 and "unknown peer 'vllm'" in p.stderr

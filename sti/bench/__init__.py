@@ -29,14 +29,17 @@ SUITES = ("engine", "encoder", "kernels", "decoder")
 
 
 def run_bench(suite: str, out_dir: str = "bench-results", repeats: int = 7, quick: bool = False,
-              store: str | None = None) -> int:
+              store: str | None = None, peers: str | None = None) -> int:
     """Run one benchmark suite; returns the process exit status (0: every measurement ran).
     ``store``: the shard store the encoder suite measures (default: its cached MiniLM store), or
-    the decoder suite's SmolLM2 store (default: packed once into the cache)."""
+    the decoder suite's SmolLM2 store (default: packed once into the cache). ``peers``: the
+    decoder suite's peers and where to measure them (``decoder_peers.peer_scopes``)."""
     if suite not in SUITES:
         raise STIError(f"no such benchmark suite: {suite!r}", f"use one of: {', '.join(SUITES)}")
     if repeats < 1:
         raise STIError("--repeats must be at least 1", "pass --repeats 1 or more")
+    if peers is not None and suite != "decoder":
+        raise STIError(f"--peers is for the decoder suite, not {suite!r}", "drop --peers")
     if suite == "encoder":
         from sti.bench.encoder import run_encoder
 
@@ -44,7 +47,7 @@ def run_bench(suite: str, out_dir: str = "bench-results", repeats: int = 7, quic
     if suite == "decoder":
         from sti.bench.decoder import run_decoder
 
-        return run_decoder(out_dir=out_dir, repeats=repeats, quick=quick, store=store)
+        return run_decoder(out_dir=out_dir, repeats=repeats, quick=quick, store=store, peer_list=peers)
     if suite == "kernels":
         from sti.bench.kernels import run_kernels
 

@@ -10,7 +10,9 @@ the fused kernels;
 ``context`` tokens, ``storage`` None or an emulated device such as "200MBps"), ``evict``
 (drop the store's files from the page cache once, before loading), ``prompts`` /
 ``new_tokens`` / ``repeats`` (speed, skipped when there are no prompts) and ``window_sets``
-({name: token windows}, perplexity per set).
+({name: token windows}, perplexity per set);
+"paired": both of the above in one process, their decode timed in alternating rounds
+(``rounds``), so that a change of the machine's speed falls on both alike (see ``paired``).
 
 The timing loop and the perplexity arithmetic are the peers' own (``_peer_child``): greedy
 argmax for exactly ``new_tokens`` steps, prefill = time to the first token of every sequence.
@@ -30,8 +32,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make ``sti`` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sti.bench._peer_child import (measure_perplexity, measure_speed, nll_of_logits,  # noqa: E402
-                                   peak_rss_bytes, reset_peak_rss)
+from sti.bench._peer_child import (measure_perplexity, measure_speed, median, nll_of_logits,  # noqa: E402
+                                   peak_rss_bytes, reset_peak_rss, run_greedy)
 
 
 class STIBackend:
@@ -73,8 +75,48 @@ def load(spec: dict):
                                 context=spec["context"], storage=spec.get("storage"), preload=True)
 
 
+def paired(spec: dict) -> dict:
+    """Decode tokens/s of the in-memory model and of the streamed one, measured in one process
+    in alternating rounds (in-memory first in even rounds, streamed first in odd ones), each
+    round a greedy generation of ``new_tokens`` after its own prefill. Separate processes run
+    minutes apart, and on a shared or power-managed machine their speeds can differ by more than
+    the effect measured; here every round of one has a round of the other beside it, and the
+    ratio is the median of the per-round ratios. The streaming engine is stopped (IO worker
+    joined, BLAS threads restored) before every in-memory round, so that round runs as
+    ``mode: memory`` would."""
+    from sti.errors import STIError
+
+    try:
+        stream = load({**spec, "mode": "stream"})
+    except STIError as e:
+        return {"ok": False, "does_not_fit": True, "problem": e.problem, "fix": e.fix}
+    mem = load({**spec, "mode": "memory"})
+    backends = {"memory": STIBackend(mem, spec["context"]), "stream": STIBackend(stream, spec["context"])}
+    steps = spec["new_tokens"] - 1
+    rates: dict[str, list[float]] = {k: [] for k in backends}
+    try:
+        for name, backend in backends.items():  # warm-up: first-call costs, lazy init
+            run_greedy(backend, spec["prompts"], 2)
+        for r in range(spec["rounds"]):
+            for name in (("memory", "stream") if r % 2 == 0 else ("stream", "memory")):
+                if name == "memory":
+                    stream.engine.stop()
+                _, _, decode_s = run_greedy(backends[name], spec["prompts"], spec["new_tokens"])
+                rates[name].append(len(spec["prompts"]) * steps / decode_s)
+    finally:
+        stream.close()
+        mem.close()
+    ratios = [s / m for s, m in zip(rates["stream"], rates["memory"])]
+    return {"ok": True, "rounds": spec["rounds"], "new_tokens": spec["new_tokens"],
+            "memory_tok_s": median(rates["memory"]), "stream_tok_s": median(rates["stream"]),
+            "ratio": median(ratios), "per_round": {k: [round(v, 3) for v in vs] for k, vs in rates.items()}}
+
+
 def run(spec: dict) -> dict:
     from sti.errors import STIError
+
+    if spec["mode"] == "paired":
+        return paired(spec)
 
     reset_peak_rss()
     t0 = time.perf_counter()

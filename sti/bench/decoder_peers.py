@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from sti.bench.engine import CONTENDED_SHARE, _cpus, _loadavg, contention, cpu_snapshot
+from sti.errors import STIError
 from sti.machine import cpu_model
 
 ROW_KEYS = ("system", "storage", "batch", "memory_budget_bytes", "resident_weight_bytes", "peak_rss_bytes",
@@ -105,14 +106,26 @@ PEERS = (
 
 
 def peers_by_name(names: str | None) -> list[Peer]:
-    if not names:
-        return list(PEERS)
+    return [peer for peer, _, _ in peer_scopes(names)]
+
+
+def peer_scopes(spec: str | None) -> list[tuple[Peer, tuple[str, ...] | None, tuple[int, ...] | None]]:
+    """Peers and where to measure them: ``NAME`` (every storage and batch of the run) or
+    ``NAME@STORAGE[/BATCH]`` (that storage, optionally that batch only), comma-separated;
+    e.g. ``llama.cpp,airllm@real/1`` measures AirLLM, which reads tens of GB per token, on real
+    storage at batch 1 only. None or empty: every peer everywhere."""
+    if not spec or not spec.strip():
+        return [(p, None, None) for p in PEERS]
     known = {p.name: p for p in PEERS}
     out = []
-    for n in (s.strip() for s in names.split(",") if s.strip()):
-        if n not in known:
-            raise SystemExit(f"unknown peer {n!r}; choose from {', '.join(known)}")
-        out.append(known[n])
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, where = item.partition("@")
+        if name not in known:
+            raise STIError(f"unknown peer {name!r}", f"choose from {', '.join(known)}")
+        storage, _, batch = where.partition("/")
+        if batch and not batch.isdigit():
+            raise STIError(f"peer {item!r}: batch {batch!r} is not a number", "write NAME@STORAGE/BATCH, e.g. airllm@real/1")
+        out.append((known[name], (storage,) if storage else None, (int(batch),) if batch else None))
     return out
 
 
@@ -443,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, help="timed repetitions per child (default 3, --quick 1)")
     ap.add_argument("--cache", help="folder for the exported model directories (default: the user cache)")
     a = ap.parse_args(argv)
-    rows, details = measure(peers_by_name(a.peers), [s for s in a.storage.split(",") if s.strip()],
+    try:
+        peers = peers_by_name(a.peers)
+    except STIError as e:
+        raise SystemExit(f"error: {e}") from None
+    rows, details = measure(peers, [s for s in a.storage.split(",") if s.strip()],
                             tuple(int(b) for b in a.batches.split(",")), quick=a.quick, repeats=a.repeats,
                             cache=a.cache)
     js, mdp, md = write_outputs(rows, details, a.out)

@@ -15,6 +15,7 @@ from conftest import builtin_or_skip
 from sti.bench import _peer_child as child
 from sti.bench import decoder_peers as dp
 from sti.bench.decoder_peers import ROW_KEYS, Peer, PeerRun, Workload, row
+from sti.errors import STIError
 
 FAKE_CHILD = textwrap.dedent('''
     import json, sys
@@ -71,8 +72,13 @@ def test_every_peer_is_named_and_unique():
     assert len({p.name for p in dp.PEERS}) == len(dp.PEERS)
     assert {p.system for p in dp.PEERS} >= {"llama.cpp", "transformers fp32", "AirLLM", "accelerate disk offload"}
     assert [p.name for p in dp.peers_by_name("airllm,llama.cpp")] == ["airllm", "llama.cpp"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(STIError, match="unknown peer 'vllm'"):
         dp.peers_by_name("vllm")
+    scopes = [(p.name, st, b) for p, st, b in dp.peer_scopes("llama.cpp, airllm@real/1,accelerate@200MBps")]
+    assert scopes == [("llama.cpp", None, None), ("airllm", ("real",), (1,)), ("accelerate", ("200MBps",), None)]
+    assert [p.name for p, _, _ in dp.peer_scopes(None)] == [p.name for p in dp.PEERS]
+    with pytest.raises(STIError, match="not a number"):
+        dp.peer_scopes("airllm@real/one")
 
 
 def test_missing_peer_gives_skipped_rows_with_the_reason(tmp_path):
