@@ -11,8 +11,9 @@ the fused kernels;
 (drop the store's files from the page cache once, before loading), ``prompts`` /
 ``new_tokens`` / ``repeats`` (speed, skipped when there are no prompts) and ``window_sets``
 ({name: token windows}, perplexity per set);
-"paired": both of the above in one process, their decode timed in alternating rounds
-(``rounds``), so that a change of the machine's speed falls on both alike (see ``paired``).
+"paired": in memory against ``versus`` ("stream", or "llama.cpp" on the GGUF ``gguf``) in one
+process, their decode timed in alternating rounds (``rounds``), so that a change of the
+machine's speed falls on both alike (see ``paired``).
 
 The timing loop and the perplexity arithmetic are the peers' own (``_peer_child``): greedy
 argmax for exactly ``new_tokens`` steps, prefill = time to the first token of every sequence.
@@ -32,8 +33,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make ``sti`` importable from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sti.bench._peer_child import (measure_perplexity, measure_speed, median, nll_of_logits,  # noqa: E402
-                                   peak_rss_bytes, reset_peak_rss, run_greedy)
+from sti.bench._peer_child import (LlamaCpp, measure_perplexity, measure_speed, median,  # noqa: E402
+                                   nll_of_logits, peak_rss_bytes, reset_peak_rss, run_greedy)
 
 
 class STIBackend:
@@ -76,40 +77,50 @@ def load(spec: dict):
 
 
 def paired(spec: dict) -> dict:
-    """Decode tokens/s of the in-memory model and of the streamed one, measured in one process
-    in alternating rounds (in-memory first in even rounds, streamed first in odd ones), each
-    round a greedy generation of ``new_tokens`` after its own prefill. Separate processes run
-    minutes apart, and on a shared or power-managed machine their speeds can differ by more than
-    the effect measured; here every round of one has a round of the other beside it, and the
-    ratio is the median of the per-round ratios. The streaming engine is stopped (IO worker
-    joined, BLAS threads restored) before every in-memory round, so that round runs as
-    ``mode: memory`` would."""
+    """Decode tokens/s of STI in memory against ``spec["versus"]`` -- "stream" (the store
+    streamed under ``memory``) or "llama.cpp" (the GGUF ``gguf`` on ``threads`` threads) --
+    measured in one process in alternating rounds (in-memory first in even rounds, the other
+    first in odd ones), each round a greedy generation of ``new_tokens`` after its own prefill.
+    Separate processes run minutes apart, and on a shared or power-managed machine their speeds
+    can differ by more than the effect measured; here every round of one has a round of the other
+    beside it, and the ratio (other / in-memory) is the median of the per-round ratios. A
+    streaming engine is stopped (IO worker joined, BLAS threads restored) before every in-memory
+    round, so that round runs as ``mode: memory`` would."""
     from sti.errors import STIError
 
-    try:
-        stream = load({**spec, "mode": "stream"})
-    except STIError as e:
-        return {"ok": False, "does_not_fit": True, "problem": e.problem, "fix": e.fix}
+    prompts, versus = spec["prompts"], spec["versus"]
+    if versus == "stream":
+        try:
+            other = load({**spec, "mode": "stream"})
+        except STIError as e:
+            return {"ok": False, "does_not_fit": True, "problem": e.problem, "fix": e.fix}
+        other_backend = STIBackend(other, spec["context"])
+    elif versus == "llama.cpp":
+        other = other_backend = LlamaCpp(spec["gguf"], spec["threads"], batch=len(prompts), context=spec["context"] + 16)
+    else:
+        raise ValueError(f"paired: unknown versus {versus!r}")
     mem = load({**spec, "mode": "memory"})
-    backends = {"memory": STIBackend(mem, spec["context"]), "stream": STIBackend(stream, spec["context"])}
+    backends = {"memory": STIBackend(mem, spec["context"]), versus: other_backend}
     steps = spec["new_tokens"] - 1
     rates: dict[str, list[float]] = {k: [] for k in backends}
     try:
-        for name, backend in backends.items():  # warm-up: first-call costs, lazy init
-            run_greedy(backend, spec["prompts"], 2)
+        for backend in backends.values():  # warm-up: first-call costs, lazy init
+            run_greedy(backend, prompts, 2)
         for r in range(spec["rounds"]):
-            for name in (("memory", "stream") if r % 2 == 0 else ("stream", "memory")):
-                if name == "memory":
-                    stream.engine.stop()
-                _, _, decode_s = run_greedy(backends[name], spec["prompts"], spec["new_tokens"])
-                rates[name].append(len(spec["prompts"]) * steps / decode_s)
+            for name in (("memory", versus) if r % 2 == 0 else (versus, "memory")):
+                if name == "memory" and versus == "stream":
+                    other.engine.stop()
+                _, _, decode_s = run_greedy(backends[name], prompts, spec["new_tokens"])
+                rates[name].append(len(prompts) * steps / decode_s)
     finally:
-        stream.close()
+        if versus == "stream":
+            other.close()
         mem.close()
-    ratios = [s / m for s, m in zip(rates["stream"], rates["memory"])]
-    return {"ok": True, "rounds": spec["rounds"], "new_tokens": spec["new_tokens"],
-            "memory_tok_s": median(rates["memory"]), "stream_tok_s": median(rates["stream"]),
-            "ratio": median(ratios), "per_round": {k: [round(v, 3) for v in vs] for k, vs in rates.items()}}
+    ratios = [o / m for o, m in zip(rates[versus], rates["memory"])]
+    return {"ok": True, "versus": versus, "batch": len(prompts), "rounds": spec["rounds"],
+            "new_tokens": spec["new_tokens"], "memory_tok_s": median(rates["memory"]),
+            "other_tok_s": median(rates[versus]), "ratio": median(ratios),
+            "per_round": {k: [round(v, 3) for v in vs] for k, vs in rates.items()}}
 
 
 def run(spec: dict) -> dict:
