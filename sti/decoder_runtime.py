@@ -160,9 +160,7 @@ class StreamingDecoder:
         if slots is None:
             slots = (read_slots(per_layer) if schedule.memory_budget else len(order)) if order else 0
         self.n_slots = min(max(slots, self.min_slots), len(order))
-        # prefill dequantizes one shard matrix at a time into this (decode never does)
-        self.scratch_bytes = 4 * max((int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay
-                                      if len(e.shape) == 2 and e.name != "lm_head"), default=0)
+        self.scratch_bytes = 4 * scratch_elements(store)
         self.preload_bytes = sum(store.shard_nbytes(layer, s, self._bits(layer, s)) for layer, s in schedule.preload)
         self.weight_bytes = self.fixed_bytes + self.preload_bytes + self.n_slots * self.slot_bytes + self.scratch_bytes
         self.batch = batch
@@ -270,48 +268,18 @@ class StreamingDecoder:
     def _operators(self, key, layer: int, s: int, raw) -> dict:
         """{shard tensor name: operator} over ``raw`` (a slot or a preloaded buffer), cached per
         (buffer, layout): a slot's bytes change, the views into it do not."""
-        layout = self.store._version(layer, s, self._bits(layer, s)).layout
+        bits = self._bits(layer, s)
+        layout = self.store._version(layer, s, bits).layout
         ops = self._ops.get((key, layout))
         if ops is None:
-            raw_t = self.store.shard_tensors_raw(layer, s, self._bits(layer, s), raw, verify=False)
-            ops = {}
-            for name, t in raw_t.items():
-                if t.kind == "f32":
-                    ops[name] = np.asarray(t.buf) if t.buf.ndim == 1 else t.buf
-                else:
-                    ops[name] = Packed(t, self.profile, scratch=self._scratch)
-            entries = {e.name: e for e in self.store.manifest.layouts[layout]}
-            for fused, names in llama.FUSED.items():  # e.g. q, k, v rows of the shard as one matrix
-                t = _adjacent_rows(raw, [entries.get(n) for n in names])
-                if t is not None:
-                    ops[fused] = Packed(t, self.profile, scratch=self._scratch)
-            self._ops[(key, layout)] = ops
+            ops = self._ops[(key, layout)] = shard_operators(self.store, layer, s, bits, raw, self.profile,
+                                                             self._scratch)
         return ops
 
     def _layer_weights(self, layer: int, shard_ops: list[dict], whole: bool = False) -> dict:
-        """The dict ``llama.layer`` runs on, from the operators of every shard of the layer: a
-        shard's adjacent q/k/v (gate/up) rows run as one product per shard (``SegmentStack``).
-        ``whole``: decode multiplies each layer matrix as one, read in place from the shards
-        (``sti.linops.tiled``): one kernel call per matrix instead of one per shard, and every
-        output the same sum as in the unsharded matrix."""
-        w = dict(self.common[layer])
-        done = set()
-        for fused, names in llama.FUSED.items():
-            if all(fused in ops for ops in shard_ops):
-                sizes = {tuple(ops[n].shape[0] for n in names) for ops in shard_ops}
-                if len(sizes) == 1:
-                    unfused = [RowStack([ops[n] for ops in shard_ops]) for n in names]  # for prefill
-                    w[fused] = SegmentStack([ops[fused] for ops in shard_ops], sizes.pop(), unfused)
-                    done.update(names)
-        for name, st in self.tensors.items():
-            if st.target in done:
-                continue
-            parts = [ops[name] for ops in shard_ops]
-            w[st.target] = ColSum(parts) if st.stored_axis == 1 else RowStack(parts)
-        if whole:
-            for name, op in w.items():
-                w[name] = tiled(op) or op
-        return w
+        """The dict ``llama.layer`` runs on: the layer's unsharded tensors and its matrices
+        (:func:`layer_matrices`) from the operators of every shard of the layer."""
+        return {**self.common[layer], **layer_matrices(self.tensors.values(), shard_ops, whole)}
 
     def _shard_ops(self, layer: int, s: int, slot: int | None) -> dict:
         if slot is None:
@@ -383,6 +351,61 @@ class StreamingDecoder:
                 io.give_back([slot])
         io.end_pass()
         return logits.reshape(B, T, -1) if all_logits else logits.reshape(B, -1)
+
+
+def scratch_elements(store) -> int:
+    """Float32 elements of a decoder's dequantization scratch: prefill dequantizes one shard
+    matrix at a time into it (decode never does)."""
+    return max((int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay
+                if len(e.shape) == 2 and e.name != "lm_head"), default=0)
+
+
+def shard_operators(store, layer: int, s: int, bits: int, raw, profile=None, scratch=None) -> dict:
+    """{shard tensor name: operator} over ``raw``, the bytes of shard ``s`` of ``layer`` at
+    ``bits``, without a copy: ``sti.linops.Packed`` for packed matrices (with the kernel choices of
+    ``profile`` and the dequantization ``scratch``), float32 arrays as they lie; plus, under the
+    names of ``llama.FUSED``, a shard's adjacent q/k/v (gate/up) rows as one matrix where they are
+    GGML blocks (``_adjacent_rows``)."""
+    ops = {}
+    for name, t in store.shard_tensors_raw(layer, s, bits, raw, verify=False).items():
+        if t.kind == "f32":
+            ops[name] = np.asarray(t.buf) if t.buf.ndim == 1 else t.buf
+        else:
+            ops[name] = Packed(t, profile, scratch=scratch)
+    entries = {e.name: e for e in store.manifest.layouts[store._version(layer, s, bits).layout]}
+    for fused, names in llama.FUSED.items():  # e.g. q, k, v rows of the shard as one matrix
+        t = _adjacent_rows(raw, [entries.get(n) for n in names])
+        if t is not None:
+            ops[fused] = Packed(t, profile, scratch=scratch)
+    return ops
+
+
+def layer_matrices(tensors, shard_ops: list[dict], whole: bool = False) -> dict:
+    """{target name: operator}: a layer's matrices (``tensors``: the store's ``ShardTensor`` of a
+    layer shard) from the operators of every shard of the layer (:func:`shard_operators`, in shard
+    order): a shard's adjacent q/k/v (gate/up) rows run as one product per shard (``SegmentStack``).
+    ``whole``: decode multiplies each layer matrix as one, read in place from the shards
+    (``sti.linops.tiled``): one kernel call per matrix instead of one per shard, and every output
+    the same sum as in the unsharded matrix; a matrix that cannot be tiled (sti-q1 versions, or no
+    C kernels) stays the composite of its shards' operators."""
+    w = {}
+    done = set()
+    for fused, names in llama.FUSED.items():
+        if all(fused in ops for ops in shard_ops):
+            sizes = {tuple(ops[n].shape[0] for n in names) for ops in shard_ops}
+            if len(sizes) == 1:
+                unfused = [RowStack([ops[n] for ops in shard_ops]) for n in names]  # for prefill
+                w[fused] = SegmentStack([ops[fused] for ops in shard_ops], sizes.pop(), unfused)
+                done.update(names)
+    for st in tensors:
+        if st.target in done:
+            continue
+        parts = [ops[st.name] for ops in shard_ops]
+        w[st.target] = ColSum(parts) if st.stored_axis == 1 else RowStack(parts)
+    if whole:
+        for name, op in w.items():
+            w[name] = tiled(op) or op
+    return w
 
 
 class _Stream:

@@ -11,12 +11,15 @@ what the planner (``sti.plan_decoder``) needs to pick per-shard bitwidths, and w
   of ``sti.decoder_runtime`` does it): from a warm page cache (latency + bytes / bandwidth,
   fitted over every version), cold (after ``Store.evict()``, for reference), and paced as the
   emulated storage paces it; the seconds of one shard's matrix-vector products in decode at
-  batch 1 and 16 (``sti.linops.Packed`` over the stored bytes, with the kernels chosen by
-  measurement; versions timed round-robin, best round of the median over shards); the
-  per-step time that is not a shard's product (attention, norms, the runtime's bookkeeping);
-  and a check of the resulting latency model against the streaming runtime itself. The kernel
-  choices are this machine's (the user cache ``sti.api.Generator`` reads; the profile measures
-  the store's shapes there on a miss); ``STORE/kernels.json`` records the ones the timings used.
+  batch 1 and 16 (the runtime's operators over the stored bytes, with the kernels chosen by
+  measurement: each layer's matrices timed as decode multiplies them -- one kernel call per
+  matrix over all of the layer's shards where the version tiles, GGML blocks -- and the layer's
+  time split between its shards by their bytes; versions timed round-robin, best round of the
+  median over shards); the per-step time that is not a shard's product (attention, norms, the
+  runtime's bookkeeping); and a check of the resulting latency model against the streaming
+  runtime itself. The kernel choices are this machine's (the user cache ``sti.api.Generator``
+  reads; the profile measures the store's shapes there on a miss); ``STORE/kernels.json``
+  records the ones the timings used.
 
 :func:`choose_versions` turns the profile into versions for a target: it starts with every shard
 lossless and greedily lowers the shard version with the smallest importance increase per second
@@ -80,6 +83,7 @@ storage is slower.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -464,49 +468,87 @@ def _apply(op, x: np.ndarray) -> np.ndarray:
     return x @ op.T if isinstance(op, np.ndarray) else op.apply(x)
 
 
+def _layer_matrices(store, layer: int, bits: int, raw: dict, kernels=None, scratch=None) -> list:
+    """Layer ``layer``'s matrices at ``bits`` over its shards' bytes (``raw``: {shard: bytes}, every
+    shard of the layer), as ``StreamingDecoder`` multiplies them in decode
+    (``sti.decoder_runtime.layer_matrices``): for GGML versions each one C matrix read in place
+    from every shard, else the composite of the shards' operators."""
+    from sti.decoder_runtime import layer_matrices, shard_operators
+
+    ops = [shard_operators(store, layer, s, bits, raw[s], kernels, scratch) for s in sorted(raw)]  # the runtime's order
+    return list(layer_matrices(store.tensors(layer), ops, whole=True).values())
+
+
 class _PassOps:
-    """The runtime's operators over every shard of a pass at one version (``sti.linops.Packed``
-    over the stored bytes with the measured kernel choices, as ``StreamingDecoder`` builds them),
-    for timing the products of decode steps. A timed pass multiplies every shard in pass order, so
-    that weights come from memory as in a real step, not from a cache a few shards would fit in."""
+    """The runtime's decode operators over every shard of a pass at one version, packed over the
+    stored bytes with the measured kernel choices, for timing the products of decode steps. They
+    are timed in units as the runtime runs them: a layer's matrices together (one kernel call per
+    matrix where the version tiles, :func:`_layer_matrices`), each LM-head shard on its own. A
+    timed pass multiplies every unit in pass order, so that weights come from memory as in a real
+    step, not from a cache a few shards would fit in."""
 
     def __init__(self, store, items, bits: int, kernels, scratch):
-        from sti.linops import Packed
+        from sti.decoder_runtime import shard_operators
 
-        self.items = items
-        self._raw = [store.read_shard_bytes(*it, bits, verify=True) for it in items]
-        self.ops = {it: [np.asarray(t.buf) if t.kind == "f32" else Packed(t, kernels, scratch=scratch)
-                         for t in store.shard_tensors_raw(*it, bits, raw, verify=False).values() if len(t.shape) == 2]
-                    for it, raw in zip(items, self._raw)}
+        raw = {it: store.read_shard_bytes(*it, bits, verify=True) for it in items}
+        self.nbytes = {it: store.shard_nbytes(*it, bits) for it in items}
+        self.units: list[tuple[list, list]] = []  # in pass order: (its shards, its operators)
+        for layer, group in itertools.groupby(items, key=lambda it: it[0]):
+            shards = list(group)
+            if layer == HEAD:  # the runtime multiplies every head shard on its own
+                self.units += [([it], [shard_operators(store, *it, bits, raw[it], kernels, scratch)["lm_head"]])
+                               for it in shards]
+            else:
+                self.units.append((shards, _layer_matrices(store, layer, bits, {s: raw[(layer, s)] for _, s in shards},
+                                                           kernels, scratch)))
         self._x: dict = {}
 
     def time_pass(self, batch: int) -> dict[tuple[int, int], float]:
-        """Seconds of each shard's products in one pass over the model at ``batch``."""
+        """Seconds of each shard's products in one pass over the model at ``batch``: a unit's time
+        split between its shards by their stored bytes (the latency model charges compute per
+        shard, in proportion to its bytes)."""
         rng = np.random.default_rng(0)
         out = {}
-        for it in self.items:
+        for shards, ops in self.units:
             t0 = time.perf_counter()
-            for op in self.ops[it]:
+            for op in ops:
                 x = self._x.get((batch, op.shape[1]))
                 if x is None:
                     x = self._x[(batch, op.shape[1])] = rng.standard_normal((batch, op.shape[1])).astype(np.float32)
                 _apply(op, x)
-            out[it] = time.perf_counter() - t0
+            t = time.perf_counter() - t0
+            total = sum(self.nbytes[it] for it in shards)
+            out.update({it: t * self.nbytes[it] / total for it in shards})
         return out
 
 
 def _kernel_shapes(store) -> list[tuple[str, tuple[int, int], int | None]]:
-    """(kind, shape, bits) of every packed matrix of the store's shard versions (bits None for
-    GGML kinds, which imply theirs)."""
+    """(kind, shape, bits) of every packed matrix of the store's shard versions, and of every
+    layer matrix decode multiplies as one (``sti.linops.tiled``), bits None for GGML kinds, which
+    imply theirs."""
     from sti import lowbit
 
     seen = set()
+    layer_layouts: dict[tuple[int, int], list[int]] = {}  # (bits, layer) -> its shards' layouts
     for shard in store.manifest.shards:
         for b, version in shard.versions.items():
             for e in store.manifest.layouts[version.layout]:
                 kind = e.meta["layout"] if e.dtype == "quant" else e.dtype
                 if len(e.shape) == 2 and kind in lowbit.KINDS:
                     seen.add((kind, (int(e.shape[0]), int(e.shape[1])), b if kind == "sti-q1" else None))
+            if shard.layer != HEAD:
+                layer_layouts.setdefault((b, shard.layer), []).append(version.layout)
+    # a tiled matrix's shape follows from its shards' layouts: the runtime's operators of one layer
+    # per version and combination of layouts show every one
+    built = {}
+    for (b, layer), layouts in layer_layouts.items():
+        built.setdefault((b, tuple(layouts)), layer)
+    for (b, _), layer in built.items():
+        raw = {s: store.read_shard_bytes(layer, s, b) for s in store.shard_indices(layer)}
+        for op in _layer_matrices(store, layer, b, raw):
+            whole = getattr(op, "small", None)  # sti.linops.BySize: the one matrix decode multiplies
+            if whole is not None:
+                seen.add((whole.t.kind, tuple(whole.shape), None))
     return sorted(seen, key=lambda k: (k[0], k[1], k[2] or 0))
 
 
@@ -555,7 +597,7 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     tokens); and the model's predicted / measured step for streamed runs at several versions.
     ``repeats``: timed rounds of the per-version tables; ``rounds`` x ``steps``: timed decode
     steps of each runtime configuration."""
-    from sti.decoder_runtime import DecoderSchedule, StreamingDecoder
+    from sti.decoder_runtime import DecoderSchedule, StreamingDecoder, scratch_elements
     from sti.plan_decoder import read_slots
     from sti.profile import _fsync_store, parse_storage
 
@@ -572,8 +614,8 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     store.read_pattern(sequential=True)  # as the streaming decoder reads it (and leaves the page cache)
     _fsync_store(store)
     items = _pass_items(store)
-    scratch = np.empty(max(int(np.prod(e.shape)) for lay in store.manifest.layouts for e in lay if len(e.shape) == 2),
-                       np.float32)
+    # the runtime's scratch: a matrix too large for it runs the fused kernel (sti.linops.Packed), there and here
+    scratch = np.empty(scratch_elements(store), np.float32)
     # versions round-robin, so that a change of the machine's load falls on all of them alike;
     # round 0 reads each version cold (after evicting the store) and warms the kernels up
     sizes = {b: {it: store.shard_nbytes(*it, b) for it in items} for b in store.bits}
@@ -648,7 +690,8 @@ def profile_device(store, storage: str | None = None, *, repeats: int = 3, round
     device["overhead"] = {batch: max(v, 0.0) for batch, v in overhead.items()}
     device["overhead_measured"] = {
         "what": "best decode step of the lossless model with every shard resident, minus its best pass of "
-                "products: attention, norms, the runtime's bookkeeping",
+                "products (each layer's matrices as decode multiplies them, tiled where the version allows): "
+                "attention, norms, the runtime's bookkeeping",
         "context": context, "seconds": overhead}
     runs = []
     for b in versions:

@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from sti import lowbit
 from sti.api import Generator
 from sti.errors import STIError
+from sti.linops import BySize
 from sti.plan_decoder import decoder_shape
 from sti.profile_decoder import (Choice, VersionCosts, choose, fastest_step, format_summary, greedy_versions,
                                  load_decoder_profile, load_kernel_profile, profile_path, run_decoder_profile)
@@ -130,6 +132,50 @@ def test_profile_command_dispatches_on_llama_stores(profiled, capsys):
     emulated = load_decoder_profile(store, "50MBps")["device"]["io"]["layer"]
     for v in emulated.values():  # at least bytes / bandwidth per read, as the runtime's throttle paces it
         assert v["io_s"] >= v["bytes"] / 50e6
+
+
+@pytest.mark.parametrize("bits", [33, 4])
+def test_products_are_timed_as_the_runtime_multiplies_them(profiled, monkeypatch, bits):
+    """The profile times each layer's matrices as decode runs them -- for the GGML source version
+    one tiled matrix per layer matrix, not one product per shard; for sti-q1 shard by shard --
+    and splits a layer's time between its shards by their bytes. Time is a fake clock here."""
+    from sti import profile_decoder
+    from sti.decoder_runtime import DecoderSchedule, StreamingDecoder, scratch_elements
+
+    store, _ = profiled
+    with Store.open(store) as st:
+        items = profile_decoder._pass_items(st)
+        timed = profile_decoder._PassOps(st, items, bits, None, np.empty(scratch_elements(st), np.float32))
+        every = DecoderSchedule.uniform(st, bits)
+        every.preload = {(layer, s) for layer, s, _ in every.items()}
+        eng = StreamingDecoder(st, every)
+        x = np.random.default_rng(0).standard_normal((1, CFG.hidden_size)).astype(np.float32)
+        for layer in range(st.num_layers):
+            shards, ops = timed.units[layer]
+            assert shards == [(layer, s) for s in st.shard_indices(layer)]
+            decode = eng._layer_weights(layer, [eng._shard_ops(*it, None) for it in shards], whole=True)
+            runtime = [w for name, w in decode.items() if name not in eng.common[layer]]
+            assert [type(op) for op in ops] == [type(w) for w in runtime]
+            for op, w in zip(ops, runtime):
+                assert op.shape == w.shape
+                xi = np.resize(x, (1, op.shape[1]))  # (1, the matrix's columns)
+                np.testing.assert_array_equal(op.apply(xi), w.apply(xi))
+            if bits == 33 and lowbit.has_c_kernels():  # Q4_1 blocks: each layer matrix one C matrix over every shard
+                assert all(isinstance(op, BySize) and isinstance(op.small.t, lowbit.TiledTensor) for op in ops)
+                assert {(op.small.t.kind, op.shape, None) for op in ops} <= set(profile_decoder._kernel_shapes(st))
+            else:
+                assert not any(isinstance(op, BySize) for op in ops)
+        assert [shards for shards, _ in timed.units[st.num_layers:]] == [[(HEAD, s)] for s in st.shard_indices(HEAD)]
+
+        tick = itertools.count()  # every unit takes exactly 1 s: its start and end are consecutive ticks
+        monkeypatch.setattr(profile_decoder, "time", types.SimpleNamespace(perf_counter=lambda: float(next(tick))))
+        seconds = timed.time_pass(1)
+        assert sorted(seconds) == sorted(items)
+        for shards, _ in timed.units:
+            assert sum(seconds[it] for it in shards) == pytest.approx(1.0)
+            for it in shards:
+                assert seconds[it] == pytest.approx(st.shard_nbytes(*it, bits) / sum(st.shard_nbytes(*s, bits)
+                                                                                       for s in shards))
 
 
 # ------------------------------------------------------------------ the chooser on synthetic tables
