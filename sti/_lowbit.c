@@ -80,8 +80,8 @@
 #define LB_SIMD (LB_AVX512 ? "avx512+avx2+fma+f16c" : LB_AVX2 ? "avx2+fma+f16c" : "portable-c")
 /* Bumped whenever a kernel's speed or arithmetic changes, so that kernel choices measured with an
  * older build are measured again (sti.lowbit.machine_profile compares it). 2: GGML kinds multiply
- * int16-rounded activations. */
-#define KERNEL_REVISION 2
+ * int16-rounded activations. 3: dequantize + BLAS on N threads splits the BLAS product too (sti.blas). */
+#define KERNEL_REVISION 3
 
 enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
 #define QK 32            /* elements per GGML block */

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sti import blas
 from sti.errors import STIError
 from sti.loaders import Checkpoint, load_checkpoint
 
@@ -330,7 +331,8 @@ class Generator:
         try:
             if self.engine is not None:
                 return self.engine.forward(ids, cache, all_logits)
-            return llama.forward(self.cfg, self.globals, self.layers, ids, cache, all_logits)
+            with blas.limited(1):  # the big products split their rows between two threads (sti.blas)
+                return llama.forward(self.cfg, self.globals, self.layers, ids, cache, all_logits)
         finally:
             if own:
                 self.free_cache(cache)

@@ -6,6 +6,11 @@ would leave a spinner on the core the IO worker needs for the first decode steps
 budget decoded 58-61 tokens/s after a 128-token prefill with two BLAS threads and 76 with one
 (measured here, ``OPENBLAS_NUM_THREADS=1`` against the default, alternating processes). The
 streaming decoder therefore runs BLAS on one thread while its IO worker runs (:func:`limited`).
+The in-memory model lost as much: its fused decode kernels run on two threads of their own, and
+the first ~10 decode steps after a 128-token SmolLM2 prefill took 10 ms instead of 7. So
+prefill's products (:func:`matmul_t`) split their rows between the calling thread and one helper
+thread of this module, each running BLAS on one thread: both cores work, and no BLAS thread is
+left spinning when the products end.
 
 Best effort: where no OpenBLAS with a thread-count setter is loaded (another BLAS, another OS),
 :func:`threads` is None and the functions change nothing.
@@ -14,8 +19,11 @@ Best effort: where no OpenBLAS with a thread-count setter is loaded (another BLA
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from contextlib import contextmanager
+
+import numpy as np
 
 
 # (setter, getter) symbol pairs of the OpenBLAS builds NumPy wheels bundle, newest first
@@ -91,3 +99,49 @@ def limited(n: int = 1):
             _holders -= 1
             if _holders == 0 and _saved is not None:
                 set_threads(_saved)
+
+
+SPLIT_MIN_MACS = 1 << 22  # smaller products run whole: handing half to the helper costs ~30 us
+_helper = None  # concurrent.futures.ThreadPoolExecutor of one thread, made on first use
+
+
+def _reset_helper() -> None:  # a forked child has no helper thread, only its handle
+    global _helper
+    _helper = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_helper)
+
+
+def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray, accumulate: bool = False, threads: int = 1) -> np.ndarray:
+    """``out = x @ w.T`` (``accumulate``: ``out += x @ w.T``) for x (N, K), w (R, K), out (N, R)
+    C-contiguous. With ``threads`` > 1 and a large enough product, the rows of x are split between
+    the calling thread and this module's helper thread, BLAS on one thread in each (see the module
+    docstring); rows are independent, so the result is each row's own single-threaded product."""
+    n = x.shape[0]
+    if threads < 2 or n < 2 or n * w.shape[0] * w.shape[1] < SPLIT_MIN_MACS:
+        return _product(x, w, out, accumulate)
+    global _helper
+    with _lock:
+        if _helper is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _helper = ThreadPoolExecutor(1, thread_name_prefix="sti-blas")
+        helper = _helper
+    h = n // 2
+    with limited(1):
+        job = helper.submit(_product, x[h:], w, out[h:], accumulate)
+        try:
+            _product(x[:h], w, out[:h], accumulate)
+        finally:
+            job.result()
+    return out
+
+
+def _product(x, w, out, accumulate):
+    if accumulate:
+        out += x @ w.T
+    else:
+        np.matmul(x, w.T, out=out)
+    return out

@@ -64,8 +64,8 @@ class Packed:
         c = self._choice.get(batch)
         if c is None:
             t = self.t
-            if batch > FUSED_MAX_BATCH:
-                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "dequant", 1)
+            if batch > FUSED_MAX_BATCH:  # prefill: dequantize and the BLAS product on every core (sti.blas)
+                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "dequant", max(lowbit.thread_candidates()))
             elif self.profile is not None:  # measured on a miss (and kept in the profile)
                 c = self.profile.choose(t.kind, t.shape, t.bits, batch, measure=True)
             else:

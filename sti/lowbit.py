@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from sti import quant
+from sti import blas, quant
 
 KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
 GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
@@ -383,14 +383,14 @@ def quantize_acts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1,
                    scratch: np.ndarray | None = None) -> np.ndarray:
     """:func:`matvec` computed the prefill way: :func:`dequantize` into ``scratch`` (a float32
-    (rows, cols) buffer to reuse, else a new one) on ``threads`` threads, then one BLAS product."""
+    (rows, cols) buffer to reuse, else a new one) on ``threads`` threads, then the BLAS product,
+    its rows split between ``threads`` threads (:func:`sti.blas.matmul_t`)."""
+    from sti import blas
+
     t = as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
     w = dequantize(t, scratch, threads)
-    if accumulate:
-        out += x @ w.T
-    else:
-        np.matmul(x, w.T, out=out)
+    blas.matmul_t(x.reshape(-1, t.shape[1]), w, out.reshape(-1, t.shape[0]), accumulate, threads)  # views
     return out
 
 
@@ -657,7 +657,8 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
     if max(threads or thread_candidates()) > 1 and rows * cols >= BLAS_QUIET_ELEMS:
         time.sleep(BLAS_SPIN_S)
     times = time_interleaved(fused, max(1, repeats))
-    times.update(time_interleaved(deq, max(1, repeats)))
+    with blas.limited(1):  # as the models run it: dequant/N is BLAS on one thread in each of N (sti.blas)
+        times.update(time_interleaved(deq, max(1, repeats)))
     med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
     best = min(med, key=med.get)  # a pruned candidate's one timing was 4x the best: it never wins
     method, th = best.split("/")
