@@ -3,6 +3,7 @@ layer over these."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -214,6 +215,11 @@ class Generator:
         self.globals = {n: w[n] for n in llama.GLOBAL_NAMES if n in w}
         self.layers = [self._fuse(llama.layer_weights(w, i)) for i in range(self.cfg.num_layers)]
         self._measure_decode_kernels()
+        # packed layers multiply on threads of STI's own (fused kernels, sti.blas.matmul_t); BLAS
+        # then stays on one thread so that none of its threads spins on their cores after prefill.
+        # Float32 layers are multiplied by BLAS itself, on its threads.
+        self._own_threads = not any(isinstance(v, np.ndarray) and v.ndim == 2
+                                    for layer in self.layers for v in layer.values())
         self.weight_bytes = sum(getattr(t, "nbytes", 0) for t in ckpt.weights.values())
         self.engine = None
         self.stop_ids = set(self.special.get("stop_ids") or [])
@@ -331,7 +337,7 @@ class Generator:
         try:
             if self.engine is not None:
                 return self.engine.forward(ids, cache, all_logits)
-            with blas.limited(1):  # the big products split their rows between two threads (sti.blas)
+            with blas.limited(1) if self._own_threads else contextlib.nullcontext():
                 return llama.forward(self.cfg, self.globals, self.layers, ids, cache, all_logits)
         finally:
             if own:

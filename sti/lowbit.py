@@ -385,8 +385,6 @@ def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: 
     """:func:`matvec` computed the prefill way: :func:`dequantize` into ``scratch`` (a float32
     (rows, cols) buffer to reuse, else a new one) on ``threads`` threads, then the BLAS product,
     its rows split between ``threads`` threads (:func:`sti.blas.matmul_t`)."""
-    from sti import blas
-
     t = as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
     w = dequantize(t, scratch, threads)

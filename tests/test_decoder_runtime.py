@@ -216,3 +216,25 @@ def test_a_damaged_shard_is_named_when_streamed(tiny, tmp_path, io):
             greedy(gen, PROMPT, n=2)
     finally:
         gen.close()
+
+
+def test_packed_models_keep_blas_to_one_thread_float32_models_do_not(tiny, monkeypatch):
+    from sti import blas
+
+    gguf, _ = tiny
+    entered = []
+    real = blas.limited
+
+    def spy(n=1):
+        entered.append(n)
+        return real(n)
+
+    monkeypatch.setattr(blas, "limited", spy)
+    x = np.asarray([PROMPT])
+    packed, plain = Generator.load(str(gguf), progress=False), Generator.load(str(gguf), progress=False, packed=False)
+    packed.logits(x)  # its products run on STI's own threads: BLAS on one, none left spinning
+    assert entered and entered[0] == 1
+    entered.clear()
+    plain.logits(x)  # float32 matrices: BLAS multiplies them on its own threads
+    assert entered == []
+    np.testing.assert_allclose(packed.logits(x), plain.logits(x), rtol=0, atol=1e-3)
