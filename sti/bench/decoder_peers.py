@@ -123,6 +123,8 @@ def peer_scopes(spec: str | None) -> list[tuple[Peer, tuple[str, ...] | None, tu
         if name not in known:
             raise STIError(f"unknown peer {name!r}", f"choose from {', '.join(known)}")
         storage, _, batch = where.partition("/")
+        if storage:
+            storage_mode(storage)  # an unknown storage fails now, with the names it knows
         if batch and not batch.isdigit():
             raise STIError(f"peer {item!r}: batch {batch!r} is not a number", "write NAME@STORAGE/BATCH, e.g. airllm@real/1")
         out.append((known[name], (storage,) if storage else None, (int(batch),) if batch else None))

@@ -79,6 +79,8 @@ def test_every_peer_is_named_and_unique():
     assert [p.name for p, _, _ in dp.peer_scopes(None)] == [p.name for p in dp.PEERS]
     with pytest.raises(STIError, match="not a number"):
         dp.peer_scopes("airllm@real/one")
+    with pytest.raises(STIError, match="unknown storage 'nvme'"):
+        dp.peer_scopes("airllm@nvme/1")
 
 
 def test_missing_peer_gives_skipped_rows_with_the_reason(tmp_path):
