@@ -350,15 +350,15 @@ def evaluate_targets(rows: list[dict], paired: dict | None = None) -> list[dict]
         ll = _find(rows, system="llama.cpp", batch=b)
         if _measured(s) and _measured(ll):
             x = s["decode_tok_s"] / ll["decode_tok_s"]
-            text = f"batch {b}: {s['decode_tok_s']:.1f} vs {ll['decode_tok_s']:.1f} tok/s ({x:.2f}x)"
+            text = f"{s['decode_tok_s']:.1f} vs {ll['decode_tok_s']:.1f} tok/s ({x:.2f}x)"
             pl = (paired.get("llama.cpp") or {}).get(b) or {}
             if pl.get("ok"):  # ratio = llama.cpp / STI per round; an odd number of rounds inverts exactly
                 x = 1 / pl["ratio"]
-                text = (f"batch {b}: {x:.2f}x timed in one process, {pl['rounds']} alternating rounds "
+                text = (f"{x:.2f}x timed in one process, {pl['rounds']} alternating rounds "
                         f"({pl['memory_tok_s']:.1f} vs {pl['other_tok_s']:.1f} tok/s); in the rows' own processes "
-                        + text.split(": ", 1)[1])
+                        + text)
             oks.append(x >= 1)
-            parts.append(text)
+            parts.append(f"batch {b}: {text}")
         else:
             oks.append(False)
             parts.append(f"batch {b}: not measured ({'STI' if not _measured(s) else 'llama.cpp'} has no result)")
