@@ -42,6 +42,9 @@
  * -ffp-contract=off: the compiler must not fuse that multiply and add, while the FMAs wanted in
  * the dot products are written explicitly (_mm256_fmadd_ps, _mm512_fmadd_ps).
  *
+ * qmm (sti-q1, a batch of vectors): x rounded to int8 per vector and segment, exact integer
+ * products by AVX-512 VNNI with the batch across the lanes; see "int8 products" below.
+ *
  * Paths: AVX2 + FMA + F16C intrinsics (any x86-64 from 2013 on), AVX-512 for the batch-1 row
  * dots where the compiler targets it, else portable C. Rows are split across `threads` threads of
  * a small pool built for shared machines (see "thread pool"); whether 2 threads pay off for a
@@ -67,6 +70,13 @@
 #else
 #define LB_AVX512 0
 #endif
+/* AVX-512 VNNI: vpdpbusd (64 unsigned-byte x signed-byte products summed into 16 int32 lanes) for
+ * the int8 products (qmm); elsewhere they run as portable C with the same integer sums. */
+#if LB_AVX512 && defined(__AVX512VNNI__)
+#define LB_VNNI 1
+#else
+#define LB_VNNI 0
+#endif
 #if !defined(_WIN32)
 #define LB_THREADS 1 /* the pthread pool below; elsewhere everything runs on the calling thread */
 #include <pthread.h>
@@ -80,8 +90,9 @@
 #define LB_SIMD (LB_AVX512 ? "avx512+avx2+fma+f16c" : LB_AVX2 ? "avx2+fma+f16c" : "portable-c")
 /* Bumped whenever a kernel's speed or arithmetic changes, so that kernel choices measured with an
  * older build are measured again (sti.lowbit.machine_profile compares it). 2: GGML kinds multiply
- * int16-rounded activations. 3: dequantize + BLAS on N threads splits the BLAS product too (sti.blas). */
-#define KERNEL_REVISION 3
+ * int16-rounded activations. 3: dequantize + BLAS on N threads splits the BLAS product too (sti.blas).
+ * 4: sti-q1 batches may take the int8 products (qmm). */
+#define KERNEL_REVISION 4
 
 enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
 #define QK 32            /* elements per GGML block */
@@ -119,6 +130,14 @@ typedef struct {
     float *xs;  /* (B, nseg): sum of x over each segment */
     int16_t *q16; /* GGML kinds: (B, pc) x rounded to int16 per block of 32 ... */
     float *dxs;   /* ... (B, nseg, 2): that block's scale d16 (x ~ d16 * q16) and its exact sum xs */
+    /* qmm (int8 activations, see "int8 products"): x rounded to int8 per (vector, segment), stored
+     * for vpdpbusd with the batch across lanes: xv[(k/4 * nv + v) * 64 + 4 * lane + k%4] holds
+     * vector 16 v + lane, column k; dxv/xsv[(s * nv + v) * 16 + lane]: its scale and exact sum */
+    int8_t *xv;
+    float *dxv, *xsv;
+    Py_ssize_t nv;  /* vectors of 16 lanes: ceil(B / 16) */
+    float *xt;      /* outliers: x transposed, xt[k * nv * 16 + b] (exact, not rounded) ... */
+    Py_ssize_t *orow; /* ... and each row's first outlier (rows + 1), or NULL: apply_outliers */
 } Acts;
 
 /* ------------------------------------------------------------------------- small helpers */
@@ -704,6 +723,235 @@ static void apply_outliers(const Weights *W, const Acts *A, float *y) {
     }
 }
 
+/* ------------------------------------------------------------------------- int8 products (qmm)
+ * Y (B, rows) = X (B, cols) @ W.T for sti-q1 weights with 8-bit codes (an encoder's shards decoded
+ * to codes, sti.runtime) and a batch of B vectors: many tokens of one sequence. Each vector's
+ * segment s (the G columns sharing one weight scale and offset) is rounded to int8:
+ * dx = max|x| / 127, q = rint(x * (127 / max|x|)); then
+ *
+ *     y[b, r] = sum_s (scale[r, s] * dx[b, s]) * (sum_{i in s} code[r, i] q[b, i])  +  offset[r, s] * xs[b, s]
+ *
+ * with xs the exact float sum of x over the segment. The inner sums are exact integers; the
+ * rounding of x is at most 1/254 of its segment's largest |x|. The batch runs across the 16
+ * lanes of a register (vpdpbusd: one broadcast 4-code word of a row times 4 columns of 16
+ * vectors), so a row's codes are read straight from the matrix, in order, and an R x VC
+ * register tile (rows x 16-vector groups) reuses every load of x for R rows. The portable path
+ * computes the same integers; the float steps agree up to FMA rounding. */
+
+#define QMM_ACC 12 /* R * VC accumulator pairs (int32 + float32 each): 24 of the 32 zmm registers */
+
+static int prepare_acts_i8(const Weights *W, Acts *A) {
+    const Py_ssize_t B = A->B, nv = (B + 15) / 16, pc = W->pc, G = W->seg, ns = W->nseg, nkq = pc / 4;
+    A->nv = nv;
+    size_t xbytes = (size_t)(nkq * nv * 64), fl = (size_t)(ns * nv * 16);
+    A->xv = aligned_alloc(64, (xbytes + 2 * fl * sizeof(float) + 63) & ~(size_t)63);
+    if (!A->xv) return -1;
+    A->dxv = (float *)(A->xv + xbytes);
+    A->xsv = A->dxv + fl;
+    memset(A->xv, 0, xbytes + 2 * fl * sizeof(float));
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const Py_ssize_t v = b / 16, lane = b % 16;
+        for (Py_ssize_t s = 0; s < ns; s++) {
+            const float *x = A->x + b * pc + s * G;
+            float amax = 0.0f;
+            Py_ssize_t i = 0;
+#if LB_AVX512
+            __m512 m = _mm512_setzero_ps();
+            for (; i + 16 <= G; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+            amax = _mm512_reduce_max_ps(m);
+#endif
+            for (; i < G; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+            float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            int8_t *dst = A->xv + (s * G / 4 * nv + v) * 64 + 4 * lane; /* column s * G of vector b */
+            i = 0;
+#if LB_AVX512
+            /* 16 columns: rint(x * id) (the rounding mode is round-to-nearest-even, as rint's), to
+             * int8, then each 4 columns as one dword into its column quad */
+            for (; i + 16 <= G; i += 16) {
+                __m128i q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(id))));
+                int32_t d[4];
+                memcpy(d, &q, 16);
+                for (int j = 0; j < 4; j++) memcpy(dst + (i / 4 + j) * nv * 64, &d[j], 4);
+            }
+#endif
+            for (; i < G; i++) dst[(i / 4) * nv * 64 + i % 4] = (int8_t)nearbyintf(x[i] * id);
+            A->dxv[(s * nv + v) * 16 + lane] = amax / 127.0f;
+            A->xsv[(s * nv + v) * 16 + lane] = A->xs[b * ns + s];
+        }
+    }
+    /* Outliers sorted by index (as sti.quant writes them) are applied per row inside the row
+     * tasks, with x laid out like the products' lanes; unsorted ones afterwards (apply_outliers). */
+    int sorted = W->nout > 0;
+    for (Py_ssize_t j = 1; j < W->nout && sorted; j++) sorted = W->oidx[j] > W->oidx[j - 1];
+    if (!sorted) return 0;
+    size_t nx = (size_t)(pc * nv * 16);
+    A->xt = aligned_alloc(64, ((nx * sizeof(float) + (size_t)(W->rows + 1) * sizeof(Py_ssize_t)) + 63) & ~(size_t)63);
+    if (!A->xt) return -1;
+    A->orow = (Py_ssize_t *)(A->xt + nx);
+    memset(A->xt, 0, nx * sizeof(float));
+    for (Py_ssize_t b = 0; b < B; b++)
+        for (Py_ssize_t k = 0; k < W->cols; k++) A->xt[k * nv * 16 + b] = A->x[b * pc + k];
+    Py_ssize_t j = 0;
+    for (Py_ssize_t r = 0; r <= W->rows; r++) {
+        while (j < W->nout && (Py_ssize_t)(W->oidx[j] / W->cols) < r) j++;
+        A->orow[r] = j;
+    }
+    return 0;
+}
+
+/* out (the tile of rows r .. r+nr-1, VC vector groups from v0) += (exact - quantized) * x at
+ * each outlier of those rows: the quantized weight is code * scale + offset, two roundings. */
+static void qmm_outliers(const Weights *W, const Acts *A, Py_ssize_t r, int nr, Py_ssize_t v0, int VC, float *out) {
+    const Py_ssize_t nv = A->nv, ns = W->nseg;
+    for (int i = 0; i < nr; i++)
+        for (Py_ssize_t j = A->orow[r + i]; j < A->orow[r + i + 1]; j++) {
+            Py_ssize_t c = W->oidx[j] % W->cols, g = c / W->seg;
+            float q = (float)sti_code(W, r + i, c) * W->scale[(r + i) * ns + g];
+            float delta = W->oval[j] - (q + W->offset[(r + i) * ns + g]);
+            const float *x = A->xt + c * nv * 16 + v0 * 16;
+            float *o = out + i * VC * 16;
+            for (int l = 0; l < VC * 16; l++) o[l] += delta * x[l];
+        }
+}
+
+#if LB_VNNI
+#define UNROLL _Pragma("GCC unroll 12")
+/* R rows from r0 times VC 16-vector groups from v0 into out[R][VC * 16] (vector-major lanes).
+ * R and VC are constants after inlining; the fixed-size arrays and full unrolling keep the tile
+ * in registers. */
+static inline __attribute__((always_inline)) void qmm_tile(const int R, const int VC, const Weights *W,
+                                                           const Acts *A, Py_ssize_t r0, Py_ssize_t v0,
+                                                           const uint8_t *codes, float *out) {
+    const Py_ssize_t nv = A->nv, G4 = W->seg / 4, ns = W->nseg, pc = W->pc;
+    __m512 f[QMM_ACC][2];
+    __m512i acc[QMM_ACC][2];
+    const uint8_t *w[QMM_ACC];
+    UNROLL for (int i = 0; i < R; i++) {
+        w[i] = codes + i * pc;
+        UNROLL for (int v = 0; v < VC; v++) f[i][v] = _mm512_setzero_ps();
+    }
+    for (Py_ssize_t s = 0; s < ns; s++) {
+        UNROLL for (int i = 0; i < R; i++)
+            UNROLL for (int v = 0; v < VC; v++) acc[i][v] = _mm512_setzero_si512();
+        const int8_t *xq = A->xv + (s * G4 * nv + v0) * 64;
+        const Py_ssize_t k0 = s * G4 * 4;
+        for (Py_ssize_t kq = 0; kq < G4; kq++, xq += nv * 64) {
+            __m512i xa[2];
+            UNROLL for (int v = 0; v < VC; v++) xa[v] = _mm512_load_si512((const void *)(xq + v * 64));
+            UNROLL for (int i = 0; i < R; i++) {
+                int32_t word;
+                memcpy(&word, w[i] + k0 + 4 * kq, 4);
+                __m512i wb = _mm512_set1_epi32(word);
+                UNROLL for (int v = 0; v < VC; v++) acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], wb, xa[v]);
+            }
+        }
+        UNROLL for (int v = 0; v < VC; v++) {
+            __m512 dx = _mm512_load_ps(A->dxv + (s * nv + v0 + v) * 16);
+            __m512 xs = _mm512_load_ps(A->xsv + (s * nv + v0 + v) * 16);
+            UNROLL for (int i = 0; i < R; i++) {
+                __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(W->scale[(r0 + i) * ns + s]));
+                f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][v]), d, f[i][v]);
+                f[i][v] = _mm512_fmadd_ps(xs, _mm512_set1_ps(W->offset[(r0 + i) * ns + s]), f[i][v]);
+            }
+        }
+    }
+    UNROLL for (int i = 0; i < R; i++)
+        UNROLL for (int v = 0; v < VC; v++) _mm512_storeu_ps(out + (i * VC + v) * 16, f[i][v]);
+}
+#undef UNROLL
+#else
+static void qmm_tile(const int R, const int VC, const Weights *W, const Acts *A, Py_ssize_t r0, Py_ssize_t v0,
+                     const uint8_t *codes, float *out) {
+    const Py_ssize_t nv = A->nv, G = W->seg, ns = W->nseg, pc = W->pc;
+    for (int i = 0; i < R; i++)
+        for (int v = 0; v < VC; v++)
+            for (int lane = 0; lane < 16; lane++) {
+                float f = 0.0f;
+                for (Py_ssize_t s = 0; s < ns; s++) {
+                    int32_t acc = 0;
+                    for (Py_ssize_t k = s * G; k < (s + 1) * G; k++)
+                        acc += (int32_t)codes[i * pc + k] *
+                               (int32_t)A->xv[((k / 4) * nv + v0 + v) * 64 + 4 * lane + k % 4];
+                    Py_ssize_t j = (s * nv + v0 + v) * 16 + lane;
+                    f = fmaf((float)acc, A->dxv[j] * W->scale[(r0 + i) * ns + s], f);
+                    f = fmaf(A->xsv[j], W->offset[(r0 + i) * ns + s], f);
+                }
+                out[(i * VC + v) * 16 + lane] = f;
+            }
+}
+#endif
+
+/* Row r's pc codes as bytes into dst. AVX-512 VBMI: 64 codes (8 runs of 8 codes in k bytes each)
+ * per step: vpermb moves run j's bytes to qword j, vpmultishiftqb takes code i's bits k*i ..
+ * k*i+7 of its qword into byte i, and a mask keeps k of them. */
+static void unpack_row_u8(const Weights *W, Py_ssize_t r, uint8_t *dst) {
+    const int k = W->bits;
+    const Py_ssize_t pc = W->pc;
+    const uint8_t *src = W->w + r * W->row_bytes;
+#if LB_AVX512 && defined(__AVX512VBMI__)
+    uint8_t perm[64], shift[64];
+    for (int j = 0; j < 8; j++)
+        for (int b = 0; b < 8; b++) perm[8 * j + b] = (uint8_t)(k * j + b), shift[8 * j + b] = (uint8_t)(k * b);
+    const __m512i P = _mm512_loadu_si512(perm), S = _mm512_loadu_si512(shift);
+    const __m512i M = _mm512_set1_epi8((char)((1u << k) - 1u));
+    for (Py_ssize_t c = 0; c < pc; c += 64) {
+        Py_ssize_t n = pc - c < 64 ? pc - c : 64; /* a multiple of 8 codes */
+        __mmask64 in = n * k / 8 >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (n * k / 8)) - 1);
+        __m512i win = _mm512_maskz_loadu_epi8(in, src + c / 8 * k);
+        __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(S, _mm512_permutexvar_epi8(P, win)), M);
+        _mm512_mask_storeu_epi8(dst + c, n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1), codes);
+    }
+#else
+    (void)k, (void)src;
+    for (Py_ssize_t c = 0; c < pc; c++) dst[c] = (uint8_t)sti_code(W, r, c);
+#endif
+}
+
+/* Rows r0 .. r1-1 of a qmm: 8-bit codes are read in place; other widths are unpacked a tile
+ * of rows at a time into `tile` (QMM_ACC * pc bytes, L1/L2-resident). */
+static void rows_qmm(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1,
+                     uint8_t *tile) {
+    const Py_ssize_t B = A->B, R = W->rows, pc = W->pc;
+    float out[QMM_ACC * 16];
+    for (Py_ssize_t r = r0; r < r1; r += QMM_ACC) {
+        const int nt = r1 - r < QMM_ACC ? (int)(r1 - r) : QMM_ACC; /* rows of this tile */
+        const uint8_t *codes = W->w + r * pc;
+        if (W->bits != 8) {
+            for (int i = 0; i < nt; i++) unpack_row_u8(W, r + i, tile + i * pc);
+            codes = tile;
+        }
+        for (Py_ssize_t v0 = 0; v0 < A->nv; v0 += 2) {
+            const int VC = A->nv - v0 >= 2 ? 2 : 1, RMAX = QMM_ACC / VC;
+            for (int i0 = 0; i0 < nt; i0 += RMAX) {
+                const int nr = nt - i0 < RMAX ? nt - i0 : RMAX;
+                const uint8_t *c = codes + i0 * pc;
+#define QMM_CASE(N) \
+    case N: VC == 2 ? qmm_tile(N, 2, W, A, r + i0, v0, c, out) : qmm_tile(N, 1, W, A, r + i0, v0, c, out); break
+                switch (nr) {
+                    QMM_CASE(1); QMM_CASE(2); QMM_CASE(3); QMM_CASE(4); QMM_CASE(5); QMM_CASE(6);
+                    case 7: qmm_tile(7, 1, W, A, r + i0, v0, c, out); break;
+                    case 8: qmm_tile(8, 1, W, A, r + i0, v0, c, out); break;
+                    case 9: qmm_tile(9, 1, W, A, r + i0, v0, c, out); break;
+                    case 10: qmm_tile(10, 1, W, A, r + i0, v0, c, out); break;
+                    case 11: qmm_tile(11, 1, W, A, r + i0, v0, c, out); break;
+                    default: qmm_tile(12, 1, W, A, r + i0, v0, c, out); break;
+                }
+#undef QMM_CASE
+                if (A->orow) qmm_outliers(W, A, r + i0, nr, v0, VC, out);
+                for (int i = 0; i < nr; i++)
+                    for (int v = 0; v < VC; v++)
+                        for (int lane = 0; lane < 16; lane++) {
+                            Py_ssize_t b = (v0 + v) * 16 + lane;
+                            if (b >= B) break;
+                            float *dst = y + b * R + r + i0 + i;
+                            float val = out[(i * VC + v) * 16 + lane];
+                            *dst = accumulate ? *dst + val : val;
+                        }
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------- thread pool
  * A call splits its rows into tasks and publishes them as a Job. The calling thread claims tasks
  * itself from the start and never waits for a helper that has not claimed one: on a loaded
@@ -737,7 +985,7 @@ struct Job {
     float *y;  /* the caller's output; only the caller writes it */
     float *yh; /* owned, (B, rows): rows computed by helpers, merged into y by the caller */
     float *out; /* dequant: the output, written by every thread */
-    int accumulate, may_steal;
+    int accumulate, may_steal, int8; /* int8: qmm, else matvec */
     Py_ssize_t rows_per_task, ntask, next;
     unsigned char *state;   /* per task */
     long *claimed_at;       /* per task: when a helper claimed it (now_ns) */
@@ -918,6 +1166,8 @@ static void job_free(Job *J) {
     if (!J) return;
     for (int i = 0; i < MAX_THREADS; i++) free(J->buf[i]);
     free(J->A.x);
+    free(J->A.xv);
+    free(J->A.xt);
     free(J->yh);
     free(J->state);
     free(J->claimed_at);
@@ -976,7 +1226,10 @@ static void matvec_task(Job *J, Py_ssize_t t, int slot) {
     if (r1 > J->W.rows) r1 = J->W.rows;
     float *y = slot ? J->yh : J->y; /* helpers never touch the caller's memory */
     int accumulate = slot ? 0 : J->accumulate;
-    if (J->W.kind != K_STI) {
+    if (J->int8) {
+        uint8_t *tile = J->W.bits == 8 ? NULL : (uint8_t *)slot_buf(J, slot, (QMM_ACC * J->W.pc + 3) / 4);
+        if (J->W.bits == 8 || tile) rows_qmm(&J->W, &J->A, y, accumulate, r0, r1, tile);
+    } else if (J->W.kind != K_STI) {
         rows_ggml(&J->W, &J->A, y, accumulate, r0, r1);
     } else if (J->A.B == 1) {
         rows_b1(&J->W, &J->A, y, accumulate, r0, r1);
@@ -1002,10 +1255,10 @@ static void dequant_task(Job *J, Py_ssize_t t, int slot) {
  * memory; *J_out is the job (or NULL), which the caller must job_leave and, unless a late helper
  * still holds it, job_free. */
 static int run_matvec(const Weights *W, const float *X, Py_ssize_t B, float *y, int accumulate, int threads,
-                      PyObject *owner, Job **J_out) {
+                      int int8, PyObject *owner, Job **J_out) {
     Job *J = *J_out = job_new(W, matvec_task, threads, owner);
-    if (!J || prepare_acts(W, X, B, &J->A)) return -1;
-    J->y = y, J->accumulate = accumulate, J->may_steal = 1;
+    if (!J || prepare_acts(W, X, B, &J->A) || (int8 && prepare_acts_i8(W, &J->A))) return -1;
+    J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = int8;
     if (threads > 1 && J->ntask > 1 && !(J->yh = malloc((size_t)(B * W->rows) * sizeof(float) + 4))) return -1;
     pool_run(J, threads);
     if (atomic_load(&J->nomem)) return -1;
@@ -1018,7 +1271,7 @@ static int run_matvec(const Weights *W, const float *X, Py_ssize_t B, float *y, 
             for (Py_ssize_t i = 0; i < n; i++) dst[i] = accumulate ? dst[i] + src[i] : src[i];
         }
     }
-    if (W->nout) apply_outliers(W, &J->A, y);
+    if (W->nout && !J->A.orow) apply_outliers(W, &J->A, y);
     return 0;
 }
 
@@ -1154,14 +1407,15 @@ static int get_vecs(PyObject *obj, Py_buffer *v, Py_ssize_t n, int writable, Py_
 
 /* A matvec (x given) or a dequant (x NULL) with the GIL released. The job holds a reference to the
  * Matrix from the start: if a late helper keeps it beyond this call, bury_dead drops it later. */
-static int run_job(Matrix *self, const Py_buffer *x, Py_ssize_t B, Py_buffer *y, int accumulate, int threads) {
+static int run_job(Matrix *self, const Py_buffer *x, Py_ssize_t B, Py_buffer *y, int accumulate, int threads,
+                   int int8) {
     bury_dead();
     Job *J = NULL;
     int err, left_behind = 0;
     Py_INCREF(self);
     Py_BEGIN_ALLOW_THREADS
     if (x)
-        err = run_matvec(&self->W, x->buf, B, y->buf, accumulate, threads, (PyObject *)self, &J);
+        err = run_matvec(&self->W, x->buf, B, y->buf, accumulate, threads, int8, (PyObject *)self, &J);
     else
         err = run_dequant(&self->W, y->buf, threads, (PyObject *)self, &J);
     if (J) left_behind = job_leave(J);
@@ -1172,10 +1426,12 @@ static int run_job(Matrix *self, const Py_buffer *x, Py_ssize_t B, Py_buffer *y,
     return err ? -1 : 0;
 }
 
-/* matvec(x, out, accumulate=False, threads=1): out (+)= x @ W.T */
-static PyObject *Matrix_matvec(Matrix *self, PyObject *const *args, Py_ssize_t nargs) {
+/* matvec / qmm (x, out, accumulate=False, threads=1): out (+)= x @ W.T */
+static PyObject *product(Matrix *self, PyObject *const *args, Py_ssize_t nargs, int int8) {
+    const char *name = int8 ? "qmm" : "matvec";
     if (ready(self)) return NULL;
-    if (nargs < 2 || nargs > 4) return PyErr_Format(PyExc_TypeError, "matvec(x, out, accumulate=False, threads=1)");
+    if (nargs < 2 || nargs > 4) return PyErr_Format(PyExc_TypeError, "%s(x, out, accumulate=False, threads=1)", name);
+    if (int8 && self->W.kind != K_STI) return fail("qmm: the matrix must be sti-q1"), NULL;
     int accumulate = nargs > 2 ? PyObject_IsTrue(args[2]) : 0;
     long threads = nargs > 3 ? PyLong_AsLong(args[3]) : 1;
     if (accumulate < 0 || (threads == -1 && PyErr_Occurred())) return NULL;
@@ -1193,12 +1449,20 @@ static PyObject *Matrix_matvec(Matrix *self, PyObject *const *args, Py_ssize_t n
              self->W.rows, self->W.cols);
         err = 1;
     } else {
-        err = run_job(self, &x, bx, &y, accumulate, (int)threads);
+        err = run_job(self, &x, bx, &y, accumulate, (int)threads, int8);
     }
     PyBuffer_Release(&x);
     PyBuffer_Release(&y);
     if (err) return NULL;
     Py_RETURN_NONE;
+}
+
+static PyObject *Matrix_matvec(Matrix *self, PyObject *const *args, Py_ssize_t nargs) {
+    return product(self, args, nargs, 0);
+}
+
+static PyObject *Matrix_qmm(Matrix *self, PyObject *const *args, Py_ssize_t nargs) {
+    return product(self, args, nargs, 1);
 }
 
 /* dequant(out, threads=1): out (rows, cols) = W */
@@ -1215,7 +1479,7 @@ static PyObject *Matrix_dequant(Matrix *self, PyObject *const *args, Py_ssize_t 
         fail("out must be a 4-byte aligned float32 buffer of %zd x %zd items", self->W.rows, self->W.cols);
         err = 1;
     } else {
-        err = run_job(self, NULL, 0, &out, 0, (int)threads);
+        err = run_job(self, NULL, 0, &out, 0, (int)threads, 0);
     }
     PyBuffer_Release(&out);
     if (err) return NULL;
@@ -1226,6 +1490,9 @@ static PyMethodDef Matrix_methods[] = {
     {"matvec", (PyCFunction)(void (*)(void))Matrix_matvec, METH_FASTCALL,
      "matvec(x, out, accumulate=False, threads=1): out (+)= x @ W.T for x (cols,) -> out (rows,) or a batch\n"
      "x (B, cols) -> out (B, rows), float32 C-contiguous; W is read once whatever B is."},
+    {"qmm", (PyCFunction)(void (*)(void))Matrix_qmm, METH_FASTCALL,
+     "qmm(x, out, accumulate=False, threads=1): as matvec, with x rounded to int8 per (vector, group) and\n"
+     "integer products (sti.lowbit.qmm_numpy is the reference); sti-q1 matrices only."},
     {"dequant", (PyCFunction)(void (*)(void))Matrix_dequant, METH_FASTCALL,
      "dequant(out, threads=1): the float32 (rows, cols) matrix into out, bit-identical to the NumPy references\n"
      "(gguf.quants for Q4_1/Q8_0, sti.quant.dequantize_numpy for sti-q1), outliers included."},

@@ -40,6 +40,15 @@ to force the fallback, as for :mod:`sti.quant`):
   Gaussian weights); it buys a kernel that widens and multiplies integers instead of converting
   every weight to float (see sti/_lowbit.c).
 
+* :func:`qmm` (sti-q1 batches: "int8" in a kernel choice) rounds x to int8 per vector and
+  weight group on both sides (:func:`quantize_acts_i8`, identical), takes each group's
+  code . x sum exactly, and differs from :func:`qmm_numpy` only in the float32 combination
+  (the same ``1e-5 * (|W| @ |x|)`` bound; ~3e-7 seen). Against float x, rounding moves y by at
+  most ``sum_s dx_s / 2 * sum_{i in s} |W_i|`` (tests/test_lowbit.py checks it); in exchange
+  AVX-512 VNNI multiplies 64 code/activation byte pairs per instruction with the batch across
+  the lanes, 1.5-2x the fused kernel at batch 16 (576 x 576, 2-4 bits). Whether it runs for a
+  shape and batch is measured like the other methods.
+
 Threads: ``threads=2`` splits rows between the calling thread and a helper of a small pthread
 pool inside ``sti._lowbit``. The caller never waits for a helper that has not started (a loaded
 machine may not schedule it for milliseconds) and recomputes a task a preempted helper holds for
@@ -67,7 +76,7 @@ from sti import blas, quant
 KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
 GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
 QK = 32  # elements per GGML block
-METHODS = ("fused", "dequant")
+METHODS = ("fused", "dequant", "int8")  # int8: qmm, sti-q1 batches only
 PROFILE_SCHEMA = 1
 PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
 # Bytes of distinct weight copies a timing cycles through, so that every call reads its weights
@@ -380,6 +389,61 @@ def quantize_acts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q16, d16, xb.sum(axis=-1, dtype=np.float32)
 
 
+def quantize_acts_i8(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (B, cols) float32 -> int8 codes (B, ng, G), scales dx and exact sums xs (B, ng): each
+    vector's groups of G = ``group_size`` columns (zero-padded to ng * G) rounded as :func:`qmm`
+    rounds them, dx = max|x| / 127, codes = rint(x * (127 / max|x|)) (0 where max|x| is 0)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    B, cols = x.shape
+    ng = -(-cols // group_size)
+    xb = np.zeros((B, ng * group_size), np.float32)
+    xb[:, :cols] = x
+    xb = xb.reshape(B, ng, group_size)
+    amax = np.abs(xb).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    return q, amax / np.float32(127), xb.sum(axis=-1, dtype=np.float32)
+
+
+def qmm(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1) -> np.ndarray:
+    """``x @ W.T`` for a batch X (B, cols) -> (B, rows) with integer products: W sti-q1 (its codes
+    are unsigned, at most 8 bits), x rounded to int8 per vector and weight group
+    (:func:`quantize_acts_i8`), each group's code . x sum exact, then scaled:
+    ``y = sum_s scale_s * dx_s * isum_s + offset_s * xs_s``, plus outlier corrections. Rounding x
+    moves y by at most ``sum_s dx_s / 2 * sum_{i in s} |W_i|``. The AVX-512 VNNI kernel of
+    ``sti._lowbit`` (portable C elsewhere) on ``threads`` threads; :func:`qmm_numpy` without it."""
+    t = t if type(t) is LowBitTensor else as_lowbit(t)
+    if t.kind != "sti-q1":
+        raise ValueError(f"qmm: W must be sti-q1, got {t.kind}")
+    x, out, _ = _check_matvec(t, x, out, accumulate)
+    if t._m is None or x.ndim == 1:
+        return qmm_numpy(t, x, out, accumulate)
+    t._m.qmm(x, out, accumulate, threads)
+    return out
+
+
+def qmm_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
+    """Reference of :func:`qmm`: the same int8 rounding of x, the same exact integer sums (in
+    float64, exact below 2**53), the float32 combination summed over groups by NumPy."""
+    t = as_lowbit(t)
+    x, out, _ = _check_matvec(t, x, out, accumulate)
+    q = t._q
+    rows, cols = t.shape
+    G, ng = q.group_size, q.n_groups
+    xq, dx, xs = quantize_acts_i8(x.reshape(-1, cols), G)  # (B, ng, G), (B, ng), (B, ng)
+    codes = quant.unpack_codes(q.codes, q.bits).reshape(rows, ng, G)
+    isum = np.matmul(codes.transpose(1, 0, 2).astype(np.float64),
+                     xq.transpose(1, 2, 0).astype(np.float64)).astype(np.float32)  # (ng, rows, B)
+    scale, offset = q.scale.reshape(rows, ng), q.offset.reshape(rows, ng)
+    y = ((scale.T[:, :, None] * dx.T[:, None, :]) * isum + offset.T[:, :, None] * xs.T[:, None, :]).sum(axis=0)
+    if q.n_outliers:  # (exact - quantized weight) * x at each outlier
+        r, c = np.divmod(q.outlier_idx.astype(np.int64), cols)
+        wq = codes.reshape(rows, ng * G)[r, c].astype(np.float32) * scale[r, c // G] + offset[r, c // G]
+        np.add.at(y, r, (q.outlier_val - wq)[:, None] * x.reshape(-1, cols)[:, c].T)
+    return _finish(y.T.reshape(out.shape), out, accumulate)
+
+
 def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1,
                    scratch: np.ndarray | None = None) -> np.ndarray:
     """:func:`matvec` computed the prefill way: :func:`dequantize` into ``scratch`` (a float32
@@ -447,8 +511,9 @@ def thread_candidates() -> tuple[int, ...]:
 @dataclass(frozen=True)
 class KernelChoice:
     """How to multiply a (rows, cols) ``kind``/``bits`` matrix by a batch of ``batch`` vectors:
-    ``method`` "fused" (:func:`matvec`) or "dequant" (:func:`dequant_matmul`), on ``threads``
-    threads, and the median milliseconds of every candidate timed (``"fused/1"``, ...)."""
+    ``method`` "fused" (:func:`matvec`), "dequant" (:func:`dequant_matmul`) or, for sti-q1
+    batches, "int8" (:func:`qmm`), on ``threads`` threads, and the median milliseconds of every
+    candidate timed (``"fused/1"``, ...)."""
 
     kind: str
     shape: tuple[int, int]
@@ -459,7 +524,8 @@ class KernelChoice:
     times_ms: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in KINDS or self.method not in METHODS or self.threads < 1:
+        if (self.kind not in KINDS or self.method not in METHODS or self.threads < 1
+                or (self.method == "int8" and self.kind != "sti-q1")):
             raise ValueError(f"KernelChoice: bad kind/method/threads {self.kind!r}/{self.method!r}/{self.threads!r}")
         object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
@@ -467,6 +533,8 @@ class KernelChoice:
         """Run the chosen kernel (``scratch``: the dequant method's reusable float32 (rows, cols) buffer)."""
         if self.method == "fused":
             return matvec(t, x, out, accumulate, self.threads)
+        if self.method == "int8":
+            return qmm(t, x, out, accumulate, self.threads)
         return dequant_matmul(t, x, out, accumulate, self.threads, scratch)
 
     def to_json(self) -> dict:
@@ -630,9 +698,10 @@ def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0,
 
 def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, repeats: int = 5,
                    threads=None, seed: int = 0) -> KernelChoice:
-    """Time the fused kernel and dequantize + BLAS on a random ``kind`` matrix of ``shape``
-    (cycling through enough copies that the weights come from memory, as in decode), on each
-    thread count of ``threads`` (default :func:`thread_candidates`); the median fastest wins."""
+    """Time the fused kernel and dequantize + BLAS (and for sti-q1 batches the int8 products,
+    :func:`qmm`) on a random ``kind`` matrix of ``shape`` (cycling through enough copies that the
+    weights come from memory, as in decode), on each thread count of ``threads`` (default
+    :func:`thread_candidates`); the median fastest wins."""
     rows, cols = int(shape[0]), int(shape[1])
     bits = GGML[kind][2] if kind in GGML else int(bits if bits is not None else 4)
     if _lb is None:  # without the C kernels matvec *is* dequantize + matmul: nothing to choose
@@ -647,6 +716,8 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
     fused, deq = {}, {}
     for th in (threads or thread_candidates()):
         fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
+        if kind == "sti-q1" and batch > 1:
+            fused[f"int8/{th}"] = cycling(lambda t, th=th: qmm(t, x, out, threads=th), ts)
         deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
     # The fused kernels first, on a quiet machine: OpenBLAS's threads spin for a while after each
     # BLAS call (dequantize + matmul here, or any NumPy matmul before this call), and a spinning

@@ -319,6 +319,8 @@ def test_numpy_fallback_when_c_is_disabled():
         "x = np.arange(70, dtype=np.float32)\n"
         "assert np.array_equal(lb.matvec(t, x), lb.matvec_numpy(t, x))\n"
         "assert np.array_equal(lb.dequantize(t), lb.dequantize_numpy(t))\n"
+        "X = np.stack([x, -x, x * 0.5])\n"
+        "assert np.array_equal(lb.qmm(t, X), lb.qmm_numpy(t, X))\n"
         "c = lb.choose('ggml-q4_1', (64, 64), batch=1, profile=lb.KernelProfile())\n"
         "assert c.method == 'dequant'\n"
     )
@@ -382,7 +384,7 @@ def test_both_methods_of_a_choice_agree(rng):
     w = lb.dequantize_numpy(t)
     # "dequant" multiplies float x; "fused" rounds x to int16 blocks first
     want = {"dequant": x.astype(np.float64) @ w.T.astype(np.float64), "fused": exact_product(t, x)}
-    for method in lb.METHODS:
+    for method in ("fused", "dequant"):  # int8 (qmm) is for sti-q1 only
         c = lb.KernelChoice("ggml-q4_1", (64, 96), 4, 8, method, 2)
         assert_close(c.matvec(t, x, scratch=np.empty((64, 96), np.float32)), want[method], w, x)
 
@@ -443,3 +445,59 @@ def test_empty_matrices():
         x = np.ones((2, shape[1]), np.float32)
         assert np.array_equal(lb.matvec(t, x, threads=2), np.zeros((2, shape[0]), np.float32))
         assert lb.dequantize(t).shape == shape and lb.matvec_numpy(t, x[0]).shape == (shape[0],)
+
+
+# --------------------------------------------------------------------------- int8 products (qmm)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("shape,group_size", STI_CASES)
+@pytest.mark.parametrize("batch", [2, 16, 17, 40])
+def test_qmm_matches_its_numpy_reference(rng, bits, shape, group_size, batch):
+    """Every width, ragged groups, batches around the 16-lane vectors, outliers; 1 and 2 threads."""
+    t = quantized(rng, shape, bits, group_size)
+    x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+    want = lb.qmm_numpy(t, x).astype(np.float64)
+    w = lb.dequantize_numpy(t)
+    for threads in (1, 2):
+        assert_close(lb.qmm(t, x, threads=threads), want, w, x)
+    out = np.ones((batch, shape[0]), np.float32)
+    lb.qmm(t, x, out, accumulate=True, threads=2)
+    assert_close(out - 1, want, w, x)
+
+
+def test_qmm_rounds_x_to_int8_within_the_stated_bound(rng):
+    """|qmm - x @ W.T| <= sum over groups of dx / 2 * sum |W| (+ float32 slack), and the bound is
+    not vacuous: the error is of the order it predicts, with x's outlier column in one group."""
+    t = quantized(rng, (96, 192), 4, 64)
+    w = lb.dequantize_numpy(t).astype(np.float64)
+    x = rng.standard_normal((20, 192)).astype(np.float32)
+    x[:, 5] *= 30  # an activation outlier coarsens its group's steps only
+    q, dx, xs = lb.quantize_acts_i8(x, 64)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127
+    assert np.array_equal(xs, x.reshape(20, 3, 64).sum(-1, dtype=np.float32))
+    bound = (dx[:, None, :] / 2 * np.abs(w).reshape(96, 3, 64).sum(-1)[None]).sum(-1)  # (B, rows)
+    err = np.abs(lb.qmm(t, x) - x.astype(np.float64) @ w.T)
+    assert np.all(err <= bound + 1e-5 * (np.abs(x) @ np.abs(w).T))
+    assert err.max() > 0.05 * bound.max()
+
+
+def test_qmm_refuses_ggml_and_the_int8_choice_is_sti_only(rng):
+    t = lb.random_tensor("ggml-q4_1", (32, 64))
+    with pytest.raises(ValueError, match="sti-q1"):
+        lb.qmm(t, np.zeros((2, 64), np.float32))
+    with pytest.raises(ValueError, match="int8"):
+        lb.KernelChoice("ggml-q4_1", (32, 64), 4, 2, "int8", 1)
+    s = quantized(rng, (48, 64), 3)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    c = lb.KernelChoice("sti-q1", (48, 64), 3, 4, "int8", 2)
+    assert_close(c.matvec(s, x), lb.qmm_numpy(s, x).astype(np.float64), lb.dequantize_numpy(s), x)
+
+
+def test_measure_choice_times_int8_for_sti_batches_only():
+    if not lb.has_c_kernels():
+        pytest.skip("sti._lowbit is not built: nothing is timed")
+    c = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=8, repeats=1)
+    assert any(k.startswith("int8/") for k in c.times_ms)
+    c1 = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=1, repeats=1)
+    assert not any(k.startswith("int8/") for k in c1.times_ms)
