@@ -54,7 +54,7 @@ class Packed:
         n = self.shape[0] * self.shape[1]
         self._fits = scratch is None or scratch.size >= n
         self._choice: dict[int, lowbit.KernelChoice] = {}
-        self._direct: dict[int, tuple] = {}  # batch -> (C matrix, threads) where the choice is the fused kernel
+        self._direct: dict[int, tuple] = {}  # batch -> (C method, threads) where the choice is a C kernel
 
     @property
     def nbytes(self) -> int:
@@ -74,8 +74,9 @@ class Packed:
             if c.method == "dequant" and not self._fits and batch <= FUSED_MAX_BATCH:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "fused", c.threads)  # no room to dequantize
             self._choice[batch] = c
-            if c.method == "fused" and self.t._m is not None:
-                self._direct[batch] = (self.t._m, c.threads)
+            if c.method in ("fused", "int8") and self.t._m is not None:
+                m = self.t._m
+                self._direct[batch] = (m.qmm if c.method == "int8" else m.matvec, c.threads)
         return c
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
@@ -86,7 +87,7 @@ class Packed:
             # decode's common case, straight into the C kernel (it checks x and out itself)
             if out is None:
                 out = np.empty((n, self.shape[0]), np.float32)
-            direct[0].matvec(x, out, accumulate, direct[1])
+            direct[0](x, out, accumulate, direct[1])
             return out
         if n > FUSED_MAX_BATCH and not self._fits:
             if out is None:
