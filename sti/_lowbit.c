@@ -190,6 +190,10 @@ static __m256i sti_shift[9];  /* [k]: (k*i) % 8 per lane */
 static __m512i sti_ctl512[9], sti_shift512[9]; /* the two runs of a window at once */
 #endif
 
+#if LB_AVX512 && defined(__AVX512VBMI__)
+static __m512i u8_perm[9], u8_shift[9]; /* [k]: unpack_row_u8's vpermb and vpmultishiftqb controls */
+#endif
+
 static void init_sti_tables(void) {
     static const int ks[] = {2, 3, 4, 5, 6, 8};
     for (int t = 0; t < 6; t++) {
@@ -213,6 +217,13 @@ static void init_sti_tables(void) {
         /* 16 lanes: run 0 in lanes 0..7, run 1 in 8..15; each run starts on a byte, so the shifts repeat */
         sti_ctl512[k] = _mm512_inserti64x4(_mm512_castsi256_si512(sti_ctl[k][0]), sti_ctl[k][1], 1);
         sti_shift512[k] = _mm512_inserti64x4(_mm512_castsi256_si512(sti_shift[k]), sti_shift[k], 1);
+#endif
+#if LB_AVX512 && defined(__AVX512VBMI__)
+        uint8_t perm[64], shift[64]; /* byte b of qword j: byte k*j + b of the window; code b at bit k*b */
+        for (int j = 0; j < 8; j++)
+            for (int b = 0; b < 8; b++) perm[8 * j + b] = (uint8_t)(k * j + b), shift[8 * j + b] = (uint8_t)(k * b);
+        u8_perm[k] = _mm512_loadu_si512(perm);
+        u8_shift[k] = _mm512_loadu_si512(shift);
 #endif
     }
 }
@@ -889,10 +900,7 @@ static void unpack_row_u8(const Weights *W, Py_ssize_t r, uint8_t *dst) {
     const Py_ssize_t pc = W->pc;
     const uint8_t *src = W->w + r * W->row_bytes;
 #if LB_AVX512 && defined(__AVX512VBMI__)
-    uint8_t perm[64], shift[64];
-    for (int j = 0; j < 8; j++)
-        for (int b = 0; b < 8; b++) perm[8 * j + b] = (uint8_t)(k * j + b), shift[8 * j + b] = (uint8_t)(k * b);
-    const __m512i P = _mm512_loadu_si512(perm), S = _mm512_loadu_si512(shift);
+    const __m512i P = u8_perm[k], S = u8_shift[k];
     const __m512i M = _mm512_set1_epi8((char)((1u << k) - 1u));
     for (Py_ssize_t c = 0; c < pc; c += 64) {
         Py_ssize_t n = pc - c < 64 ? pc - c : 64; /* a multiple of 8 codes */

@@ -46,7 +46,7 @@ to force the fallback, as for :mod:`sti.quant`):
   (the same ``1e-5 * (|W| @ |x|)`` bound; ~3e-7 seen). Against float x, rounding moves y by at
   most ``sum_s dx_s / 2 * sum_{i in s} |W_i|`` (tests/test_lowbit.py checks it); in exchange
   AVX-512 VNNI multiplies 64 code/activation byte pairs per instruction with the batch across
-  the lanes, 1.5-2x the fused kernel at batch 16 (576 x 576, 2-4 bits). Whether it runs for a
+  the lanes, 2.5-2.8x the fused kernel at batch 16 (576 x 576, 2-6 bits). Whether it runs for a
   shape and batch is measured like the other methods.
 
 Threads: ``threads=2`` splits rows between the calling thread and a helper of a small pthread
