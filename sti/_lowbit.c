@@ -751,7 +751,7 @@ static void apply_outliers(const Weights *W, const Acts *A, float *y) {
 
 #define QMM_ACC 12 /* R * VC accumulator pairs (int32 + float32 each): 24 of the 32 zmm registers */
 
-static int prepare_acts_i8(const Weights *W, Acts *A) {
+static int acts_i8(const Weights *W, Acts *A) {
     const Py_ssize_t B = A->B, nv = (B + 15) / 16, pc = W->pc, G = W->seg, ns = W->nseg, nkq = pc / 4;
     A->nv = nv;
     size_t xbytes = (size_t)(nkq * nv * 64), fl = (size_t)(ns * nv * 16);
@@ -790,23 +790,44 @@ static int prepare_acts_i8(const Weights *W, Acts *A) {
             A->xsv[(s * nv + v) * 16 + lane] = A->xs[b * ns + s];
         }
     }
-    /* Outliers sorted by index (as sti.quant writes them) are applied per row inside the row
-     * tasks, with x laid out like the products' lanes; unsorted ones afterwards (apply_outliers). */
-    int sorted = W->nout > 0;
+    return 0;
+}
+
+static int outliers_sorted(const Weights *W) {
+    int sorted = 1;
     for (Py_ssize_t j = 1; j < W->nout && sorted; j++) sorted = W->oidx[j] > W->oidx[j - 1];
-    if (!sorted) return 0;
+    return sorted;
+}
+
+/* x transposed for the outlier corrections (xt), with `extra` Py_ssize_t after it (a row index). */
+static int acts_xt(const Weights *W, Acts *A, Py_ssize_t extra) {
+    const Py_ssize_t pc = W->pc, nv = A->nv;
     size_t nx = (size_t)(pc * nv * 16);
-    A->xt = aligned_alloc(64, ((nx * sizeof(float) + (size_t)(W->rows + 1) * sizeof(Py_ssize_t)) + 63) & ~(size_t)63);
+    A->xt = aligned_alloc(64, ((nx * sizeof(float) + (size_t)extra * sizeof(Py_ssize_t)) + 63) & ~(size_t)63);
     if (!A->xt) return -1;
-    A->orow = (Py_ssize_t *)(A->xt + nx);
     memset(A->xt, 0, nx * sizeof(float));
-    for (Py_ssize_t b = 0; b < B; b++)
+    for (Py_ssize_t b = 0; b < A->B; b++)
         for (Py_ssize_t k = 0; k < W->cols; k++) A->xt[k * nv * 16 + b] = A->x[b * pc + k];
+    return 0;
+}
+
+/* orow[r] (r = 0 .. rows): the first of W's sorted outliers in row r or later. */
+static void outlier_rows(const Weights *W, Py_ssize_t *orow) {
     Py_ssize_t j = 0;
     for (Py_ssize_t r = 0; r <= W->rows; r++) {
         while (j < W->nout && (Py_ssize_t)(W->oidx[j] / W->cols) < r) j++;
-        A->orow[r] = j;
+        orow[r] = j;
     }
+}
+
+/* Outliers sorted by index (as sti.quant writes them) are applied per row inside the row tasks,
+ * with x laid out like the products' lanes; unsorted ones afterwards (apply_outliers). */
+static int prepare_acts_i8(const Weights *W, Acts *A) {
+    if (acts_i8(W, A)) return -1;
+    if (!W->nout || !outliers_sorted(W)) return 0;
+    if (acts_xt(W, A, W->rows + 1)) return -1;
+    A->orow = (Py_ssize_t *)(A->xt + (size_t)(W->pc * A->nv * 16));
+    outlier_rows(W, A->orow);
     return 0;
 }
 
@@ -915,11 +936,11 @@ static void unpack_row_u8(const Weights *W, Py_ssize_t r, uint8_t *dst) {
 #endif
 }
 
-/* Rows r0 .. r1-1 of a qmm: 8-bit codes are read in place; other widths are unpacked a tile
+/* Rows r0 .. r1-1 of a qmm into y (row b of the batch at y + b * ldy): 8-bit codes are read in place; other widths are unpacked a tile
  * of rows at a time into `tile` (QMM_ACC * pc bytes, L1/L2-resident). */
-static void rows_qmm(const Weights *W, const Acts *A, float *y, int accumulate, Py_ssize_t r0, Py_ssize_t r1,
-                     uint8_t *tile) {
-    const Py_ssize_t B = A->B, R = W->rows, pc = W->pc;
+static void rows_qmm(const Weights *W, const Acts *A, float *y, Py_ssize_t ldy, int accumulate, Py_ssize_t r0,
+                     Py_ssize_t r1, uint8_t *tile) {
+    const Py_ssize_t B = A->B, pc = W->pc;
     float out[QMM_ACC * 16];
     for (Py_ssize_t r = r0; r < r1; r += QMM_ACC) {
         const int nt = r1 - r < QMM_ACC ? (int)(r1 - r) : QMM_ACC; /* rows of this tile */
@@ -951,7 +972,7 @@ static void rows_qmm(const Weights *W, const Acts *A, float *y, int accumulate, 
                         for (int lane = 0; lane < 16; lane++) {
                             Py_ssize_t b = (v0 + v) * 16 + lane;
                             if (b >= B) break;
-                            float *dst = y + b * R + r + i0 + i;
+                            float *dst = y + b * ldy + r + i0 + i;
                             float val = out[(i * VC + v) * 16 + lane];
                             *dst = accumulate ? *dst + val : val;
                         }
@@ -1003,6 +1024,12 @@ struct Job {
     atomic_int nomem;
     PyObject *owner; /* the Matrix, kept alive while a helper may read its buffers */
     Job *dead_next;
+    /* qmm of several matrices side by side (qmm_prog): item i is Ws[i] with activations As[i]
+     * (copies of A with the item's own outlier rows), its output columns from ycol[i] of a
+     * (B, ldy) y; task t computes rows task_r0[t] .. + rows_per_task of item task_item[t] */
+    Weights *Ws;
+    Acts *As;
+    Py_ssize_t nW, ldy, *ycol, *task_item, *task_r0, *orows;
 };
 
 static long now_ns(void) {
@@ -1179,19 +1206,29 @@ static void job_free(Job *J) {
     free(J->yh);
     free(J->state);
     free(J->claimed_at);
+    free(J->Ws);
+    free(J->As);
+    free(J->ycol);
+    free(J->task_item);
+    free(J->task_r0);
+    free(J->orows);
     free(J);
 }
 
-static Job *job_new(const Weights *W, task_fn fn, int threads, PyObject *owner) {
+static Job *job_alloc(const Weights *W, task_fn fn, PyObject *owner, Py_ssize_t rows_per_task, Py_ssize_t ntask) {
     Job *J = calloc(1, sizeof *J);
     if (!J) return NULL;
     J->fn = fn, J->W = *W, J->refs = 1, J->owner = owner;
-    J->rows_per_task = task_rows(W->rows, threads);
-    J->ntask = (W->rows + J->rows_per_task - 1) / J->rows_per_task;
+    J->rows_per_task = rows_per_task, J->ntask = ntask;
     J->state = calloc((size_t)J->ntask + 1, 1);
     J->claimed_at = calloc((size_t)J->ntask + 1, sizeof(long));
     if (!J->state || !J->claimed_at) return job_free(J), NULL;
     return J;
+}
+
+static Job *job_new(const Weights *W, task_fn fn, int threads, PyObject *owner) {
+    Py_ssize_t rpt = task_rows(W->rows, threads);
+    return job_alloc(W, fn, owner, rpt, (W->rows + rpt - 1) / rpt);
 }
 
 /* The caller lets go of J: 1 if a late helper still holds it (it is freed later), else 0. */
@@ -1236,7 +1273,7 @@ static void matvec_task(Job *J, Py_ssize_t t, int slot) {
     int accumulate = slot ? 0 : J->accumulate;
     if (J->int8) {
         uint8_t *tile = J->W.bits == 8 ? NULL : (uint8_t *)slot_buf(J, slot, (QMM_ACC * J->W.pc + 3) / 4);
-        if (J->W.bits == 8 || tile) rows_qmm(&J->W, &J->A, y, accumulate, r0, r1, tile);
+        if (J->W.bits == 8 || tile) rows_qmm(&J->W, &J->A, y, J->W.rows, accumulate, r0, r1, tile);
     } else if (J->W.kind != K_STI) {
         rows_ggml(&J->W, &J->A, y, accumulate, r0, r1);
     } else if (J->A.B == 1) {
@@ -1280,6 +1317,67 @@ static int run_matvec(const Weights *W, const float *X, Py_ssize_t B, float *y, 
         }
     }
     if (W->nout && !J->A.orow) apply_outliers(W, &J->A, y);
+    return 0;
+}
+
+static void qmm_many_task(Job *J, Py_ssize_t t, int slot) {
+    const Py_ssize_t i = J->task_item[t], r0 = J->task_r0[t];
+    const Weights *W = &J->Ws[i];
+    const Py_ssize_t r1 = r0 + J->rows_per_task < W->rows ? r0 + J->rows_per_task : W->rows;
+    uint8_t *tile = NULL;
+    if (W->bits != 8 && !(tile = (uint8_t *)slot_buf(J, slot, (QMM_ACC * J->W.pc + 3) / 4))) return;
+    rows_qmm(W, &J->As[i], (slot ? J->yh : J->y) + J->ycol[i], J->ldy, slot ? 0 : J->accumulate, r0, r1, tile);
+}
+
+/* y (B, ldy) (+)= X (B, cols) @ [Ws[0]; Ws[1]; ...].T: the n sti-q1 matrices (same cols and
+ * group size, sorted outliers) side by side, x rounded once. Returns 0, or -1 when out of memory;
+ * *J_out as for run_matvec. */
+static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, float *y, Py_ssize_t ldy,
+                        int accumulate, int threads, PyObject *owner, Job **J_out) {
+    const Py_ssize_t rpt = task_rows(ldy, threads);
+    Py_ssize_t ntask = 0, nrow = 0;
+    int any_out = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ntask += (Ws[i].rows + rpt - 1) / rpt;
+        nrow += Ws[i].nout ? Ws[i].rows + 1 : 0;
+        any_out |= Ws[i].nout > 0;
+    }
+    Job *J = *J_out = job_alloc(&Ws[0], qmm_many_task, owner, rpt, ntask);
+    if (!J) return -1;
+    J->nW = n, J->ldy = ldy, J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = 1;
+    J->Ws = malloc((size_t)n * sizeof(Weights));
+    J->As = malloc((size_t)n * sizeof(Acts));
+    J->ycol = malloc((size_t)n * sizeof(Py_ssize_t));
+    J->task_item = malloc((size_t)ntask * sizeof(Py_ssize_t));
+    J->task_r0 = malloc((size_t)ntask * sizeof(Py_ssize_t));
+    J->orows = nrow ? malloc((size_t)nrow * sizeof(Py_ssize_t)) : NULL;
+    if (!J->Ws || !J->As || !J->ycol || !J->task_item || !J->task_r0 || (nrow && !J->orows)) return -1;
+    if (prepare_acts(&Ws[0], X, B, &J->A) || acts_i8(&Ws[0], &J->A) || (any_out && acts_xt(&Ws[0], &J->A, 0)))
+        return -1;
+    Py_ssize_t t = 0, col = 0, *orow = J->orows;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        J->Ws[i] = Ws[i], J->As[i] = J->A, J->ycol[i] = col;
+        col += Ws[i].rows;
+        if (Ws[i].nout) {
+            outlier_rows(&Ws[i], orow);
+            J->As[i].orow = orow;
+            orow += Ws[i].rows + 1;
+        }
+        for (Py_ssize_t r = 0; r < Ws[i].rows; r += rpt) J->task_item[t] = i, J->task_r0[t++] = r;
+    }
+    if (threads > 1 && ntask > 1 && !(J->yh = malloc((size_t)(B * ldy) * sizeof(float) + 4))) return -1;
+    pool_run(J, threads);
+    if (atomic_load(&J->nomem)) return -1;
+    for (t = 0; t < ntask; t++) { /* the helpers' rows */
+        if (J->state[t] != T_HELPER_DONE) continue;
+        const Py_ssize_t i = J->task_item[t], r0 = J->task_r0[t];
+        const Py_ssize_t c0 = J->ycol[i] + r0, nr = r0 + rpt < Ws[i].rows ? rpt : Ws[i].rows - r0;
+        for (Py_ssize_t b = 0; b < B; b++) {
+            float *dst = y + b * ldy + c0;
+            const float *src = J->yh + b * ldy + c0;
+            for (Py_ssize_t k = 0; k < nr; k++) dst[k] = accumulate ? dst[k] + src[k] : src[k];
+        }
+    }
     return 0;
 }
 
@@ -1608,6 +1706,125 @@ error:
     return NULL;
 }
 
+/* qmm_prog(x, out, bufs, prog, accumulate=False, threads=1): out (B, R) (+)= x (B, cols) @ W.T, W the
+ * sti-q1 matrices of the rows of `prog` stacked in order (R = their rows): the decode programs of
+ * sti.quant.Program, int64 (n, 11) = kind (0), bits, group_size, rows, cols and the byte offsets
+ * of codes, scale, offset, outlier_idx, outlier_val in bufs[i], then the number of outliers. One
+ * rounding of x for all of them (same cols and group size), one job; the buffers are read in place
+ * (an encoder's streamed shards: sti.runtime). */
+static int in_buf(int64_t off, int64_t n, const Py_buffer *v, int align) {
+    return off >= 0 && n >= 0 && off <= v->len && n <= v->len - off &&
+           (uintptr_t)((const uint8_t *)v->buf + off) % (uintptr_t)align == 0;
+}
+
+static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    if (nargs < 4 || nargs > 6)
+        return PyErr_Format(PyExc_TypeError, "qmm_prog(x, out, bufs, prog, accumulate=False, threads=1)");
+    int accumulate = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
+    long threads = nargs > 5 ? PyLong_AsLong(args[5]) : 1;
+    if (accumulate < 0 || (threads == -1 && PyErr_Occurred())) return NULL;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    PyObject *seq = PySequence_Fast(args[2], "qmm_prog: bufs must be a sequence of buffers");
+    if (!seq) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), lim = PY_SSIZE_T_MAX / 64;
+    PyObject *owner = PyTuple_New(n); /* memoryviews: the buffers stay exported while a helper may read them */
+    Weights *Ws = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Weights));
+    Py_buffer pg = {0}, x = {0}, y = {0};
+    int have_pg = 0, have_x = 0, have_y = 0, err = -1;
+    if (!owner || !Ws) {
+        if (Ws) PyErr_NoMemory();
+        goto done;
+    }
+    if (n < 1) {
+        fail("qmm_prog: no matrices");
+        goto done;
+    }
+    if (PyObject_GetBuffer(args[3], &pg, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    have_pg = 1;
+    if (pg.len != n * 11 * 8 || (uintptr_t)pg.buf % 8) {
+        fail("qmm_prog: prog must be int64 (%zd, 11), one row per buffer; got %zd bytes", n, pg.len);
+        goto done;
+    }
+    Py_ssize_t R = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *mv = PyMemoryView_FromObject(PySequence_Fast_GET_ITEM(seq, i));
+        if (!mv) goto done;
+        PyTuple_SET_ITEM(owner, i, mv);
+        const Py_buffer *v = PyMemoryView_GET_BUFFER(mv);
+        if (!PyBuffer_IsContiguous(v, 'C')) {
+            fail("qmm_prog: buffer %zd is not C-contiguous", i);
+            goto done;
+        }
+        const int64_t *f = (const int64_t *)pg.buf + 11 * i;
+        const int64_t bits = f[1], G = f[2], rows = f[3], cols = f[4], nout = f[10];
+        if (f[0] != 0) {
+            fail("qmm_prog: matrix %zd is not quantized (kind %lld)", i, (long long)f[0]);
+            goto done;
+        }
+        if ((bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) || G <= 0 || G % 8 ||
+            G > (1 << 20) || rows < 0 || cols < 1 || cols > lim || (rows && cols > lim / rows) || nout < 0) {
+            fail("qmm_prog: matrix %zd: bad parameters (bits %lld, group %lld, shape %lld x %lld)", i,
+                 (long long)bits, (long long)G, (long long)rows, (long long)cols);
+            goto done;
+        }
+        if (i && (cols != Ws[0].cols || G != Ws[0].seg)) {
+            fail("qmm_prog: matrix %zd has %lld columns in groups of %lld; matrix 0 has %zd in groups of %zd", i,
+                 (long long)cols, (long long)G, Ws[0].cols, Ws[0].seg);
+            goto done;
+        }
+        const Py_ssize_t ng = (cols + G - 1) / G, pc = ng * G;
+        Weights *W = &Ws[i];
+        *W = (Weights){.kind = K_STI, .rows = rows, .cols = cols, .seg = G, .nseg = ng, .pc = pc, .bits = (int)bits,
+                       .row_bytes = pc * bits / 8, .P = 1, .nout = nout};
+        W->w_len = rows * W->row_bytes;
+        if (!in_buf(f[5], W->w_len, v, 1) || !in_buf(f[6], 4 * rows * ng, v, 4) || !in_buf(f[7], 4 * rows * ng, v, 4) ||
+            !in_buf(f[8], 4 * nout, v, 4) || !in_buf(f[9], 4 * nout, v, 4)) {
+            fail("qmm_prog: matrix %zd's sections lie outside its %zd-byte buffer or are misaligned", i, v->len);
+            goto done;
+        }
+        const uint8_t *base = v->buf;
+        W->w = base + f[5], W->scale = (const float *)(base + f[6]), W->offset = (const float *)(base + f[7]);
+        W->oidx = (const uint32_t *)(base + f[8]), W->oval = (const float *)(base + f[9]);
+        for (Py_ssize_t j = 0; j < nout; j++)
+            if ((Py_ssize_t)W->oidx[j] >= rows * cols || (j && W->oidx[j] <= W->oidx[j - 1])) {
+                fail("qmm_prog: matrix %zd's outlier indices must ascend within its %lld x %lld elements", i,
+                     (long long)rows, (long long)cols);
+                goto done;
+            }
+        R += rows;
+    }
+    Py_ssize_t bx, by;
+    if (get_vecs(args[0], &x, Ws[0].cols, 0, &bx, "x")) goto done;
+    have_x = 1;
+    if (get_vecs(args[1], &y, R, 1, &by, "out")) goto done;
+    have_y = 1;
+    if (x.ndim != y.ndim || bx != by) {
+        fail("out must be (%zd,) for x (%zd,), or (batch, %zd) for x (batch, %zd)", R, Ws[0].cols, R, Ws[0].cols);
+        goto done;
+    }
+    bury_dead();
+    Job *J = NULL;
+    int left_behind = 0;
+    Py_INCREF(owner); /* the job's reference */
+    Py_BEGIN_ALLOW_THREADS
+    err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, owner, &J);
+    if (J) left_behind = job_leave(J);
+    if (!left_behind) job_free(J);
+    Py_END_ALLOW_THREADS
+    if (!left_behind) Py_DECREF(owner);
+    if (err) PyErr_NoMemory();
+done:
+    if (have_x) PyBuffer_Release(&x);
+    if (have_y) PyBuffer_Release(&y);
+    if (have_pg) PyBuffer_Release(&pg);
+    PyMem_Free(Ws);
+    Py_XDECREF(owner);
+    Py_DECREF(seq);
+    if (err) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
     (void)self, (void)noargs;
     return Py_BuildValue("{s:s,s:s,s:i,s:i}", "simd", LB_SIMD, "threads", LB_THREADS ? "pthreads" : "none",
@@ -1642,6 +1859,9 @@ static PyMethodDef methods[] = {
      "tiled(kind, rows, cols, bufs, starts, index): a GGML Matrix read in place from tiles of several buffers;\n"
      "starts int64 (bands + 1,): each row band's first row, then rows; index int64 (bands, P, 2): buffer number\n"
      "and byte offset of the first row of each band's P tiles of cols / P columns."},
+    {"qmm_prog", (PyCFunction)(void (*)(void))py_qmm_prog, METH_FASTCALL,
+     "qmm_prog(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W.T for the sti-q1 matrices\n"
+     "described by prog (int64 (n, 11), sti.quant.Program rows) in bufs, stacked along the rows of W."},
     {"info", py_info, METH_NOARGS,
      "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,
@@ -1665,6 +1885,10 @@ PyMODINIT_FUNC PyInit__lowbit(void) {
     if (PyType_Ready(&MatrixType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    if (PyModule_AddIntConstant(m, "VNNI", LB_VNNI) < 0) { /* 1: int8 products by AVX-512 VNNI */
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&MatrixType);
     if (PyModule_AddObject(m, "Matrix", (PyObject *)&MatrixType) < 0) {
         Py_DECREF(&MatrixType);

@@ -47,7 +47,9 @@ to force the fallback, as for :mod:`sti.quant`):
   most ``sum_s dx_s / 2 * sum_{i in s} |W_i|`` (tests/test_lowbit.py checks it); in exchange
   AVX-512 VNNI multiplies 64 code/activation byte pairs per instruction with the batch across
   the lanes, 2.5-2.8x the fused kernel at batch 16 (576 x 576, 2-6 bits). Whether it runs for a
-  shape and batch is measured like the other methods.
+  shape and batch is measured like the other methods. :func:`qmm_stack` is the same product for
+  several matrices read in place from several buffers (an encoder chunk's shards, stacked along
+  the rows), with x rounded once.
 
 Threads: ``threads=2`` splits rows between the calling thread and a helper of a small pthread
 pool inside ``sti._lowbit``. The caller never waits for a helper that has not started (a loaded
@@ -94,6 +96,11 @@ except ImportError:  # pragma: no cover - depends on the build
 
 def has_c_kernels() -> bool:
     return _lb is not None
+
+
+def has_int8_kernel() -> bool:
+    """Whether :func:`qmm` runs on AVX-512 VNNI (elsewhere it is portable C: exact, not fast)."""
+    return _lb is not None and bool(getattr(_lb, "VNNI", 0))
 
 
 def kernel_info() -> dict:
@@ -423,15 +430,42 @@ def qmm(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = Fals
     return out
 
 
+def qmm_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
+              threads: int = 1) -> np.ndarray:
+    """:func:`qmm` of several sti-q1 matrices at once, stacked along the rows: out (B, R) (+)= x (B, cols)
+    @ W.T, where W's rows are those of the matrix ``prog[0]`` describes in ``bufs[0]``, then of
+    ``prog[1]`` in ``bufs[1]``, and so on. ``prog``: int64 (n, 11), rows of :class:`sti.quant.Program`
+    tables (the tensors of a shard file, read in place); every matrix has x's columns and one group
+    size, so x is rounded once. :func:`qmm_numpy` per matrix without the C kernels."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _lb is not None:
+        _lb.qmm_prog(x, out, bufs, prog, accumulate, threads)
+        return out
+    col = 0
+    for buf, row in zip(bufs, prog):
+        y = _qmm_numpy(quant.from_program_row(buf, row), x.reshape(-1, x.shape[-1]))
+        dst = out.reshape(-1, out.shape[-1])[:, col:col + y.shape[1]]
+        _finish(y, dst, accumulate)
+        col += y.shape[1]
+    if col != out.shape[-1]:
+        raise ValueError(f"qmm_stack: the matrices have {col} rows in all, out has {out.shape[-1]} columns")
+    return out
+
+
 def qmm_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """Reference of :func:`qmm`: the same int8 rounding of x, the same exact integer sums (in
     float64, exact below 2**53), the float32 combination summed over groups by NumPy."""
     t = as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
-    q = t._q
-    rows, cols = t.shape
+    y = _qmm_numpy(t._q, x.reshape(-1, t.shape[1]))
+    return _finish(y.reshape(out.shape), out, accumulate)
+
+
+def _qmm_numpy(q: quant.QuantizedTensor, x: np.ndarray) -> np.ndarray:
+    """x (B, cols) @ W.T -> (B, rows) as :func:`qmm_numpy` computes it."""
+    rows, cols = q.shape
     G, ng = q.group_size, q.n_groups
-    xq, dx, xs = quantize_acts_i8(x.reshape(-1, cols), G)  # (B, ng, G), (B, ng), (B, ng)
+    xq, dx, xs = quantize_acts_i8(x, G)  # (B, ng, G), (B, ng), (B, ng)
     codes = quant.unpack_codes(q.codes, q.bits).reshape(rows, ng, G)
     isum = np.matmul(codes.transpose(1, 0, 2).astype(np.float64),
                      xq.transpose(1, 2, 0).astype(np.float64)).astype(np.float32)  # (ng, rows, B)
@@ -440,8 +474,8 @@ def qmm_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool 
     if q.n_outliers:  # (exact - quantized weight) * x at each outlier
         r, c = np.divmod(q.outlier_idx.astype(np.int64), cols)
         wq = codes.reshape(rows, ng * G)[r, c].astype(np.float32) * scale[r, c // G] + offset[r, c // G]
-        np.add.at(y, r, (q.outlier_val - wq)[:, None] * x.reshape(-1, cols)[:, c].T)
-    return _finish(y.T.reshape(out.shape), out, accumulate)
+        np.add.at(y, r, (q.outlier_val - wq)[:, None] * x[:, c].T)
+    return y.T
 
 
 def dequant_matmul(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1,

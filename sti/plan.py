@@ -221,6 +221,11 @@ class DeviceProfile:
     # 95th-percentile / median request latency on this device: the times above predict the
     # median request, and a plan meets its deadline when ``predicted * tail_ratio <= T``
     tail_ratio: float = 1.0
+    # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
+    # them on quantized shards, which changes such a shard's compute by ``int8_delta`` s per token
+    # (negative: faster) against dequantization + BLAS; 0 tokens: not measured or never faster
+    int8_max_tokens: int = 0
+    int8_delta: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
@@ -229,6 +234,9 @@ class DeviceProfile:
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
         if not self.tail_ratio >= 1.0:
             raise STIError(f"a device profile's tail_ratio (p95 / median latency) must be >= 1, got {self.tail_ratio}")
+
+    def int8_applies(self, seq_len: int) -> bool:
+        return 0 < seq_len <= self.int8_max_tokens
 
     def compute_time(self, width: int, seq_len: int) -> float:
         """Seconds of one layer's math at ``width`` active shards, ``seq_len`` tokens (no dequant)."""
@@ -324,6 +332,7 @@ class Plan:
     resident_bytes_peak: int
     preload_bytes: int
     solver: dict[str, Any] = field(default_factory=dict)  # how it was found (stages, status, seconds)
+    int8_max_tokens: int = 0  # requests up to this long run int8 products (DeviceProfile)
 
     def bits_matrix(self) -> list[list[int]]:
         """L x S bitwidths, 0 for dropped shards."""
@@ -387,8 +396,11 @@ class _Ctx:
         self.nbytes = {DROP: 0, **shape.shard_bytes}
         self.read = {b: dev.read_time(nb) for b, nb in shape.shard_bytes.items()}
         per_shard = dev.c1 * seq_len + dev.c2 * seq_len * seq_len
-        # compute cost one active shard adds to its layer: its math and its dequantization
-        self.shard_compute = {b: per_shard + dev.dequant_time(b, nb) for b, nb in shape.shard_bytes.items()}
+        # compute cost one active shard adds to its layer: its math and its dequantization, and
+        # for a quantized shard the change int8 products make where they run
+        int8 = dev.int8_delta * seq_len if dev.int8_applies(seq_len) else 0.0
+        self.shard_compute = {b: max(0.0, per_shard + dev.dequant_time(b, nb) + (int8 if b != 32 else 0.0))
+                              for b, nb in shape.shard_bytes.items()}
         self.c0 = dev.c0
 
     def layer_compute(self, row: Sequence[int]) -> float:
@@ -626,7 +638,7 @@ def _make_plan(ctx, imp, bits, preload, T, M, method, solver, deadline: float) -
                 shards_per_layer=ctx.S, layers=layers, preload=sorted(preload), stream_order=order,
                 timeline=tl, predicted_latency=tl.latency, predicted_loss=_loss(imp, bits),
                 stall_time=tl.stall, resident_bytes_peak=tl.peak_resident_bytes,
-                preload_bytes=tl.preload_bytes, solver=solver)
+                preload_bytes=tl.preload_bytes, solver=solver, int8_max_tokens=ctx.dev.int8_max_tokens)
 
 
 def _abs_min_memory(ctx, min_width) -> int:

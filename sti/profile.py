@@ -91,7 +91,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 2  # 2: device times are medians and carry tail_ratio (1: best-of times)
+PROFILE_VERSION = 3  # 3: int8 products measured (2: medians and tail_ratio; 1: best-of times)
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -968,7 +968,11 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       finish later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
       that makes the model's timeline match the measured median is kept (median over lengths);
     * ``tail_ratio``: 95th percentile / median latency of the streamed requests, the largest
-      over the lengths. A deadline T is planned as a median bound T / tail_ratio.
+      over the lengths. A deadline T is planned as a median bound T / tail_ratio;
+    * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
+      products, interleaved with the one without. ``int8_max_tokens`` is the longest length up
+      to which they are faster at every measured length, and ``int8_delta`` the per-shard,
+      per-token change they make there (least squares through the origin).
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -980,6 +984,10 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     w = len(layers[0])
     preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
     pre = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards))
+    pre8 = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
+                                            int8_max_tokens=store.config.max_position))
+    if not pre8.uses_int8(1):
+        pre8 = None
     # as the device profile models reads: cold (page cache evicted per request) or emulated
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
                                 cold=throttle is None)
@@ -990,16 +998,21 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         mask = np.ones_like(ids)
         pre.run(ids, mask)  # warm-up
         streamed.run(ids, mask)
-        t_pre, t_str = [], []
+        t_pre, t_str, t_int8 = [], [], []
+        if pre8 is not None:
+            pre8.run(ids, mask)
         for _ in range(repeats):
             t_pre.append(pre.run(ids, mask)[1].latency)
             t_str.append(streamed.run(ids, mask)[1].latency)
+            if pre8 is not None:
+                t_int8.append(pre8.run(ids, mask)[1].latency)
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
         rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
-                     "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4)})
+                     "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4),
+                     **({"int8_ms": round(float(np.median(t_int8)) * 1e3, 3)} if t_int8 else {})})
     # compute side: excess per shard = overhead + delta * n (least squares; overhead >= 0, c1 + delta >= 0)
     ns = np.array([r["seq_len"] for r in rows], float)
     ex = np.array([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / (L * w) for r in rows])
@@ -1040,10 +1053,29 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         slow.append(k)
     k = float(np.median(slow))
     tail = max(1.0, max(r["tail_ratio"] for r in rows))
+    int8_max, int8_delta = _int8_fit(rows, L * w)
     out = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k, "io_latency": fixed.io_latency * k,
-                           "tail_ratio": tail})
+                           "tail_ratio": tail, "int8_max_tokens": int8_max, "int8_delta": int8_delta})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
-                 "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail}
+                 "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
+                 "int8_max_tokens": int8_max, "int8_delta": int8_delta}
+
+
+def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float]:
+    """(int8_max_tokens, int8_delta) from calibration rows (sorted by length) holding the
+    preloaded engine's median with (``int8_ms``) and without (``measured_ms``) int8 products,
+    ``shards`` active shards per request: the longest length up to which int8 is faster at every
+    measured length, and the per-shard, per-token difference there (least squares through 0)."""
+    faster = []
+    for r in rows:
+        if "int8_ms" not in r or r["int8_ms"] >= r["measured_ms"]:
+            break
+        faster.append(r)
+    if not faster:
+        return 0, 0.0
+    n = np.array([r["seq_len"] for r in faster], float)
+    d = np.array([(r["int8_ms"] - r["measured_ms"]) / 1e3 / shards for r in faster])
+    return int(n[-1]), float(n @ d / (n @ n))
 
 
 def _loadavg() -> float | None:

@@ -515,6 +515,20 @@ class Decoder:
         return out
 
 
+def from_program_row(buf, row) -> QuantizedTensor:
+    """The k-bit tensor one row of a :class:`Program` table describes (kind 0), as zero-copy
+    views of ``buf``."""
+    kind, bits, G, rows, cols, codes, scale, offset, oidx, oval, n = (int(v) for v in row)
+    if kind != 0:
+        raise ValueError(f"from_program_row: the row describes a float32 tensor, not a quantized one (kind {kind})")
+    ng = -(-cols // G)
+    mv = memoryview(buf).cast("B")
+    return QuantizedTensor(bits, (rows, cols), G, np.frombuffer(mv, np.uint8, _codes_nbytes((rows, cols), bits, G), codes),
+                           np.frombuffer(mv, np.float32, rows * ng, scale).reshape(rows, ng),
+                           np.frombuffer(mv, np.float32, rows * ng, offset).reshape(rows, ng),
+                           np.frombuffer(mv, np.uint32, n, oidx), np.frombuffer(mv, np.float32, n, oval))
+
+
 class Program:
     """Decoding of several tensors of one buffer layout in one step: the tensors a streamed
     shard version holds (k-bit matrices in this module's layout, or raw float32 ones), each
@@ -551,6 +565,10 @@ class Program:
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+    def tensor(self, buf, i: int) -> QuantizedTensor:
+        """Tensor ``i`` (a "quant" one) of ``buf`` as zero-copy views: its row of ``prog``."""
+        return from_program_row(buf, self.prog[i])
 
     def __call__(self, buf, outs: tuple) -> None:
         if _ck is not None:

@@ -5,7 +5,11 @@ checksums (off the compute thread) while the caller's thread computes: a layer r
 chunk, each chunk as soon as its shards are present, dequantizing one part of one chunk at a
 time into a fixed float32 scratch arena (one C call per shard and part), and frees a chunk's
 streamed shards when it is done so the IO worker can read further ahead. Preloaded shards stay
-in memory across requests.
+in memory across requests. For short requests (``Schedule.int8_max_tokens``, measured by the
+device profile) a chunk of quantized shards skips dequantizing its q/k/v and up projections:
+int8 products read their k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack``),
+2-3x faster than dequantization + BLAS at 32 tokens; the output and down projections, whose
+weight groups run along the output, keep BLAS.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, streamed shards in flight,
@@ -35,13 +39,17 @@ class Schedule:
     memory_budget: int = 0  # bytes; 0 = unbounded
     chunk_shards: int = 4  # shards dequantized together
     order: list[tuple[int, int, int]] | None = None  # the IO worker's read order; default layer-major
+    # requests of at most this many tokens multiply quantized shards' q/k/v and up projections
+    # with int8 products read straight from the shard bytes (sti.lowbit.qmm_stack) instead of
+    # dequantizing them for BLAS; 0: never. The device profile measures where that is faster.
+    int8_max_tokens: int = 0
 
     @classmethod
     def from_plan(cls, plan, chunk_shards: int = 4) -> "Schedule":
         """The runtime's view of a ``sti.plan.Plan``."""
         return cls([dict(zip(lp.shards, lp.bits)) for lp in plan.layers], preload=set(map(tuple, plan.preload)),
                    memory_budget=plan.memory_budget, chunk_shards=chunk_shards,
-                   order=[tuple(r) for r in plan.stream_order])
+                   order=[tuple(r) for r in plan.stream_order], int8_max_tokens=plan.int8_max_tokens)
 
     @classmethod
     def full(cls, store, bits: int = 32, **kw) -> "Schedule":
@@ -66,6 +74,7 @@ class Trace:
     latency: float = 0.0
     cold: bool = False
     storage: str = "real"
+    int8: bool = False  # quantized shards' q/k/v and up projections ran as int8 products
 
     @property
     def stall_time(self) -> float:
@@ -83,7 +92,8 @@ class Trace:
             ev.append({"name": f"stall L{layer}", "ph": "X", "pid": 1, "tid": "stall", "ts": t0 * 1e6, "dur": (t1 - t0) * 1e6})
         return {"traceEvents": ev, "displayTimeUnit": "ms",
                 "otherData": {"bytes_read": self.bytes_read, "resident_peak": self.resident_peak,
-                              "latency_ms": self.latency * 1e3, "cold": self.cold, "storage": self.storage}}
+                              "latency_ms": self.latency * 1e3, "cold": self.cold, "storage": self.storage,
+                              "int8": self.int8}}
 
     def save_png(self, path) -> None:
         import matplotlib
@@ -170,6 +180,28 @@ class Throttle:
             self._late = time.perf_counter() - due if slept else 0.0
 
 
+# The part of a chunk (bert.STREAM_PARTS) whose matrix int8 products can compute: its groups of
+# weights run along the input dimension, as qmm needs (the transposed wo_t / w_down_t do not).
+INT8_PARTS = {"qkv": "wqkv", "up": "w_up"}
+
+
+class _Int8Stack:
+    """The matrix of one chunk part as an operator for ``sti.ops.linear``: the chunk's shards'
+    k-bit tensors read in place from their bytes (``bufs``, set before each use) by one int8
+    product call. ``prog``: their rows of the shards' decode programs, in the part's row order."""
+
+    def __init__(self, prog: np.ndarray, keys: list, threads: int):
+        self.prog, self.keys, self.threads = prog, keys, threads
+        self.shape = (int(prog[:, 3].sum()), int(prog[0, 4]))
+        self.bufs: list = []
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        from sti import lowbit
+
+        out = np.empty((x.shape[0], self.shape[0]), np.float32)
+        return lowbit.qmm_stack(x, out, self.bufs, self.prog, threads=self.threads)
+
+
 class StreamingEncoder:
     """Runs a BERT-family shard store under a ``Schedule``. Requests are serialised: one engine
     runs one request at a time (a second caller waits), so concurrent use is safe."""
@@ -198,6 +230,8 @@ class StreamingEncoder:
         self._views = self._make_views()
         self._programs: dict = {}
         self._calls: dict = {}
+        self._int8_threads = self._int8_support()
+        self._int8_ops: list[_Int8Stack] = []
         self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
         self._check_fits()
         self.res.hold(self.fixed_bytes + self.scratch_bytes)
@@ -256,17 +290,34 @@ class StreamingEncoder:
     def _part_names(part: str) -> tuple[str, ...]:
         return tuple(t for ts in bert.STREAM_PARTS[part].values() for t in ts)
 
-    def _program(self, layer: int, s: int, bits: int, part: str):
-        """The decode program of shard ``s``'s ``part`` tensors at ``bits`` (one per layout)."""
+    def _program(self, layer: int, s: int, bits: int, part: str, only: tuple[str, ...] | None = None):
+        """The decode program of shard ``s``'s ``part`` tensors (or of the tensors ``only``) at
+        ``bits`` (one per layout)."""
         from sti import quant
 
         layout = self.store._version(layer, s, bits).layout
-        prog = self._programs.get((layout, part))
+        names = self._part_names(part) if only is None else only
+        prog = self._programs.get((layout, names))
         if prog is None:
             entries = {e.name: e for e in self.store.manifest.layouts[layout]}
-            prog = self._programs[(layout, part)] = quant.Program(
-                [(entries[n].dtype, entries[n].offset, entries[n].shape, entries[n].meta) for n in self._part_names(part)])
+            prog = self._programs[(layout, names)] = quant.Program(
+                [(entries[n].dtype, entries[n].offset, entries[n].shape, entries[n].meta) for n in names])
         return prog
+
+    def _int8_support(self) -> int:
+        """Threads for int8 products, 0 where they would not pay: the schedule never asks for
+        them, or the C kernels lack AVX-512 VNNI (the portable path is a reference, not fast)."""
+        if not self.schedule.int8_max_tokens:
+            return 0
+        from sti import lowbit
+
+        if not lowbit.has_int8_kernel():
+            return 0
+        return max(lowbit.thread_candidates())
+
+    def uses_int8(self, ntok: int) -> bool:
+        """Whether a request of ``ntok`` tokens runs int8 products on its quantized shards."""
+        return bool(self._int8_threads) and ntok <= self.schedule.int8_max_tokens
 
     def _embed_bytes(self, ntok: int) -> int:
         return ntok * self.cfg.hidden_size * 4
@@ -343,11 +394,14 @@ class StreamingEncoder:
             g = dict(self.globals, **{"embed.word": self.embed_table})
             x = bert.embed(self.cfg, g, ids)
             bias = bert.attention_bias(mask)
+            int8 = trace.int8 = self.uses_int8(ids.size)
             for layer in range(len(self.schedule.layers)):
-                x = self._layer(layer, x, bias, arrived, cv, failure, trace, t_start)
+                x = self._layer(layer, x, bias, arrived, cv, failure, trace, t_start, int8)
         finally:
             stop.set()
             worker.join()
+            for op in self._int8_ops:  # after a failure: hold no shard bytes
+                op.bufs = []
             self.res.release(held_embed)
             self.res.release(sum(len(r) for r in arrived.values()))
         trace.latency = time.perf_counter() - t_start
@@ -355,31 +409,47 @@ class StreamingEncoder:
         trace.resident_peak = self.res.peak
         return x, trace
 
-    def _layer_calls(self, layer: int) -> tuple[list[tuple[int, ...]], dict]:
+    def _layer_calls(self, layer: int, int8: bool = False) -> tuple[list[tuple[int, ...]], dict]:
         """The chunks of ``layer`` and, per (chunk, part), the arrays ``streamed_layer`` gets
-        and the decode calls that fill them: (program, (layer, shard), destinations). Built
-        once per layer: the schedule never changes."""
-        got = self._calls.get(layer)
+        and the decode calls that fill them: (program, (layer, shard), destinations). With
+        ``int8``, the float32 shards are chunked apart from the quantized ones, and a chunk of
+        quantized shards gets its ``INT8_PARTS`` matrix as an :class:`_Int8Stack` (only the
+        biases of that part are decoded). Built once per layer: the schedule never changes."""
+        got = self._calls.get((layer, int8))
         if got is None:
             shards = self.schedule.layers[layer]
             n = self.schedule.chunk_shards
-            idx = sorted(shards)
+            idx = sorted(shards, key=lambda s: (int8 and shards[s] == 32, s))
             chunks = [tuple(idx[i:i + n]) for i in range(0, len(idx), n)]
             calls = {}
             for chunk in chunks:
+                quantized = int8 and all(shards[s] != 32 for s in chunk)
                 for part in bert.STREAM_PARTS:
                     views, dst = self._views[(len(chunk), part)]
-                    calls[(chunk, part)] = (views, [(self._program(layer, s, shards[s], part), (layer, s), dst[j])
-                                                    for j, s in enumerate(chunk)])
-            got = self._calls[layer] = (chunks, calls)
+                    names = self._part_names(part)
+                    if not (quantized and part in INT8_PARTS):
+                        calls[(chunk, part)] = (views, [(self._program(layer, s, shards[s], part), (layer, s), dst[j])
+                                                        for j, s in enumerate(chunk)])
+                        continue
+                    array = INT8_PARTS[part]
+                    mats = bert.STREAM_PARTS[part][array]
+                    progs = {s: self._program(layer, s, shards[s], part) for s in chunk}
+                    rows = [progs[s].prog[names.index(t)] for t in mats for s in chunk]
+                    op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads)
+                    self._int8_ops.append(op)
+                    rest = [i for i, t in enumerate(names) if t not in mats]
+                    decode = [(self._program(layer, s, shards[s], part, only=tuple(names[i] for i in rest)), (layer, s),
+                               tuple(dst[j][i] for i in rest)) for j, s in enumerate(chunk)]
+                    calls[(chunk, part)] = ({**views, array: op}, decode)
+            got = self._calls[(layer, int8)] = (chunks, calls)
         return got
 
     def _layer(self, layer: int, x, bias, arrived: dict, cv: threading.Condition, failure: list, trace: Trace,
-               t_start: float) -> np.ndarray:
+               t_start: float, int8: bool = False) -> np.ndarray:
         """One layer, chunk by chunk: a chunk's parts are decoded from its shards' bytes (waiting
         for the IO worker when they are not there yet) and its streamed bytes are released once
         its last part (the down projection) is decoded."""
-        chunks, calls = self._layer_calls(layer)
+        chunks, calls = self._layer_calls(layer, int8)
         preloaded = self.preloaded
         seg = [time.perf_counter()]  # start of the current compute segment
 
@@ -399,7 +469,14 @@ class StreamingEncoder:
             views, decode = calls[(chunk, part)]
             for program, key, dst in decode:
                 program(preloaded.get(key) or arrived[key], dst)
+            op = views.get(INT8_PARTS.get(part))
+            if isinstance(op, _Int8Stack):
+                op.bufs = [preloaded.get(key) or arrived[key] for key in op.keys]
             if part == "down":
+                for p in INT8_PARTS:  # the chunk's shard bytes are let go of below
+                    op = calls[(chunk, p)][0].get(INT8_PARTS[p])
+                    if isinstance(op, _Int8Stack):
+                        op.bufs = []
                 freed = 0
                 with cv:
                     for s in chunk:

@@ -321,6 +321,11 @@ def test_numpy_fallback_when_c_is_disabled():
         "assert np.array_equal(lb.dequantize(t), lb.dequantize_numpy(t))\n"
         "X = np.stack([x, -x, x * 0.5])\n"
         "assert np.array_equal(lb.qmm(t, X), lb.qmm_numpy(t, X))\n"
+        "from sti import quant\n"
+        "p = quant.Program([('quant', 0, t.shape, t.meta)])\n"
+        "out = np.zeros((3, 20), np.float32)\n"
+        "lb.qmm_stack(X, out, [t.buf, t.buf], np.stack([p.prog[0]] * 2))\n"
+        "assert np.array_equal(out, np.concatenate([lb.qmm_numpy(t, X)] * 2, axis=1))\n"
         "c = lb.choose('ggml-q4_1', (64, 64), batch=1, profile=lb.KernelProfile())\n"
         "assert c.method == 'dequant'\n"
     )
@@ -501,3 +506,63 @@ def test_measure_choice_times_int8_for_sti_batches_only():
     assert any(k.startswith("int8/") for k in c.times_ms)
     c1 = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=1, repeats=1)
     assert not any(k.startswith("int8/") for k in c1.times_ms)
+
+
+# --------------------------------------------------------------------------- int8 products of stacked matrices
+
+
+def shard_file(rng, parts):
+    """One buffer holding several quantized tensors at 64-byte offsets, as a shard file does, and the
+    rows of their decode program: parts = [(rows, cols, bits, group_size), ...]."""
+    blobs, entries, at = [], [], 0
+    for rows, cols, bits, g in parts:
+        w = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        q = quant.quantize(w, bits, g, outlier_frac=0.02)
+        b = quant.to_bytes(q)
+        blobs.append(b + bytes(-len(b) % 64))
+        entries.append(("quant", at, q.shape, q.meta()))
+        at += len(blobs[-1])
+    return b"".join(blobs), quant.Program(entries)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+def test_qmm_stack_is_qmm_of_each_matrix_side_by_side(rng, batch):
+    """Matrices from two buffers (different bitwidths and heights, outliers), stacked in any order,
+    equal each matrix's own qmm in its columns; accumulate adds; 1 and 2 threads."""
+    a, pa = shard_file(rng, [(32, 100, 2, 16), (7, 100, 8, 16)])
+    b, pb = shard_file(rng, [(40, 100, 5, 16)])
+    bufs, prog = [b, a, a], np.stack([pb.prog[0], pa.prog[1], pa.prog[0]])
+    mats = [lb.LowBitTensor.from_quantized(p.tensor(buf, i)) for buf, p, i in ((b, pb, 0), (a, pa, 1), (a, pa, 0))]
+    x = rng.standard_normal((batch, 100)).astype(np.float32)
+    want = np.concatenate([lb.qmm_numpy(m, x) for m in mats], axis=1).astype(np.float64)
+    w = np.concatenate([lb.dequantize_numpy(m) for m in mats])
+    for threads in (1, 2):
+        out = np.empty((batch, 79), np.float32)
+        assert_close(lb.qmm_stack(x, out, bufs, prog, threads=threads), want, w, x)
+    out = np.ones((batch, 79), np.float32)
+    lb.qmm_stack(x, out, bufs, prog, accumulate=True, threads=2)
+    assert_close(out - 1, want, w, x)
+
+
+@needs_c
+def test_qmm_stack_refuses_what_it_cannot_read(rng):
+    a, pa = shard_file(rng, [(8, 64, 4, 16), (8, 48, 4, 16)])
+    x, out = np.zeros((2, 64), np.float32), np.zeros((2, 8), np.float32)
+    row = pa.prog[0].copy()
+    with pytest.raises(ValueError, match="columns"):
+        lb.qmm_stack(x, np.zeros((2, 16), np.float32), [a, a], pa.prog)
+    with pytest.raises(ValueError, match="outside"):
+        lb.qmm_stack(x, out, [a[:200]], row[None])
+    bad = row.copy()
+    bad[0] = 1
+    with pytest.raises(ValueError, match="not quantized"):
+        lb.qmm_stack(x, out, [a], bad[None])
+    q = pa.tensor(a, 0)
+    assert q.n_outliers >= 2
+    swapped = bytearray(a)  # two outlier indices out of order
+    i0 = int(row[8])
+    swapped[i0:i0 + 8] = a[i0 + 4:i0 + 8] + a[i0:i0 + 4]
+    with pytest.raises(ValueError, match="ascend"):
+        lb.qmm_stack(x, out, [bytes(swapped)], row[None])
+    with pytest.raises(ValueError, match="out must be"):
+        lb.qmm_stack(x, np.zeros((2, 9), np.float32), [a], row[None])

@@ -353,3 +353,24 @@ def test_synthetic_importance_and_input_checks():
         plan(shape, imp, dev, -1.0, 10**6, 16)
     with pytest.raises(STIError):
         ModelShape(3, 4, {7: 10})
+
+
+def test_int8_products_speed_up_quantized_shards_only_where_measured():
+    """int8_delta changes a quantized shard's compute (never a float32 one's) for lengths up to
+    int8_max_tokens; plans carry the length to the runtime."""
+    from dataclasses import replace
+
+    from sti.plan import _Ctx
+
+    shape, imp, dev, n, T, M = instance(3)
+    fast = replace(dev, int8_max_tokens=n, int8_delta=-0.5 * dev.c1)
+    a, b = _Ctx(shape, dev, n), _Ctx(shape, fast, n)
+    for bits in shape.shard_bytes:
+        want = a.shard_compute[bits] + (0 if bits == 32 else -0.5 * dev.c1 * n)
+        assert b.shard_compute[bits] == pytest.approx(want)
+    assert _Ctx(shape, replace(fast, int8_max_tokens=n - 1), n).shard_compute == a.shard_compute
+    assert _Ctx(shape, replace(fast, int8_delta=-1.0), n).shard_compute[min(shape.bits)] == 0.0  # never negative
+    p, q = plan(shape, imp, dev, T, M, n, method="heuristic"), plan(shape, imp, fast, T, M, n, method="heuristic")
+    assert (p.int8_max_tokens, q.int8_max_tokens) == (0, n)
+    assert q.predicted_loss <= p.predicted_loss  # faster quantized shards never cost accuracy
+    assert Plan.from_json(q.to_json()) == q

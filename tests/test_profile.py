@@ -131,6 +131,11 @@ def test_device_profile_fit(tiny_bert):
     calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
     assert dev.tail_ratio == calib["tail_ratio"] >= 1.0
     assert all(r["streamed_p95_ms"] >= r["streamed_median_ms"] > 0 for r in calib["rows"])
+    from sti import lowbit
+
+    if lowbit.has_int8_kernel():  # the engine with int8 products was timed beside the one without
+        assert all(r["int8_ms"] > 0 for r in calib["rows"])
+    assert (dev.int8_max_tokens, dev.int8_delta) == (calib["int8_max_tokens"], calib["int8_delta"])
 
 
 def test_emulated_storage_profile(tiny_bert):
@@ -205,3 +210,12 @@ def test_bbc_task_refuses_a_store_of_another_model(tiny_bert):
             prof.calibration_set(st, "bbc-news", 4, 8)
         with pytest.raises(STIError, match="unknown task"):
             prof.calibration_set(st, "imdb", 4, 8)
+
+
+def test_int8_fit_takes_the_lengths_where_int8_is_faster_throughout():
+    rows = [{"seq_len": 16, "measured_ms": 10.0, "int8_ms": 8.0}, {"seq_len": 32, "measured_ms": 20.0, "int8_ms": 16.0},
+            {"seq_len": 64, "measured_ms": 40.0, "int8_ms": 41.0}, {"seq_len": 128, "measured_ms": 80.0, "int8_ms": 70.0}]
+    n, delta = prof._int8_fit(rows, shards=10)
+    assert n == 32  # 128 is faster again, but 64 is not: int8 stops at the first length it loses
+    assert delta == pytest.approx(-2e-3 / 10 / 16)  # 2 ms less over 10 shards at 16 tokens, 4 ms at 32
+    assert prof._int8_fit([{"seq_len": 16, "measured_ms": 1.0}], shards=1) == (0, 0.0)  # not measured

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from sti import lowbit
 from sti.errors import STIError
 from sti.models import bert
 from sti.runtime import Schedule, StreamingEncoder, Throttle
@@ -186,3 +187,56 @@ def test_trace_exports_and_throttle_is_labelled(tiny_bert, tmp_path):
     assert doc["otherData"]["storage"] == "emulated 50 MB/s"
     trace.save_png(tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+needs_int8 = pytest.mark.skipif(not lowbit.has_int8_kernel(),
+                                reason="int8 products need the C kernels built with AVX-512 VNNI")
+
+
+@needs_int8
+def test_int8_products_equal_their_numpy_reference_and_stay_near_dequantization(tiny_bert, monkeypatch):
+    """Quantized chunks multiply q/k/v and up by int8 products from the shard bytes: the engine's
+    output equals the same engine with the NumPy reference of those products (to float rounding),
+    and stays within the activation rounding of the dequantizing engine. Float32 shards are
+    chunked apart (shard 2 below) and keep BLAS."""
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        for bits in (2, 4, 8):
+            layers = [{0: bits, 2: 32, 3: bits, 1: bits}, {1: bits, 3: 6}]
+            plain = StreamingEncoder(st, Schedule(layers, chunk_shards=2))
+            eng = StreamingEncoder(st, Schedule(layers, chunk_shards=2, int8_max_tokens=ids.size))
+            assert eng.uses_int8(ids.size) and not plain.uses_int8(ids.size)
+            h8, trace = eng.run(ids, mask)
+            assert trace.int8 and trace.to_chrome()["otherData"]["int8"]
+            chunks, calls = eng._layer_calls(0, True)
+            assert chunks == [(0, 1), (3, 2)]  # the fp32 shard rides with the last quantized one
+            assert sum(type(v[0].get("wqkv")).__name__ == "_Int8Stack" for k, v in calls.items() if k[1] == "qkv") == 1
+            assert all(not op.bufs for op in eng._int8_ops)  # no shard bytes kept after the request
+            h, _ = plain.run(ids, mask)
+            with monkeypatch.context() as m:
+                m.setattr(lowbit, "_lb", None)
+                h_ref, _ = eng.run(ids, mask)
+            assert close_on_mask(h8, h_ref, mask, 1e-4), bits
+            rel = np.abs(np.where(mask[..., None] > 0, h8 - h, 0)).max() / np.abs(h).max()
+            assert 0 < rel < 0.05, (bits, rel)
+
+
+@needs_int8
+def test_int8_products_run_only_up_to_their_length_and_keep_the_budget(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        probe = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=1))
+        layer_bytes = sum(st.shard_nbytes(0, s, 4) for s in st.shard_indices(0))
+        budget = probe.res.now + probe._embed_bytes(CFG.max_position) + layer_bytes
+        short = StreamingEncoder(st, Schedule.full(st, 4, memory_budget=budget, chunk_shards=1,
+                                                   int8_max_tokens=ids.size - 1))
+        assert not short.uses_int8(ids.size)
+        free, _ = probe.run(ids, mask)
+        np.testing.assert_array_equal(short.run(ids, mask)[0], free)  # too long: the dequantizing path
+        eng = StreamingEncoder(st, Schedule.full(st, 4, memory_budget=budget, chunk_shards=1, int8_max_tokens=ids.size))
+        for _ in range(2):
+            h, trace = eng.run(ids, mask)
+            assert trace.resident_peak <= budget
+            assert not np.array_equal(h, free) and close_on_mask(h, free, mask, 0.05 * np.abs(free).max())

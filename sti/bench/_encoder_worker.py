@@ -111,7 +111,8 @@ class Stream:
         else:
             s = spec["schedule"]
             schedule = Schedule([{int(k): int(v) for k, v in layer.items()} for layer in s["layers"]],
-                                memory_budget=int(s["memory_budget"]), chunk_shards=int(s["chunk_shards"]))
+                                memory_budget=int(s["memory_budget"]), chunk_shards=int(s["chunk_shards"]),
+                                int8_max_tokens=int(s.get("int8_max_tokens", 0)))
         self.engine = StreamingEncoder(Store.open(spec["store"]), schedule, cold=False,  # the caller evicts
                                        throttle=parse_storage(spec.get("storage")), max_tokens=spec["seq_len"])
         self.facts, self.resident, self._facts = [], None, trace_facts

@@ -953,9 +953,10 @@ class Bench:
         sh = self.shapes[seq]
         return sh.fixed_bytes + sh.scratch_bytes + sh.shards_per_layer * sh.shard_bytes[bits]
 
-    def _full_schedule(self, bits: int, budget: int) -> dict:
+    def _full_schedule(self, bits: int, budget: int, int8_max_tokens: int = 0) -> dict:
         layers = [{s: bits for s in self.store.shard_indices(layer)} for layer in range(self.store.num_layers)]
-        return {"layers": layers, "memory_budget": budget, "chunk_shards": CHUNK_SHARDS}
+        return {"layers": layers, "memory_budget": budget, "chunk_shards": CHUNK_SHARDS,
+                "int8_max_tokens": int8_max_tokens}
 
     def layerwise(self, seq: int, st: Storage) -> Run:
         need = self._stream_need(seq, 32)
@@ -973,7 +974,10 @@ class Bench:
         if need > M:
             run.status, run.reason = "does-not-fit", f"one layer at {bits} bits needs {fmt_mb(need)}"
             return self._record(run)
-        return self.measure(run, {"system": "stream", "schedule": self._full_schedule(bits, M), "cold": st.cold,
+        from sti.profile import load_profile
+
+        int8 = load_profile(self.store_path, st.profile)[1].int8_max_tokens  # the engine's, as STI's plans run it
+        return self.measure(run, {"system": "stream", "schedule": self._full_schedule(bits, M, int8), "cold": st.cold,
                                   "storage": st.throttle})
 
     def sti(self, seq: int, st: Storage, method: str, mult: float, frac: float, plan_entry: dict) -> Run:
