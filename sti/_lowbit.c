@@ -140,6 +140,37 @@ typedef struct {
     Py_ssize_t *orow; /* ... and each row's first outlier (rows + 1), or NULL: apply_outliers */
 } Acts;
 
+/* The transposed int8 product's activations and code words (see "int8 products, transposed"). */
+#define TKB 32 /* input rows per activation block; an item's rows start a block */
+
+struct TActs {
+    Py_ssize_t N, NP, NQ, NK, H, ng, G, B, nv; /* inputs (padded to TKB; quads; blocks), outputs, groups */
+    int8_t *xv;    /* [g][iq][v][64]: q_g, four inputs of 16 vectors per 64 bytes */
+    float *dz;     /* [g][k][v][16] */
+    float *ox;     /* [g][v][16]: sum_i x offset, vector 16 v + lane */
+    uint32_t *w4;  /* [iq][H]: column j's codes of inputs 4 iq .. 4 iq + 3, one byte each */
+    void *buf;     /* the one allocation behind the arrays above */
+};
+
+/* One spare scratch block, reused by the next transposed product: its arrays are ~0.5 MB for an
+ * encoder chunk, and a fresh allocation of that size is a new mapping whose page faults cost more
+ * than the product. A block starts with its capacity; jobs may end on any thread (atomic swap). */
+static _Atomic(void *) spare_block;
+
+static void *block_get(size_t bytes) {
+    void *b = atomic_exchange(&spare_block, NULL);
+    if (b && *(size_t *)b >= bytes) return (uint8_t *)b + 64;
+    free(b);
+    b = aligned_alloc(64, ((bytes + 64) + 63) & ~(size_t)63);
+    if (!b) return NULL;
+    *(size_t *)b = bytes;
+    return (uint8_t *)b + 64;
+}
+
+static void block_put(void *data) {
+    if (data) free(atomic_exchange(&spare_block, (uint8_t *)data - 64));
+}
+
 /* ------------------------------------------------------------------------- small helpers */
 
 static inline float half_to_float(uint16_t h) {
@@ -1030,6 +1061,7 @@ struct Job {
     Weights *Ws;
     Acts *As;
     Py_ssize_t nW, ldy, *ycol, *task_item, *task_r0, *orows;
+    struct TActs *T; /* qmmt_prog: the transposed product's activations and code words (owned) */
 };
 
 static long now_ns(void) {
@@ -1212,6 +1244,10 @@ static void job_free(Job *J) {
     free(J->task_item);
     free(J->task_r0);
     free(J->orows);
+    if (J->T) {
+        block_put(J->T->buf);
+        free(J->T);
+    }
     free(J);
 }
 
@@ -1376,6 +1412,293 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
             float *dst = y + b * ldy + c0;
             const float *src = J->yh + b * ldy + c0;
             for (Py_ssize_t k = 0; k < nr; k++) dst[k] = accumulate ? dst[k] + src[k] : src[k];
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- int8 products, transposed
+ * Y (B, H) (+)= X (B, N) @ W for W (N, H): several sti-q1 matrices stacked along N (an encoder
+ * chunk's output or down projection, stored input-major: a row is one input, its groups of G
+ * columns are groups of outputs). A group's scale and offset belong to an input row, so they are
+ * folded into x: for output group g, z_g[b, i] = x[b, i] * scale[i, g] is rounded to int8 per
+ * (vector, g, block of TKB input rows of one item: their codes share a bitwidth, so the rounding
+ * errors of z meet codes of one range), dz = max|z| / 127 as in qmm, and
+ *
+ *     y[b, j] = sum_k dz[b, g, k] * (sum_{i in block k} q_g[b, i] code[i, j])  +  sum_i x[b, i] offset[i, g]
+ *
+ * with g = j / G, plus each outlier's (exact - quantized) * x. The inner sums want four consecutive
+ * inputs of one output column in a dword (vpdpbusd), so the codes of each quad of rows are unpacked
+ * and interleaved into words w4[i / 4][j] first; then tiles of output columns x 16-vector groups run
+ * as in qmm. Items' rows must be a multiple of 4 (a quad never spans two items). */
+
+
+static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, struct TActs *T) {
+    const Py_ssize_t H = Ws[0].cols, G = Ws[0].seg, ng = Ws[0].nseg, pc = Ws[0].pc;
+    Py_ssize_t N = 0, NP = 0; /* inputs, and in the padded space where every item starts a block */
+    for (Py_ssize_t k = 0; k < n; k++) N += Ws[k].rows, NP += (Ws[k].rows + TKB - 1) / TKB * TKB;
+    const Py_ssize_t NQ = NP / 4, NK = NP / TKB, nv = (B + 15) / 16;
+    *T = (struct TActs){.N = N, .NP = NP, .NQ = NQ, .NK = NK, .H = H, .ng = ng, .G = G, .B = B, .nv = nv};
+    size_t xvb = (size_t)(ng * NQ * nv * 64), dzf = (size_t)(ng * NK * nv * 16), oxf = (size_t)(ng * nv * 16),
+           w4b = (size_t)(NQ * H) * 4, sf = (size_t)(2 * ng * NP + B * NP), ub = (size_t)(4 * pc);
+    const size_t zf = (size_t)(NP * nv * 16) > TKB ? (size_t)(NP * nv * 16) : TKB;
+    size_t total = xvb + (dzf + oxf + sf + zf) * sizeof(float) + w4b + ub + 6 * 64;
+    uint8_t *p = block_get(total);
+    if (!p) return -1;
+    T->buf = p;
+#define TAKE(ptr, type, bytes) (ptr = (type)p, p += ((bytes) + 63) & ~(size_t)63)
+    TAKE(T->xv, int8_t *, xvb);
+    TAKE(T->dz, float *, dzf * sizeof(float));
+    TAKE(T->ox, float *, oxf * sizeof(float));
+    TAKE(T->w4, uint32_t *, w4b);
+    float *st, *ot, *xp; /* scale and offset transposed, [g][p]; x, [b][p]; 0 in the padding */
+    TAKE(st, float *, sf * sizeof(float));
+    ot = st + ng * NP, xp = ot + ng * NP;
+    uint8_t *u;     /* a quad of rows unpacked to bytes */
+    TAKE(u, uint8_t *, ub);
+    float *z;       /* one block of z_g, or (AVX-512) x with the batch across lanes */
+    TAKE(z, float *, zf * sizeof(float));
+#undef TAKE
+    memset(st, 0, sf * sizeof(float)); /* st, ot, xp: their padding must be 0 */
+#if !LB_AVX512
+    memset(T->xv, 0, xvb); /* the portable path writes vector by vector */
+#endif
+    for (Py_ssize_t k = 0, p0 = 0, x0 = 0; k < n; x0 += Ws[k].rows, p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++)
+        for (Py_ssize_t b = 0; b < B; b++)
+            memcpy(xp + b * NP + p0, X + b * N + x0, (size_t)Ws[k].rows * sizeof(float));
+    for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++) {
+        const Py_ssize_t padded = (Ws[k].rows + TKB - 1) / TKB * TKB; /* its padding quads are 0 */
+        memset(T->w4 + (p0 + Ws[k].rows) / 4 * H, 0, (size_t)((padded - Ws[k].rows) / 4 * H) * 4);
+    }
+    for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++)
+    for (Py_ssize_t r = 0; r < Ws[k].rows; r += 4) {
+        const Weights *W = &Ws[k];
+        const Py_ssize_t i = p0 + r;
+        for (int q = 0; q < 4; q++) {
+            for (Py_ssize_t g = 0; g < ng; g++)
+                st[g * NP + i + q] = W->scale[(r + q) * ng + g], ot[g * NP + i + q] = W->offset[(r + q) * ng + g];
+            if (W->bits == 8)
+                memcpy(u + q * pc, W->w + (r + q) * pc, (size_t)pc);
+            else
+                unpack_row_u8(W, r + q, u + q * pc);
+        }
+        uint32_t *w = T->w4 + (i / 4) * H;
+        Py_ssize_t j = 0;
+#if LB_AVX512
+        for (; j + 16 <= H; j += 16) {
+            __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(u + j)));
+            a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(u + pc + j))), 8));
+            a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(u + 2 * pc + j))), 16));
+            a = _mm512_or_si512(a, _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(u + 3 * pc + j))), 24));
+            _mm512_storeu_si512((void *)(w + j), a);
+        }
+#endif
+        for (; j < H; j++)
+            w[j] = (uint32_t)u[j] | (uint32_t)u[pc + j] << 8 | (uint32_t)u[2 * pc + j] << 16 | (uint32_t)u[3 * pc + j] << 24;
+    }
+    /* z_g block by block. AVX-512: the batch across the lanes (x transposed: xl[p][16 v + lane]),
+     * so a block's max and the offset sums need no horizontal steps, and four inputs' int8 codes of
+     * 16 vectors are one 64-byte store; else vector by vector. Both: z = x * scale, then rint(z * id)
+     * with id = 127 / max|z| (0 for an all-zero block), as qmm_numpy rounds. */
+#if LB_AVX512
+    float *xl = z; /* NP x nv * 16 floats (allocated as such below) */
+    memset(xl, 0, (size_t)(NP * nv * 16) * sizeof(float));
+    for (Py_ssize_t i0 = 0; i0 < NP; i0 += 16) /* in blocks of 16 inputs: the writes stay in L1 */
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t i = i0; i < i0 + 16 && i < NP; i++) xl[i * nv * 16 + b] = xp[b * NP + i];
+    memset(T->ox, 0, oxf * sizeof(float));
+    for (Py_ssize_t g = 0; g < ng; g++) {
+        const float *sg = st + g * NP, *og = ot + g * NP;
+        for (Py_ssize_t v = 0; v < nv; v++) {
+            __m512 oa = _mm512_setzero_ps();
+            for (Py_ssize_t k = 0; k < NK; k++) {
+                __m512 zb[TKB], mx = _mm512_setzero_ps();
+                for (int i = 0; i < TKB; i++) {
+                    const Py_ssize_t p = k * TKB + i;
+                    __m512 xi = _mm512_load_ps(xl + (p * nv + v) * 16);
+                    zb[i] = _mm512_mul_ps(xi, _mm512_set1_ps(sg[p]));
+                    mx = _mm512_max_ps(mx, _mm512_abs_ps(zb[i]));
+                    oa = _mm512_fmadd_ps(xi, _mm512_set1_ps(og[p]), oa);
+                }
+                __mmask16 nz = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+                __m512 id = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.0f), mx);
+                _mm512_store_ps(T->dz + ((g * NK + k) * nv + v) * 16, _mm512_div_ps(mx, _mm512_set1_ps(127.0f)));
+                const __m512i lo = _mm512_set1_epi32(255);
+                for (int iq = 0; iq < TKB / 4; iq++) {
+                    __m512i w = _mm512_setzero_si512();
+                    for (int m = 0; m < 4; m++) {
+                        __m512i q = _mm512_and_si512(_mm512_cvtps_epi32(_mm512_mul_ps(zb[4 * iq + m], id)), lo);
+                        w = _mm512_or_si512(w, _mm512_slli_epi32(q, 8 * m));
+                    }
+                    _mm512_store_si512((void *)(T->xv + ((g * NQ + k * TKB / 4 + iq) * nv + v) * 64), w);
+                }
+            }
+            _mm512_store_ps(T->ox + (g * nv + v) * 16, oa);
+        }
+    }
+#else
+    for (Py_ssize_t b = 0; b < B; b++) {
+        const float *x = xp + b * NP;
+        const Py_ssize_t v = b / 16, lane = b % 16;
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            const float *sg = st + g * NP, *og = ot + g * NP;
+            float oacc = 0.0f;
+            for (Py_ssize_t k = 0; k < NK; k++) {
+                const Py_ssize_t i0 = k * TKB;
+                float amax = 0.0f;
+                for (Py_ssize_t i = 0; i < TKB; i++) {
+                    z[i] = x[i0 + i] * sg[i0 + i];
+                    oacc += x[i0 + i] * og[i0 + i];
+                    amax = fabsf(z[i]) > amax ? fabsf(z[i]) : amax;
+                }
+                float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+                int8_t *dst = T->xv + ((g * NQ + i0 / 4) * nv + v) * 64 + 4 * lane;
+                for (Py_ssize_t i = 0; i < TKB; i++) dst[(i / 4) * nv * 64 + i % 4] = (int8_t)nearbyintf(z[i] * id);
+                T->dz[((g * NK + k) * nv + v) * 16 + lane] = amax / 127.0f;
+            }
+            T->ox[(g * nv + v) * 16 + lane] = oacc;
+        }
+    }
+#endif
+    return 0;
+}
+
+#if LB_VNNI
+#define UNROLL _Pragma("GCC unroll 12")
+/* R output columns from j0 (all in group g) times VC 16-vector groups from v0 into out[R][VC * 16]. */
+static inline __attribute__((always_inline)) void qmmt_tile(const int R, const int VC, const struct TActs *T,
+                                                            Py_ssize_t g, Py_ssize_t j0, Py_ssize_t v0, float *out) {
+    const Py_ssize_t nv = T->nv, NQ = T->NQ, H = T->H;
+    __m512 f[QMM_ACC][2];
+    __m512i acc[QMM_ACC][2];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int v = 0; v < VC; v++) f[r][v] = _mm512_setzero_ps();
+    for (Py_ssize_t k = 0; k < T->NK; k++) {
+        UNROLL for (int r = 0; r < R; r++)
+            UNROLL for (int v = 0; v < VC; v++) acc[r][v] = _mm512_setzero_si512();
+        const int8_t *xq = T->xv + ((g * NQ + k * TKB / 4) * nv + v0) * 64;
+        const uint32_t *w = T->w4 + (k * TKB / 4) * H + j0;
+        for (int iq = 0; iq < TKB / 4; iq++, xq += nv * 64, w += H) {
+            __m512i xa[2];
+            UNROLL for (int v = 0; v < VC; v++) xa[v] = _mm512_load_si512((const void *)(xq + v * 64));
+            UNROLL for (int r = 0; r < R; r++) {
+                __m512i wb = _mm512_set1_epi32((int)w[r]);
+                UNROLL for (int v = 0; v < VC; v++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], wb, xa[v]);
+            }
+        }
+        UNROLL for (int v = 0; v < VC; v++) {
+            __m512 d = _mm512_load_ps(T->dz + ((g * T->NK + k) * nv + v0 + v) * 16);
+            UNROLL for (int r = 0; r < R; r++) f[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][v]), d, f[r][v]);
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int v = 0; v < VC; v++) _mm512_storeu_ps(out + (r * VC + v) * 16, f[r][v]);
+}
+#undef UNROLL
+#else
+static void qmmt_tile(const int R, const int VC, const struct TActs *T, Py_ssize_t g, Py_ssize_t j0, Py_ssize_t v0,
+                      float *out) {
+    const Py_ssize_t nv = T->nv, NQ = T->NQ, H = T->H;
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < VC; v++)
+            for (int lane = 0; lane < 16; lane++) {
+                float f = 0.0f;
+                for (Py_ssize_t k = 0; k < T->NK; k++) {
+                    int32_t acc = 0;
+                    for (Py_ssize_t i = k * TKB; i < (k + 1) * TKB; i++) {
+                        uint32_t word = T->w4[(i / 4) * H + j0 + r];
+                        acc += (int32_t)((word >> (8 * (i % 4))) & 255u) *
+                               (int32_t)T->xv[((g * NQ + i / 4) * nv + v0 + v) * 64 + 4 * lane + i % 4];
+                    }
+                    f = fmaf((float)acc, T->dz[((g * T->NK + k) * nv + v0 + v) * 16 + lane], f);
+                }
+                out[(r * VC + v) * 16 + lane] = f;
+            }
+}
+#endif
+
+/* Task t: output columns task_r0[t] .. + rows_per_task, within group task_item[t]. */
+static void qmmt_task(Job *J, Py_ssize_t t, int slot) {
+    const struct TActs *T = J->T;
+    const Py_ssize_t g = J->task_item[t], c0 = J->task_r0[t], H = T->H, B = T->B;
+    const Py_ssize_t gend = (g + 1) * T->G < H ? (g + 1) * T->G : H;
+    const Py_ssize_t c1 = c0 + J->rows_per_task < gend ? c0 + J->rows_per_task : gend;
+    float *y = slot ? J->yh : J->y;
+    const int accumulate = slot ? 0 : J->accumulate;
+    float out[QMM_ACC * 16];
+    for (Py_ssize_t v0 = 0; v0 < T->nv; v0 += 2) {
+        const int VC = T->nv - v0 >= 2 ? 2 : 1, RMAX = QMM_ACC / VC;
+        for (Py_ssize_t j = c0; j < c1; j += RMAX) {
+            const int nr = c1 - j < RMAX ? (int)(c1 - j) : RMAX;
+#define QMMT_CASE(N) \
+    case N: VC == 2 ? qmmt_tile(N, 2, T, g, j, v0, out) : qmmt_tile(N, 1, T, g, j, v0, out); break
+            switch (nr) {
+                QMMT_CASE(1); QMMT_CASE(2); QMMT_CASE(3); QMMT_CASE(4); QMMT_CASE(5); QMMT_CASE(6);
+                case 7: qmmt_tile(7, 1, T, g, j, v0, out); break;
+                case 8: qmmt_tile(8, 1, T, g, j, v0, out); break;
+                case 9: qmmt_tile(9, 1, T, g, j, v0, out); break;
+                case 10: qmmt_tile(10, 1, T, g, j, v0, out); break;
+                case 11: qmmt_tile(11, 1, T, g, j, v0, out); break;
+                default: qmmt_tile(12, 1, T, g, j, v0, out); break;
+            }
+#undef QMMT_CASE
+            for (int r = 0; r < nr; r++)
+                for (int v = 0; v < VC; v++)
+                    for (int lane = 0; lane < 16; lane++) {
+                        Py_ssize_t b = (v0 + v) * 16 + lane;
+                        if (b >= B) break;
+                        float *dst = y + b * H + j + r;
+                        float val = out[(r * VC + v) * 16 + lane] + T->ox[g * T->nv * 16 + b];
+                        *dst = accumulate ? *dst + val : val;
+                    }
+        }
+    }
+}
+
+/* y (B, H) (+)= X (B, N) @ [Ws[0]; Ws[1]; ...]: see above. Returns 0, or -1 when out of memory. */
+static int run_qmmt(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, float *y, int accumulate,
+                    int threads, PyObject *owner, Job **J_out) {
+    const Py_ssize_t H = Ws[0].cols, G = Ws[0].seg, ng = Ws[0].nseg;
+    /* tasks: column ranges inside one group, about 4 per thread in all */
+    Py_ssize_t per = threads > 1 ? (H + 4 * threads - 1) / (4 * threads) : G;
+    per = per < 16 ? 16 : per > G ? G : per;
+    const Py_ssize_t tg = (G + per - 1) / per, ntask = tg * ng;
+    Job *J = *J_out = job_alloc(&Ws[0], qmmt_task, owner, per, ntask);
+    if (!J) return -1;
+    J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = 1;
+    J->task_item = malloc((size_t)ntask * sizeof(Py_ssize_t));
+    J->task_r0 = malloc((size_t)ntask * sizeof(Py_ssize_t));
+    J->T = malloc(sizeof *J->T);
+    if (!J->task_item || !J->task_r0 || !J->T) return -1;
+    J->T->buf = NULL;
+    if (tacts_prepare(Ws, n, X, B, J->T)) return -1;
+    Py_ssize_t t = 0;
+    for (Py_ssize_t g = 0; g < ng; g++)
+        for (Py_ssize_t c = g * G; c < (g + 1) * G && c < H; c += per) J->task_item[t] = g, J->task_r0[t++] = c;
+    J->ntask = t;
+    if (threads > 1 && t > 1 && !(J->yh = malloc((size_t)(B * H) * sizeof(float) + 4))) return -1;
+    pool_run(J, threads);
+    if (atomic_load(&J->nomem)) return -1;
+    for (t = 0; t < J->ntask; t++) { /* the helpers' columns */
+        if (J->state[t] != T_HELPER_DONE) continue;
+        const Py_ssize_t c0 = J->task_r0[t], g = J->task_item[t];
+        const Py_ssize_t gend = (g + 1) * G < H ? (g + 1) * G : H, nc = c0 + per < gend ? per : gend - c0;
+        for (Py_ssize_t b = 0; b < B; b++)
+            for (Py_ssize_t k = 0; k < nc; k++) {
+                float *dst = y + b * H + c0 + k;
+                float src = J->yh[b * H + c0 + k];
+                *dst = accumulate ? *dst + src : src;
+            }
+    }
+    /* outliers: (exact - quantized) * x, the quantized weight as code * scale + offset */
+    const Py_ssize_t N = J->T->N;
+    for (Py_ssize_t i0 = 0, k = 0; k < n; i0 += Ws[k++].rows) {
+        const Weights *W = &Ws[k];
+        for (Py_ssize_t o = 0; o < W->nout; o++) {
+            Py_ssize_t r = W->oidx[o] / W->cols, c = W->oidx[o] % W->cols, g = c / W->seg;
+            float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
+            float delta = W->oval[o] - (q + W->offset[r * W->nseg + g]);
+            for (Py_ssize_t b = 0; b < B; b++) y[b * H + c] += delta * X[b * N + i0 + r];
         }
     }
     return 0;
@@ -1717,15 +2040,15 @@ static int in_buf(int64_t off, int64_t n, const Py_buffer *v, int align) {
            (uintptr_t)((const uint8_t *)v->buf + off) % (uintptr_t)align == 0;
 }
 
-static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
-    (void)mod;
+static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int transposed) {
+    const char *name = transposed ? "qmmt_prog" : "qmm_prog";
     if (nargs < 4 || nargs > 6)
-        return PyErr_Format(PyExc_TypeError, "qmm_prog(x, out, bufs, prog, accumulate=False, threads=1)");
+        return PyErr_Format(PyExc_TypeError, "%s(x, out, bufs, prog, accumulate=False, threads=1)", name);
     int accumulate = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
     long threads = nargs > 5 ? PyLong_AsLong(args[5]) : 1;
     if (accumulate < 0 || (threads == -1 && PyErr_Occurred())) return NULL;
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    PyObject *seq = PySequence_Fast(args[2], "qmm_prog: bufs must be a sequence of buffers");
+    PyObject *seq = PySequence_Fast(args[2], "bufs must be a sequence of buffers");
     if (!seq) return NULL;
     const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), lim = PY_SSIZE_T_MAX / 64;
     PyObject *owner = PyTuple_New(n); /* memoryviews: the buffers stay exported while a helper may read them */
@@ -1737,13 +2060,13 @@ static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t na
         goto done;
     }
     if (n < 1) {
-        fail("qmm_prog: no matrices");
+        fail("%s: no matrices", name);
         goto done;
     }
     if (PyObject_GetBuffer(args[3], &pg, PyBUF_C_CONTIGUOUS) < 0) goto done;
     have_pg = 1;
     if (pg.len != n * 11 * 8 || (uintptr_t)pg.buf % 8) {
-        fail("qmm_prog: prog must be int64 (%zd, 11), one row per buffer; got %zd bytes", n, pg.len);
+        fail("%s: prog must be int64 (%zd, 11), one row per buffer; got %zd bytes", name, n, pg.len);
         goto done;
     }
     Py_ssize_t R = 0;
@@ -1753,23 +2076,23 @@ static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t na
         PyTuple_SET_ITEM(owner, i, mv);
         const Py_buffer *v = PyMemoryView_GET_BUFFER(mv);
         if (!PyBuffer_IsContiguous(v, 'C')) {
-            fail("qmm_prog: buffer %zd is not C-contiguous", i);
+            fail("%s: buffer %zd is not C-contiguous", name, i);
             goto done;
         }
         const int64_t *f = (const int64_t *)pg.buf + 11 * i;
         const int64_t bits = f[1], G = f[2], rows = f[3], cols = f[4], nout = f[10];
         if (f[0] != 0) {
-            fail("qmm_prog: matrix %zd is not quantized (kind %lld)", i, (long long)f[0]);
+            fail("%s: matrix %zd is not quantized (kind %lld)", name, i, (long long)f[0]);
             goto done;
         }
         if ((bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8) || G <= 0 || G % 8 ||
             G > (1 << 20) || rows < 0 || cols < 1 || cols > lim || (rows && cols > lim / rows) || nout < 0) {
-            fail("qmm_prog: matrix %zd: bad parameters (bits %lld, group %lld, shape %lld x %lld)", i,
+            fail("%s: matrix %zd: bad parameters (bits %lld, group %lld, shape %lld x %lld)", name, i,
                  (long long)bits, (long long)G, (long long)rows, (long long)cols);
             goto done;
         }
         if (i && (cols != Ws[0].cols || G != Ws[0].seg)) {
-            fail("qmm_prog: matrix %zd has %lld columns in groups of %lld; matrix 0 has %zd in groups of %zd", i,
+            fail("%s: matrix %zd has %lld columns in groups of %lld; matrix 0 has %zd in groups of %zd", name, i,
                  (long long)cols, (long long)G, Ws[0].cols, Ws[0].seg);
             goto done;
         }
@@ -1780,7 +2103,7 @@ static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t na
         W->w_len = rows * W->row_bytes;
         if (!in_buf(f[5], W->w_len, v, 1) || !in_buf(f[6], 4 * rows * ng, v, 4) || !in_buf(f[7], 4 * rows * ng, v, 4) ||
             !in_buf(f[8], 4 * nout, v, 4) || !in_buf(f[9], 4 * nout, v, 4)) {
-            fail("qmm_prog: matrix %zd's sections lie outside its %zd-byte buffer or are misaligned", i, v->len);
+            fail("%s: matrix %zd's sections lie outside its %zd-byte buffer or are misaligned", name, i, v->len);
             goto done;
         }
         const uint8_t *base = v->buf;
@@ -1788,19 +2111,24 @@ static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t na
         W->oidx = (const uint32_t *)(base + f[8]), W->oval = (const float *)(base + f[9]);
         for (Py_ssize_t j = 0; j < nout; j++)
             if ((Py_ssize_t)W->oidx[j] >= rows * cols || (j && W->oidx[j] <= W->oidx[j - 1])) {
-                fail("qmm_prog: matrix %zd's outlier indices must ascend within its %lld x %lld elements", i,
+                fail("%s: matrix %zd's outlier indices must ascend within its %lld x %lld elements", name, i,
                      (long long)rows, (long long)cols);
                 goto done;
             }
+        if (transposed && rows % 4) {
+            fail("%s: matrix %zd has %lld rows; the transposed product takes multiples of 4", name, i, (long long)rows);
+            goto done;
+        }
         R += rows;
     }
     Py_ssize_t bx, by;
-    if (get_vecs(args[0], &x, Ws[0].cols, 0, &bx, "x")) goto done;
+    const Py_ssize_t nx = transposed ? R : Ws[0].cols, ny = transposed ? Ws[0].cols : R;
+    if (get_vecs(args[0], &x, nx, 0, &bx, "x")) goto done;
     have_x = 1;
-    if (get_vecs(args[1], &y, R, 1, &by, "out")) goto done;
+    if (get_vecs(args[1], &y, ny, 1, &by, "out")) goto done;
     have_y = 1;
     if (x.ndim != y.ndim || bx != by) {
-        fail("out must be (%zd,) for x (%zd,), or (batch, %zd) for x (batch, %zd)", R, Ws[0].cols, R, Ws[0].cols);
+        fail("out must be (%zd,) for x (%zd,), or (batch, %zd) for x (batch, %zd)", ny, nx, ny, nx);
         goto done;
     }
     bury_dead();
@@ -1808,7 +2136,10 @@ static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t na
     int left_behind = 0;
     Py_INCREF(owner); /* the job's reference */
     Py_BEGIN_ALLOW_THREADS
-    err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, owner, &J);
+    if (transposed)
+        err = run_qmmt(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, owner, &J);
+    else
+        err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, owner, &J);
     if (J) left_behind = job_leave(J);
     if (!left_behind) job_free(J);
     Py_END_ALLOW_THREADS
@@ -1823,6 +2154,16 @@ done:
     Py_DECREF(seq);
     if (err) return NULL;
     Py_RETURN_NONE;
+}
+
+static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    return stack_product(args, nargs, 0);
+}
+
+static PyObject *py_qmmt_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    return stack_product(args, nargs, 1);
 }
 
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
@@ -1862,6 +2203,9 @@ static PyMethodDef methods[] = {
     {"qmm_prog", (PyCFunction)(void (*)(void))py_qmm_prog, METH_FASTCALL,
      "qmm_prog(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W.T for the sti-q1 matrices\n"
      "described by prog (int64 (n, 11), sti.quant.Program rows) in bufs, stacked along the rows of W."},
+    {"qmmt_prog", (PyCFunction)(void (*)(void))py_qmmt_prog, METH_FASTCALL,
+     "qmmt_prog(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W for the same matrices\n"
+     "stacked along the rows of W (x's columns); each has a multiple of 4 rows."},
     {"info", py_info, METH_NOARGS,
      "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,

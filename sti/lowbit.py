@@ -452,6 +452,67 @@ def qmm_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate
     return out
 
 
+def qmmt_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
+               threads: int = 1) -> np.ndarray:
+    """out (B, H) (+)= x (B, N) @ W for W (N, H) stacked from the sti-q1 matrices of ``bufs`` / ``prog``
+    along its rows (as :func:`qmm_stack`; N is their rows in all, each a multiple of 4): the
+    product of a matrix stored input-major, whose weight groups run along the outputs (an encoder's
+    output and down projections as shards hold them). A group's scale belongs to an input row, so it
+    is folded into x: for output group g, ``z = x * scale[:, g]`` is rounded to int8 per vector and
+    block of 64 inputs (dz = max|z| / 127), the block sums of q . code are exact, and
+    ``y[:, j] = sum_k dz_k * isum_k + x @ offset[:, g]`` plus the outliers' corrections. Rounding z
+    moves y by at most ``sum_k dz_k / 2 * sum_{i in k} code_ij``. NumPy reference without the C
+    kernels (:func:`qmmt_numpy`)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _lb is not None:
+        _lb.qmmt_prog(x, out, bufs, prog, accumulate, threads)
+        return out
+    y = qmmt_numpy([quant.from_program_row(b, r) for b, r in zip(bufs, prog)], x.reshape(-1, x.shape[-1]))
+    return _finish(y.reshape(out.shape), out, accumulate)
+
+
+QMMT_BLOCK = 32  # inputs per int8 block of the transposed product (TKB in sti/_lowbit.c); items start blocks
+
+
+def qmmt_numpy(qs: list, x: np.ndarray) -> np.ndarray:
+    """Reference of :func:`qmmt_stack`: x (B, N) @ the quantized tensors ``qs`` stacked along their
+    rows -> (B, H), with the same rounding of z and exact integer sums (float64)."""
+    H, G, ng = qs[0].shape[1], qs[0].group_size, qs[0].n_groups
+    codes = np.concatenate([quant.unpack_codes(q.codes, q.bits).reshape(q.shape[0], -1)[:, :H] for q in qs])
+    scale = np.concatenate([q.scale.reshape(q.shape[0], ng) for q in qs])
+    offset = np.concatenate([q.offset.reshape(q.shape[0], ng) for q in qs])
+    N, B = codes.shape[0], x.shape[0]
+    if x.shape[1] != N:
+        raise ValueError(f"qmmt: x has {x.shape[1]} columns, the matrices {N} rows in all")
+    # every item's rows start a block: the padded row of each stacked row
+    pad = [-(-q.shape[0] // QMMT_BLOCK) * QMMT_BLOCK for q in qs]
+    at = np.concatenate([np.arange(q.shape[0]) + p0 for q, p0 in zip(qs, np.cumsum([0] + pad[:-1]))]).astype(np.int64)
+    NP = sum(pad)
+    cp = np.zeros((NP, H), np.float64)
+    cp[at] = codes
+    cp = cp.reshape(NP // QMMT_BLOCK, QMMT_BLOCK, H)
+    y = np.empty((B, H), np.float32)
+    for g in range(ng):
+        cols = slice(g * G, min((g + 1) * G, H))
+        z = np.zeros((B, NP), np.float32)
+        z[:, at] = x * scale[:, g][None]
+        z = z.reshape(B, -1, QMMT_BLOCK)
+        amax = np.abs(z).max(axis=-1)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q = np.rint(z * inv[..., None]).astype(np.int8).astype(np.float64)
+        isum = np.einsum("bki,kic->bkc", q, cp[:, :, cols]).astype(np.float32)  # exact integers
+        y[:, cols] = (isum * (amax / np.float32(127))[..., None]).sum(axis=1) + (x @ offset[:, g])[:, None]
+    i0 = 0
+    for q in qs:
+        if q.n_outliers:
+            r, c = np.divmod(q.outlier_idx.astype(np.int64), H)
+            wq = codes[i0 + r, c].astype(np.float32) * scale[i0 + r, c // G] + offset[i0 + r, c // G]
+            np.add.at(y.T, c, (q.outlier_val - wq)[:, None] * x[:, i0 + r].T)
+        i0 += q.shape[0]
+    return y
+
+
 def qmm_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """Reference of :func:`qmm`: the same int8 rounding of x, the same exact integer sums (in
     float64, exact below 2**53), the float32 combination summed over groups by NumPy."""

@@ -153,6 +153,15 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return softmax_numpy(x, axis)
 
 
+def matmul_add(out: np.ndarray, x: np.ndarray, w) -> None:
+    """out += x @ w, with w (in, out) an array or an operator with ``matmul_add(x, out)`` (the
+    streaming encoder's int8 products of input-major shards, ``sti.runtime``)."""
+    if isinstance(w, np.ndarray):
+        out += x @ w
+    else:
+        w.matmul_add(np.ascontiguousarray(x, dtype=np.float32), out)
+
+
 def linear(x: np.ndarray, w, b: np.ndarray | None = None) -> np.ndarray:
     """x @ w.T (+ b), with w stored (out, in) as checkpoints store it, or an operator of
     ``sti.linops`` (packed or sharded weights; ``w.apply`` multiplies). x (..., in) is flattened

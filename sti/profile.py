@@ -91,7 +91,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 3  # 3: int8 products measured (2: medians and tail_ratio; 1: best-of times)
+PROFILE_VERSION = 4  # 4: int8 products of every part measured (3: of q/k/v and up; 2: medians and tail_ratio; 1: best-of times)
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -970,9 +970,12 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     * ``tail_ratio``: 95th percentile / median latency of the streamed requests, the largest
       over the lengths. A deadline T is planned as a median bound T / tail_ratio;
     * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
-      products, interleaved with the one without. ``int8_max_tokens`` is the longest length up
-      to which they are faster at every measured length, and ``int8_delta`` the per-shard,
-      per-token change they make there (least squares through the origin).
+      products, in rounds alternating with the one without and nothing else between them (a cold
+      streamed request in between slowed the int8 engine's next request by a third, and would
+      be charged to int8): medians ``int8_ms`` and ``int8_dequant_ms``.
+      ``int8_max_tokens`` is the longest length up to which they are faster at every measured
+      length, and ``int8_delta`` the per-shard, per-token change they make there (least squares
+      through the origin).
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -998,21 +1001,22 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         mask = np.ones_like(ids)
         pre.run(ids, mask)  # warm-up
         streamed.run(ids, mask)
-        t_pre, t_str, t_int8 = [], [], []
-        if pre8 is not None:
-            pre8.run(ids, mask)
+        t_pre, t_str, pair = [], [], []
         for _ in range(repeats):
             t_pre.append(pre.run(ids, mask)[1].latency)
             t_str.append(streamed.run(ids, mask)[1].latency)
-            if pre8 is not None:
-                t_int8.append(pre8.run(ids, mask)[1].latency)
+        if pre8 is not None:  # with and without int8 products in alternating rounds, nothing else between
+            pre8.run(ids, mask)
+            for _ in range(repeats):
+                pair.append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
         rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
                      "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4),
-                     **({"int8_ms": round(float(np.median(t_int8)) * 1e3, 3)} if t_int8 else {})})
+                     **({"int8_ms": round(float(np.median([b for _, b in pair])) * 1e3, 3),
+                         "int8_dequant_ms": round(float(np.median([a for a, _ in pair])) * 1e3, 3)} if pair else {})})
     # compute side: excess per shard = overhead + delta * n (least squares; overhead >= 0, c1 + delta >= 0)
     ns = np.array([r["seq_len"] for r in rows], float)
     ex = np.array([(r["measured_ms"] - r["predicted_ms"]) / 1e3 / (L * w) for r in rows])
@@ -1063,18 +1067,18 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
 
 def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float]:
     """(int8_max_tokens, int8_delta) from calibration rows (sorted by length) holding the
-    preloaded engine's median with (``int8_ms``) and without (``measured_ms``) int8 products,
+    preloaded engine's median with (``int8_ms``) and without (``int8_dequant_ms``) int8 products,
     ``shards`` active shards per request: the longest length up to which int8 is faster at every
     measured length, and the per-shard, per-token difference there (least squares through 0)."""
     faster = []
     for r in rows:
-        if "int8_ms" not in r or r["int8_ms"] >= r["measured_ms"]:
+        if "int8_ms" not in r or r["int8_ms"] >= r["int8_dequant_ms"]:
             break
         faster.append(r)
     if not faster:
         return 0, 0.0
     n = np.array([r["seq_len"] for r in faster], float)
-    d = np.array([(r["int8_ms"] - r["measured_ms"]) / 1e3 / shards for r in faster])
+    d = np.array([(r["int8_ms"] - r["int8_dequant_ms"]) / 1e3 / shards for r in faster])
     return int(n[-1]), float(n @ d / (n @ n))
 
 

@@ -7,9 +7,9 @@ time into a fixed float32 scratch arena (one C call per shard and part), and fre
 streamed shards when it is done so the IO worker can read further ahead. Preloaded shards stay
 in memory across requests. For short requests (``Schedule.int8_max_tokens``, measured by the
 device profile) a chunk of quantized shards skips dequantizing its q/k/v and up projections:
-int8 products read their k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack``),
-2-3x faster than dequantization + BLAS at 32 tokens; the output and down projections, whose
-weight groups run along the output, keep BLAS.
+int8 products read their k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack``,
+and ``qmmt_stack`` for the output and down projections, stored input-major), 1.3-3x faster than
+dequantization + BLAS at 32 tokens.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, streamed shards in flight,
@@ -39,8 +39,8 @@ class Schedule:
     memory_budget: int = 0  # bytes; 0 = unbounded
     chunk_shards: int = 4  # shards dequantized together
     order: list[tuple[int, int, int]] | None = None  # the IO worker's read order; default layer-major
-    # requests of at most this many tokens multiply quantized shards' q/k/v and up projections
-    # with int8 products read straight from the shard bytes (sti.lowbit.qmm_stack) instead of
+    # requests of at most this many tokens multiply quantized shards' weights with int8 products
+    # read straight from the shard bytes (sti.lowbit.qmm_stack, qmmt_stack) instead of
     # dequantizing them for BLAS; 0: never. The device profile measures where that is faster.
     int8_max_tokens: int = 0
 
@@ -74,7 +74,7 @@ class Trace:
     latency: float = 0.0
     cold: bool = False
     storage: str = "real"
-    int8: bool = False  # quantized shards' q/k/v and up projections ran as int8 products
+    int8: bool = False  # quantized shards' products ran as int8 products
 
     @property
     def stall_time(self) -> float:
@@ -180,26 +180,35 @@ class Throttle:
             self._late = time.perf_counter() - due if slept else 0.0
 
 
-# The part of a chunk (bert.STREAM_PARTS) whose matrix int8 products can compute: its groups of
-# weights run along the input dimension, as qmm needs (the transposed wo_t / w_down_t do not).
-INT8_PARTS = {"qkv": "wqkv", "up": "w_up"}
+# Per chunk part (bert.STREAM_PARTS): the matrix int8 products compute, and whether it is stored
+# input-major (wo_t, w_down_t: rows are inputs, weight groups run along the outputs, so the
+# transposed product folds the scales into x; sti.lowbit.qmmt_stack).
+INT8_PARTS = {"qkv": ("wqkv", False), "o": ("wo_t", True), "up": ("w_up", False), "down": ("w_down_t", True)}
 
 
 class _Int8Stack:
-    """The matrix of one chunk part as an operator for ``sti.ops.linear``: the chunk's shards'
-    k-bit tensors read in place from their bytes (``bufs``, set before each use) by one int8
-    product call. ``prog``: their rows of the shards' decode programs, in the part's row order."""
+    """The matrix of one chunk part as an operator (``sti.ops.linear`` / ``sti.ops.matmul_add``):
+    the chunk's shards' k-bit tensors read in place from their bytes (``bufs``, set before each
+    use) by one int8 product call. ``prog``: their rows of the shards' decode programs, in the
+    part's row order; ``shape``: the stacked matrix's."""
 
-    def __init__(self, prog: np.ndarray, keys: list, threads: int):
-        self.prog, self.keys, self.threads = prog, keys, threads
+    def __init__(self, prog: np.ndarray, keys: list, threads: int, transposed: bool):
+        self.prog, self.keys, self.threads, self.transposed = prog, keys, threads, transposed
         self.shape = (int(prog[:, 3].sum()), int(prog[0, 4]))
         self.bufs: list = []
 
     def apply(self, x: np.ndarray) -> np.ndarray:
+        """x @ W.T for W stored output-major (q/k/v, up)."""
         from sti import lowbit
 
         out = np.empty((x.shape[0], self.shape[0]), np.float32)
         return lowbit.qmm_stack(x, out, self.bufs, self.prog, threads=self.threads)
+
+    def matmul_add(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out += x @ W for W stored input-major (wo_t, w_down_t)."""
+        from sti import lowbit
+
+        lowbit.qmmt_stack(x, out, self.bufs, self.prog, accumulate=True, threads=self.threads)
 
 
 class StreamingEncoder:
@@ -313,7 +322,10 @@ class StreamingEncoder:
 
         if not lowbit.has_int8_kernel():
             return 0
-        return max(lowbit.thread_candidates())
+        # one thread: these products are bound by the vector units, and on the 2-vCPU machines
+        # measured a second thread made requests slower (8.4 -> 8.9 ms preloaded, 11.6 -> 12.1 ms
+        # streamed: MiniLM, 2 bits, 32 tokens), while the IO worker wants the other core
+        return 1
 
     def uses_int8(self, ntok: int) -> bool:
         """Whether a request of ``ntok`` tokens runs int8 products on its quantized shards."""
@@ -413,8 +425,8 @@ class StreamingEncoder:
         """The chunks of ``layer`` and, per (chunk, part), the arrays ``streamed_layer`` gets
         and the decode calls that fill them: (program, (layer, shard), destinations). With
         ``int8``, the float32 shards are chunked apart from the quantized ones, and a chunk of
-        quantized shards gets its ``INT8_PARTS`` matrix as an :class:`_Int8Stack` (only the
-        biases of that part are decoded). Built once per layer: the schedule never changes."""
+        quantized shards gets each part's ``INT8_PARTS`` matrix as an :class:`_Int8Stack` (only
+        the biases are decoded). Built once per layer: the schedule never changes."""
         got = self._calls.get((layer, int8))
         if got is None:
             shards = self.schedule.layers[layer]
@@ -427,15 +439,16 @@ class StreamingEncoder:
                 for part in bert.STREAM_PARTS:
                     views, dst = self._views[(len(chunk), part)]
                     names = self._part_names(part)
-                    if not (quantized and part in INT8_PARTS):
-                        calls[(chunk, part)] = (views, [(self._program(layer, s, shards[s], part), (layer, s), dst[j])
-                                                        for j, s in enumerate(chunk)])
-                        continue
-                    array = INT8_PARTS[part]
+                    array, transposed = INT8_PARTS[part]
                     mats = bert.STREAM_PARTS[part][array]
                     progs = {s: self._program(layer, s, shards[s], part) for s in chunk}
-                    rows = [progs[s].prog[names.index(t)] for t in mats for s in chunk]
-                    op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads)
+                    rows = [progs[s].prog[names.index(t)] for t in mats for s in chunk] if quantized else []
+                    # the transposed product reads a shard's rows four at a time
+                    if not quantized or (transposed and any(r[3] % 4 for r in rows)):
+                        calls[(chunk, part)] = (views, [(progs[s], (layer, s), dst[j]) for j, s in enumerate(chunk)])
+                        continue
+                    op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads,
+                                    transposed)
                     self._int8_ops.append(op)
                     rest = [i for i, t in enumerate(names) if t not in mats]
                     decode = [(self._program(layer, s, shards[s], part, only=tuple(names[i] for i in rest)), (layer, s),
@@ -448,12 +461,28 @@ class StreamingEncoder:
                t_start: float, int8: bool = False) -> np.ndarray:
         """One layer, chunk by chunk: a chunk's parts are decoded from its shards' bytes (waiting
         for the IO worker when they are not there yet) and its streamed bytes are released once
-        its last part (the down projection) is decoded."""
+        its last part (the down projection) is decoded, or, when an int8 product reads that part
+        from the bytes, once it is computed (at the next load, or the layer's end)."""
         chunks, calls = self._layer_calls(layer, int8)
         preloaded = self.preloaded
         seg = [time.perf_counter()]  # start of the current compute segment
+        pending = []  # a chunk whose down projection reads its bytes after load returns
+
+        def let_go(chunk):
+            for p, (array, _) in INT8_PARTS.items():
+                op = calls[(chunk, p)][0].get(array)
+                if isinstance(op, _Int8Stack):
+                    op.bufs = []
+            freed = 0
+            with cv:
+                for s in chunk:
+                    if (layer, s) not in preloaded:
+                        freed += len(arrived.pop((layer, s)))
+            self.res.release(freed)
 
         def load(chunk, part):
+            while pending:
+                let_go(pending.pop())
             if part == "qkv":  # the first part of a chunk: wait for its shards
                 missing = [s for s in chunk if (layer, s) not in preloaded and (layer, s) not in arrived]
                 if missing:
@@ -469,22 +498,18 @@ class StreamingEncoder:
             views, decode = calls[(chunk, part)]
             for program, key, dst in decode:
                 program(preloaded.get(key) or arrived[key], dst)
-            op = views.get(INT8_PARTS.get(part))
+            op = views.get(INT8_PARTS[part][0])
             if isinstance(op, _Int8Stack):
                 op.bufs = [preloaded.get(key) or arrived[key] for key in op.keys]
             if part == "down":
-                for p in INT8_PARTS:  # the chunk's shard bytes are let go of below
-                    op = calls[(chunk, p)][0].get(INT8_PARTS[p])
-                    if isinstance(op, _Int8Stack):
-                        op.bufs = []
-                freed = 0
-                with cv:
-                    for s in chunk:
-                        if (layer, s) not in preloaded:
-                            freed += len(arrived.pop((layer, s)))
-                self.res.release(freed)
+                if isinstance(op, _Int8Stack):
+                    pending.append(chunk)
+                else:
+                    let_go(chunk)
             return views
 
         x = bert.streamed_layer(self.cfg, x, bias, self.common[layer], chunks, load)
+        while pending:
+            let_go(pending.pop())
         trace.compute.append((layer, seg[0] - t_start, time.perf_counter() - t_start))
         return x

@@ -326,6 +326,11 @@ def test_numpy_fallback_when_c_is_disabled():
         "out = np.zeros((3, 20), np.float32)\n"
         "lb.qmm_stack(X, out, [t.buf, t.buf], np.stack([p.prog[0]] * 2))\n"
         "assert np.array_equal(out, np.concatenate([lb.qmm_numpy(t, X)] * 2, axis=1))\n"
+        "t4 = lb.random_tensor('sti-q1', (8, 70), bits=5, group_size=16)\n"
+        "p4 = quant.Program([('quant', 0, t4.shape, t4.meta)])\n"
+        "X4 = np.stack([np.arange(16, dtype=np.float32), -np.arange(16, dtype=np.float32)])\n"
+        "y4 = lb.qmmt_stack(X4, np.zeros((2, 70), np.float32), [t4.buf] * 2, np.stack([p4.prog[0]] * 2))\n"
+        "assert np.array_equal(y4, lb.qmmt_numpy([t4._q] * 2, X4))\n"
         "c = lb.choose('ggml-q4_1', (64, 64), batch=1, profile=lb.KernelProfile())\n"
         "assert c.method == 'dequant'\n"
     )
@@ -566,3 +571,55 @@ def test_qmm_stack_refuses_what_it_cannot_read(rng):
         lb.qmm_stack(x, out, [bytes(swapped)], row[None])
     with pytest.raises(ValueError, match="out must be"):
         lb.qmm_stack(x, np.zeros((2, 9), np.float32), [a], row[None])
+
+
+@pytest.mark.parametrize("batch", [1, 16, 17, 40])
+@pytest.mark.parametrize("group_size,cols", [(64, 384), (16, 100), (8, 40)])
+def test_qmmt_stack_matches_its_numpy_reference(rng, batch, group_size, cols):
+    """Input-major matrices stacked along their rows (x's columns): items of 4 to 36 rows, every
+    bitwidth, outliers, ragged output groups; 1 and 2 threads; accumulate."""
+    a, pa = shard_file(rng, [(36, cols, 2, group_size), (4, cols, 8, group_size), (32, cols, 5, group_size)])
+    b, pb = shard_file(rng, [(12, cols, 3, group_size), (8, cols, 4, group_size), (20, cols, 6, group_size)])
+    items = [(a, pa, 0), (b, pb, 1), (a, pa, 1), (b, pb, 0), (a, pa, 2), (b, pb, 2)]
+    bufs, prog = [buf for buf, _, _ in items], np.stack([p.prog[i] for _, p, i in items])
+    qs = [p.tensor(buf, i) for buf, p, i in items]
+    w = np.concatenate([quant.dequantize_numpy(q) for q in qs])  # (N, cols), N = 112
+    x = rng.standard_normal((batch, w.shape[0])).astype(np.float32)
+    want = lb.qmmt_numpy(qs, x).astype(np.float64)
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
+    for threads in (1, 2):
+        got = lb.qmmt_stack(x, np.empty((batch, cols), np.float32), bufs, prog, threads=threads)
+        assert np.all(np.abs(got - want) <= BOUND * bound)
+    out = np.ones((batch, cols), np.float32)
+    lb.qmmt_stack(x, out, bufs, prog, accumulate=True)
+    assert np.all(np.abs(out - 1 - want) <= BOUND * bound + 1e-6)
+    # against the float product: the int8 rounding of x * scale, blocks of 32 inputs of one item
+    err = np.abs(want - x.astype(np.float64) @ w)
+    assert err.max() <= 0.02 * bound.max() and err.max() > 0
+
+
+def test_qmmt_numpy_rounding_stays_within_its_bound(rng):
+    """|qmmt - x @ W| <= sum over blocks of dz / 2 * sum of the block's codes (+ float32 slack),
+    with z = x * scale of the output group; an activation outlier coarsens its block only."""
+    a, pa = shard_file(rng, [(64, 128, 4, 64)])
+    q = pa.tensor(a, 0)
+    w = quant.dequantize_numpy(q).astype(np.float64)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    x[:, 3] *= 40
+    codes = quant.unpack_codes(q.codes, q.bits).reshape(64, -1)[:, :128].astype(np.float64)
+    bound = np.zeros((5, 128))
+    for g in range(2):
+        z = (x * q.scale[:, g][None]).reshape(5, 2, 32)
+        dz = np.abs(z).max(-1) / 127  # (5, blocks)
+        csum = codes[:, g * 64:(g + 1) * 64].reshape(2, 32, 64).sum(1)  # (blocks, 64)
+        bound[:, g * 64:(g + 1) * 64] = dz / 2 @ csum
+    err = np.abs(lb.qmmt_numpy([q], x) - x.astype(np.float64) @ w)
+    assert np.all(err <= bound + 1e-5 * (np.abs(x) @ np.abs(w)))
+    assert err.max() > 0.05 * bound.max()
+
+
+@needs_c
+def test_qmmt_stack_needs_rows_in_fours(rng):
+    a, pa = shard_file(rng, [(6, 64, 4, 16)])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        lb.qmmt_stack(np.zeros((2, 6), np.float32), np.zeros((2, 64), np.float32), [a], pa.prog)

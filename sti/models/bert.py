@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sti.ops import gelu_, layer_norm, layer_norm_, linear, softmax_
+from sti.ops import gelu_, layer_norm, layer_norm_, linear, matmul_add, softmax_
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,9 @@ def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, comm
                    chunks: list, load: Callable[[object, str], Mapping[str, np.ndarray]]) -> np.ndarray:
     """``layer`` computed chunk by chunk: ``load(chunk, part)`` returns the ``STREAM_PARTS[part]``
     arrays of a group of shards (one attention head and one FFN neuron slice each), valid until
-    the next ``load`` call (so only one part of one chunk is ever dequantized). Equals ``layer``
-    on the same shards up to float rounding."""
+    the next ``load`` call (so only one part of one chunk is ever dequantized), or operators of
+    ``sti.ops`` for the matrices (``linear``, ``matmul_add``). Equals ``layer`` on the same
+    shards up to float rounding."""
     B, T, H = x.shape
     hd = cfg.head_dim
     x2 = x.reshape(B * T, H)
@@ -193,7 +194,7 @@ def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, comm
         ctx = (softmax_(scores) @ v).transpose(0, 2, 1, 3).reshape(B * T, nh * hd)  # (B*T, nh*hd)
         h0 = 0
         for c, n in zip(chunks, sizes):
-            attn += ctx[:, h0 * hd:(h0 + n) * hd] @ load(c, "o")["wo_t"]
+            matmul_add(attn, ctx[:, h0 * hd:(h0 + n) * hd], load(c, "o")["wo_t"])
             h0 += n
     attn += common["bo"]
     x2 = layer_norm_(x2 + attn, common["ln1_w"], common["ln1_b"], cfg.layer_norm_eps)
@@ -201,6 +202,6 @@ def streamed_layer(cfg: BertConfig, x: np.ndarray, bias: np.ndarray | None, comm
     for c in chunks:
         up = load(c, "up")
         h = gelu_(linear(x2, up["w_up"], up["b_up"]))  # (B*T, n*f)
-        ffn += h @ load(c, "down")["w_down_t"]
+        matmul_add(ffn, h, load(c, "down")["w_down_t"])
     ffn += common["b_down"]
     return layer_norm_(x2 + ffn, common["ln2_w"], common["ln2_b"], cfg.layer_norm_eps).reshape(B, T, H)
