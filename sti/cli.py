@@ -388,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "longer texts are truncated (default: 128)")
         g.add_argument("--planner", choices=["heuristic", "exact"], default="heuristic",
                        help="STI's two-stage heuristic or the exact MILP (default: heuristic)")
-        g.add_argument("--storage", help="emulated storage profile to plan and run with: emmc, ufs, <N>MBps")
+        g.add_argument("--storage", help="storage profile to plan and run with: emmc, ufs, <N>MBps (emulated), or "
+                                         "warm (the store kept in the page cache)")
         g.add_argument("--cold", action="store_true", help="evict the store from the page cache before every request")
         g.add_argument("--trace", help="write the last request's trace: Chrome trace JSON (+ a PNG beside it), or a .png")
 
@@ -463,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
              "split, and this device's IO and compute speed.")
     sp.add_argument("store", help="shard store directory")
     sp.add_argument("--task", default="bbc-news", help="task whose calibration split is used (default: bbc-news)")
-    sp.add_argument("--storage", help="emulate slower storage: emmc, ufs, <N>MBps (labelled as emulated)")
+    sp.add_argument("--storage", help="emulate slower storage: emmc, ufs, <N>MBps (labelled as emulated); or warm: "
+                                      "the real storage with the store in the page cache, as a server keeps it")
     sp.add_argument("--json", action="store_true", help="print the profile summary as JSON")
 
     sp = add("plan", cmd_plan, "Plan a store's execution for a latency target and a memory budget.")
@@ -472,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--memory", required=True, help="budget of resident weight bytes, e.g. 2MB")
     sp.add_argument("--seq-len", type=int, default=128, help="input length to plan for (default: 128)")
     sp.add_argument("--planner", choices=["heuristic", "exact"], default="heuristic", help="planning method")
-    sp.add_argument("--storage", help="plan with the profile of an emulated storage: emmc, ufs, <N>MBps")
+    sp.add_argument("--storage", help="plan with the profile of another storage: emmc, ufs, <N>MBps, warm")
     sp.add_argument("--json", action="store_true", help="print the Plan as JSON")
 
     sp = add("bench", cmd_bench, "Benchmarks: a table (Markdown + JSON) against the reference implementations.")

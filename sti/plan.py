@@ -222,10 +222,14 @@ class DeviceProfile:
     # median request, and a plan meets its deadline when ``predicted * tail_ratio <= T``
     tail_ratio: float = 1.0
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
-    # them on quantized shards, which changes such a shard's compute by ``int8_delta`` s per token
-    # (negative: faster) against dequantization + BLAS; 0 tokens: not measured or never faster
+    # them on quantized shards, which then cost ``int8_shard + (c1 + int8_delta) * n + c2 * n^2``
+    # each (no dequantization: the products read the codes); 0 tokens: not measured or never faster
     int8_max_tokens: int = 0
-    int8_delta: float = 0.0
+    int8_delta: float = 0.0  # s per shard per token, against c1
+    int8_shard: float = 0.0  # s per shard
+    # compute time per streamed byte: where reads come from the page cache, the IO worker's
+    # copying and checksumming slows the compute beside it (measured on the streaming runtime)
+    stream_compute_per_byte: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
@@ -396,18 +400,24 @@ class _Ctx:
         self.nbytes = {DROP: 0, **shape.shard_bytes}
         self.read = {b: dev.read_time(nb) for b, nb in shape.shard_bytes.items()}
         per_shard = dev.c1 * seq_len + dev.c2 * seq_len * seq_len
-        # compute cost one active shard adds to its layer: its math and its dequantization, and
-        # for a quantized shard the change int8 products make where they run
-        int8 = dev.int8_delta * seq_len if dev.int8_applies(seq_len) else 0.0
-        self.shard_compute = {b: max(0.0, per_shard + dev.dequant_time(b, nb) + (int8 if b != 32 else 0.0))
+        # compute cost one active shard adds to its layer: its math and its dequantization, or
+        # for a quantized shard, where int8 products run, their cost instead
+        int8 = max(0.0, per_shard + dev.int8_delta * seq_len + dev.int8_shard)
+        self.shard_compute = {b: int8 if b != 32 and dev.int8_applies(seq_len) else per_shard + dev.dequant_time(b, nb)
                               for b, nb in shape.shard_bytes.items()}
         self.c0 = dev.c0
+        # what streaming a shard (not preloading it) adds to its layer's compute
+        self.stream_compute = {b: dev.stream_compute_per_byte * nb for b, nb in shape.shard_bytes.items()}
 
-    def layer_compute(self, row: Sequence[int]) -> float:
+    def layer_compute(self, row: Sequence[int], layer: int | None = None, preload=()) -> float:
+        """Compute of a layer with bitwidths ``row``; given its index and the preload set, with
+        the cost streaming its other shards adds."""
         c = self.c0
-        for b in row:
+        for s, b in enumerate(row):
             if b:
                 c += self.shard_compute[b]
+                if layer is not None and (layer, s) not in preload:
+                    c += self.stream_compute[b]
         return c
 
 
@@ -426,7 +436,7 @@ def _sim(ctx: _Ctx, bits, preload, M, order=None, record=False):
     """
     L = ctx.L
     nbytes = ctx.nbytes
-    C = [ctx.layer_compute(row) for row in bits]
+    C = [ctx.layer_compute(row, l, preload) for l, row in enumerate(bits)]
     P = sum(nbytes[bits[l][s]] for l, s in preload)
     if order is None:
         order = _canonical_order(bits, preload)
@@ -545,7 +555,7 @@ def simulate(plan, shape: ModelShape, dev: DeviceProfile, seq_len: int | None = 
 
 
 def _aib(ctx: _Ctx, bits, preload, T) -> list[float]:
-    C = [ctx.layer_compute(row) for row in bits]
+    C = [ctx.layer_compute(row, l, preload) for l, row in enumerate(bits)]
     io = [sum(ctx.read[b] for s, b in enumerate(row) if b and (l, s) not in preload) for l, row in enumerate(bits)]
     out, a = [], T - sum(C)
     for k in range(ctx.L):
@@ -929,7 +939,8 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
 
     maxb = max(ctx.nbytes.values())
     # scales: times in units of tau, bytes in units of beta
-    t_ub = L * S * max(ctx.read.values()) + L * (ctx.c0 + S * max(ctx.shard_compute.values()))
+    t_ub = L * S * max(ctx.read.values()) + L * (ctx.c0 + S * max(ctx.shard_compute[b] + ctx.stream_compute[b]
+                                                                  for b in ctx.bits))
     tau = t_ub if mode == "latency" else T
     beta = float(max(1, L * S * maxb))
     bounded = mode == "memory" or M is not None
@@ -972,13 +983,14 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
                 row([(X(k, s, o), 1.0) for o in range(nbits + 1)], 1, 1)
     rd = [ctx.read[b] / tau for b in B]
     sc = [ctx.shard_compute[b] / tau for b in B]
+    ss = [(ctx.shard_compute[b] + ctx.stream_compute[b]) / tau for b in B]  # a streamed shard's
     by = [ctx.nbytes[b] / beta for b in B]
     seq = [(k, r) for k in range(L) for r in range(S)]
     for (k0, r0), (k1, r1) in zip(seq, seq[1:]):  # one IO worker, reads in slot order
         row([(A(k1, r1), 1.0), (A(k0, r0), -1.0)] + [(V(k0, r0, b), -rd[b]) for b in range(nbits)], 0, np.inf)
 
     def compute_terms(k):
-        return ([(V(k, r, b), -sc[b]) for r in range(S) for b in range(nbits)]
+        return ([(V(k, r, b), -ss[b]) for r in range(S) for b in range(nbits)]
                 + [(NP(k, b), -sc[b]) for b in range(nbits)])
 
     for k in range(L):  # layer k after layer k-1, and after its last read

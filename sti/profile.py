@@ -91,7 +91,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 4  # 4: int8 products of every part measured (3: of q/k/v and up; 2: medians and tail_ratio; 1: best-of times)
+PROFILE_VERSION = 5  # 5: int8 products cost int8_shard + (c1 + int8_delta) n (4, 3: a slope only; 2: medians and tail_ratio; 1: best-of)
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -104,8 +104,11 @@ STORAGE_PRESETS = {
     "emmc": (200e6, 0.5e-3, "emulated eMMC (200 MB/s, 0.5 ms per read)"),
     "ufs": (1e9, 0.1e-3, "emulated UFS (1 GB/s, 0.1 ms per read)"),
 }
+WARM = "warm"  # the real storage with the store in the page cache (a server that keeps it warm)
+STREAM_COST_UNIT = 1e-9  # s per byte: the calibration's unit of stream_compute_per_byte (1 ns per byte = 1 GB/s)
 _STORAGE_FORMS = "'emmc' (200 MB/s, 0.5 ms per read), 'ufs' (1 GB/s, 0.1 ms), '<N>MBps' (N MB/s, e.g. 50MBps), " \
-                 "'<N>MBps:<L>ms' (with L ms per read), or 'real' / none for the real storage"
+                 "'<N>MBps:<L>ms' (with L ms per read), 'warm' (the real storage, the store in the page cache), " \
+                 "or 'real' / none for the real storage read cold"
 _CUSTOM = re.compile(r"^(\d+(?:\.\d+)?)\s*mb(?:ps|/s)(?:\s*[:@,]\s*(\d+(?:\.\d+)?)\s*ms)?$", re.IGNORECASE)
 
 _ATTN = ("wq", "bq", "wk", "bk", "wv", "bv", "wo_t")
@@ -146,6 +149,8 @@ def storage_key(storage: str | None) -> str | None:
         return None
     if low in STORAGE_PRESETS:
         return low
+    if low in (WARM, "page-cache", "pagecache"):
+        return WARM
     m = _CUSTOM.match(s)
     if m and float(m.group(1)) > 0:
         mb = float(m.group(1))
@@ -159,13 +164,14 @@ def storage_key(storage: str | None) -> str | None:
 def parse_storage(storage: str | None):
     """A storage spec -> the ``sti.runtime.Throttle`` that emulates it, or None for the real
     storage. Accepted: ``emmc``, ``ufs``, ``<N>MBps`` and ``<N>MBps:<L>ms`` (megabytes per
-    second, optional milliseconds per read), ``real`` / None. Anything else is an STIError that
-    lists these forms. The profile and the runtime use the same throttle, so a plan made for an
-    emulated profile is run under the same emulation."""
+    second, optional milliseconds per read), ``warm`` (the real storage with the store in the
+    page cache: no throttle), ``real`` / None. Anything else is an STIError that lists these
+    forms. The profile and the runtime use the same throttle, so a plan made for an emulated
+    profile is run under the same emulation."""
     from sti.runtime import Throttle
 
     key = storage_key(storage)
-    if key is None:
+    if key is None or key == WARM:
         return None
     if key in STORAGE_PRESETS:
         bw, lat, label = STORAGE_PRESETS[key]
@@ -771,10 +777,14 @@ def _fsync_store(store) -> None:
             os.close(fd)
 
 
-def _stream_reads(store, plan) -> tuple[float, int, int]:
-    """Evict, then read and check ``plan`` [(layer, shard, bits)] in order as the runtime's IO
-    worker does: (seconds, bytes, reads)."""
-    store.evict()
+def _stream_reads(store, plan, warm: bool = False) -> tuple[float, int, int]:
+    """Evict (``warm``: read once untimed instead), then read and check ``plan`` [(layer, shard,
+    bits)] in order as the runtime's IO worker does: (seconds, bytes, reads)."""
+    if warm:
+        for layer, s, b in plan:
+            store.read_shard_bytes(layer, s, b)
+    else:
+        store.evict()
     n = 0
     t0 = time.perf_counter()
     for layer, s, b in plan:
@@ -800,10 +810,10 @@ def _io_plans(store, rng) -> list[tuple[str, list[tuple[int, int, int]]]]:
     return [(k, p) for k, p in out if p]
 
 
-def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2) -> dict:
+def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2, warm: bool = False) -> dict:
     """Cold IO in the runtime's access pattern: ``StreamingEncoder(cold=True)`` evicts the store
     from the page cache, then its IO worker reads the plan's shards one request each in stream
-    order. Each plan-like sequence of :func:`_io_plans` is run that way (``repeats`` times,
+    order (``warm``: the same reads from the page cache, as a server that keeps the store warm sees them). Each plan-like sequence of :func:`_io_plans` is run that way (``repeats`` times,
     median), and ``seconds = reads * io_latency + bytes / io_bandwidth`` is fitted over the
     sequences (non-negative least squares of relative errors); each sequence's predicted /
     actual is kept. The pattern matters: the kernel's read-ahead makes a uniform plan (every
@@ -816,7 +826,7 @@ def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2) -> dict:
     pairs = [(layer, s) for layer in range(L) for s in store.shard_indices(layer)]
     seqs = []
     for name, plan in _io_plans(store, rng):
-        runs = [_stream_reads(store, plan) for _ in range(repeats)]
+        runs = [_stream_reads(store, plan, warm) for _ in range(repeats)]
         seqs.append({"plan": name, "seconds": float(np.median([r[0] for r in runs])), "bytes": runs[0][1],
                      "reads": runs[0][2]})
     X = np.array([[q["reads"], q["bytes"]] for q in seqs], float)
@@ -832,28 +842,29 @@ def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2) -> dict:
     jobs = [(*pairs[j], b) for b in bits for j in rng.choice(len(pairs), size=min(reads_per_bits, len(pairs)),
                                                               replace=False)]
     jobs = [jobs[i] for i in rng.permutation(len(jobs))]
-    cold, warm, nb = [], [], []
+    cold, hot, nb = [], [], []
     for layer, s, b in jobs:
         store.evict()
         t0 = time.perf_counter()
         raw = store.read_shard_bytes(layer, s, b)
         t1 = time.perf_counter()
         store.read_shard_bytes(layer, s, b)
-        warm.append(time.perf_counter() - t1)
+        hot.append(time.perf_counter() - t1)
         cold.append(t1 - t0)
         nb.append(len(raw))
     store.evict()
-    cold, warm, nb = np.array(cold), np.array(warm), np.array(nb, float)
+    cold, hot, nb = np.array(cold), np.array(hot), np.array(nb, float)
     sizes = sorted(set(nb.tolist()))
     med = np.array([np.median(cold[nb == z]) for z in sizes])
     Xi = np.stack([np.ones(len(sizes)), np.array(sizes)], 1)
     ci = _nnls_rel(Xi, med)
     if ci[1] <= 0:
         ci = np.array([0.0, float(cold.sum() / nb.sum())])
-    ratio = float(np.median(cold / np.maximum(warm, 1e-9)))
+    ratio = float(np.median(cold / np.maximum(hot, 1e-9)))
     return {
         "io_bandwidth": 1.0 / float(c[1]), "io_latency": float(c[0]),
-        "pattern": "evict, then the plan's reads in stream order (the runtime's cold request)",
+        "pattern": ("the plan's reads in stream order from the page cache (the runtime's warm request)" if warm else
+                    "evict, then the plan's reads in stream order (the runtime's cold request)"),
         "by_sequence": seqs, "fit": _fit_report(X, y, c),
         "isolated": {"io_latency": float(ci[0]), "io_bandwidth": 1.0 / float(ci[1]), "reads": int(len(jobs)),
                      "median_s_by_size": {int(z): float(m) for z, m in zip(sizes, med)},
@@ -955,7 +966,7 @@ def _measure_dequant(store, repeats, rng) -> dict:
 
 
 def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None,
-                       repeats: int = 21) -> dict:
+                       repeats: int = 21, warm: bool = False) -> dict:
     """What the isolated measurements miss, measured on the real ``StreamingEncoder`` (both
     engines run interleaved, so they see the same machine), and the device profile corrected
     for it:
@@ -967,6 +978,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       run; without one, cold: the store evicted from the page cache before every request). On a 2-core machine the IO worker shares the cores with BLAS threads, so reads
       finish later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
       that makes the model's timeline match the measured median is kept (median over lengths);
+      from the page cache (``warm``) a read is CPU work beside the compute instead, and what is
+      kept is the compute time per streamed byte (``stream_compute_per_byte``) that does;
     * ``tail_ratio``: 95th percentile / median latency of the streamed requests, the largest
       over the lengths. A deadline T is planned as a median bound T / tail_ratio;
     * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
@@ -991,9 +1004,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                                             int8_max_tokens=store.config.max_position))
     if not pre8.uses_int8(1):
         pre8 = None
-    # as the device profile models reads: cold (page cache evicted per request) or emulated
+    # as the device profile models reads: cold (page cache evicted per request), warm or emulated
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
-                                cold=throttle is None)
+                                cold=throttle is None and not warm)
     shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
     rows = []
     for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):
@@ -1030,19 +1043,22 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     per_byte = {b: v + overhead / store.shard_nbytes(0, min(store.shard_indices(0)), b)
                 for b, v in dev.dequant_per_byte.items()}
     fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte})
-    # IO side: the read-time factor that makes the streamed plan's timeline match its median
+    # IO side: what makes the streamed plan's timeline match its median. From a device, reads run
+    # slower beside the compute: a factor on read times. From the page cache (warm) a read is CPU
+    # work beside the compute, not a wait: compute time per streamed byte.
     shape = model_shape(store, chunk_shards=chunk_shards)
     matrix = [[bits] * w for _ in range(L)]
 
     def predicted_streamed(k, n):
-        d = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k,
-                             "io_latency": fixed.io_latency * k})
+        d = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / (1.0 if warm else k),
+                             "io_latency": fixed.io_latency * (1.0 if warm else k),
+                             "stream_compute_per_byte": (k - 1.0) * STREAM_COST_UNIT if warm else 0.0})
         return simulate(matrix, shape, d, n).latency
 
     slow = []
     for r in rows:
         target = r["streamed_median_ms"] / 1e3
-        lo, hi = 1.0, 4.0
+        lo, hi = 1.0, 4.0 if not warm else 1.0 + 1e-7 / STREAM_COST_UNIT
         if predicted_streamed(lo, r["seq_len"]) >= target:
             k = 1.0  # the model is not optimistic here
         elif predicted_streamed(hi, r["seq_len"]) <= target:
@@ -1052,34 +1068,47 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if predicted_streamed(mid, r["seq_len"]) < target else (lo, mid)
             k = (lo + hi) / 2
-        r["io_slowdown"] = round(k, 4)
+        if warm:
+            r["stream_compute_ns_per_byte"] = round((k - 1.0) * STREAM_COST_UNIT * 1e9, 4)
+        else:
+            r["io_slowdown"] = round(k, 4)
         r["streamed_predicted_ms"] = round(predicted_streamed(k, r["seq_len"]) * 1e3, 3)
         slow.append(k)
     k = float(np.median(slow))
+    stream_cost = (k - 1.0) * STREAM_COST_UNIT if warm else 0.0
+    k = 1.0 if warm else k
     tail = max(1.0, max(r["tail_ratio"] for r in rows))
-    int8_max, int8_delta = _int8_fit(rows, L * w)
+    int8_max, int8_delta, int8_const = _int8_fit(rows, L * w)
+    # the constant is against a shard that dequantizes at ``bits``: int8 products dequantize nothing
+    int8_shard = int8_const + fixed.dequant_time(bits, shard_bytes) if int8_max else 0.0
     out = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k, "io_latency": fixed.io_latency * k,
-                           "tail_ratio": tail, "int8_max_tokens": int8_max, "int8_delta": int8_delta})
+                           "tail_ratio": tail, "int8_max_tokens": int8_max, "int8_delta": int8_delta,
+                           "int8_shard": int8_shard, "stream_compute_per_byte": stream_cost})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
-                 "int8_max_tokens": int8_max, "int8_delta": int8_delta}
+                 "int8_max_tokens": int8_max, "int8_delta": int8_delta, "int8_shard": int8_shard,
+                 "stream_compute_per_byte": stream_cost}
 
 
-def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float]:
-    """(int8_max_tokens, int8_delta) from calibration rows (sorted by length) holding the
+def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float, float]:
+    """(int8_max_tokens, delta, const) from calibration rows (sorted by length) holding the
     preloaded engine's median with (``int8_ms``) and without (``int8_dequant_ms``) int8 products,
     ``shards`` active shards per request: the longest length up to which int8 is faster at every
-    measured length, and the per-shard, per-token difference there (least squares through 0)."""
+    measured length, and the per-shard difference there as ``const + delta * n`` (least squares;
+    the constant is the dequantization int8 skips, the slope the products' own difference)."""
     faster = []
     for r in rows:
         if "int8_ms" not in r or r["int8_ms"] >= r["int8_dequant_ms"]:
             break
         faster.append(r)
     if not faster:
-        return 0, 0.0
+        return 0, 0.0, 0.0
     n = np.array([r["seq_len"] for r in faster], float)
     d = np.array([(r["int8_ms"] - r["int8_dequant_ms"]) / 1e3 / shards for r in faster])
-    return int(n[-1]), float(n @ d / (n @ n))
+    if len(faster) == 1:
+        return int(n[-1]), 0.0, float(d[0])
+    delta, const = np.polyfit(n, d, 1)
+    return int(n[-1]), float(delta), float(const)
 
 
 def _loadavg() -> float | None:
@@ -1099,11 +1128,12 @@ def _cpu_name() -> str:
 def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15, chunk_shards=4, seed=0,
                     progress=False):
     throttle = parse_storage(storage)
+    warm = storage_key(storage) == WARM
     rng = np.random.default_rng(seed)
     load0 = _loadavg()
     t0 = time.perf_counter()
-    _say(progress, "profiling IO (cold reads) ...")
-    io = _measure_io(store, rng)
+    _say(progress, f"profiling IO ({'page-cache' if warm else 'cold'} reads) ...")
+    io = _measure_io(store, rng, warm=warm)
     t_io = time.perf_counter() - t0
     _say(progress, "profiling compute per layer ...")
     comp = _measure_compute(store, seq_lens, repeats, chunk_shards, rng)
@@ -1112,7 +1142,11 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     deq = _measure_dequant(store, repeats, rng)
     t_deq = time.perf_counter() - t0 - t_io - t_comp
     cpu = f"{_cpu_name()}, {os.cpu_count()} CPUs"
-    if throttle is None:
+    if warm:
+        bw, lat = io["io_bandwidth"], io["io_latency"]
+        label = (f"warm (page cache) reads of {store.path} ({bw / 1e6:.0f} MB/s, {lat * 1e3:.3g} ms per read); "
+                 f"compute on {cpu}")
+    elif throttle is None:
         bw, lat = io["io_bandwidth"], io["io_latency"]
         label = (f"cold (posix_fadvise DONTNEED) reads of {store.path} "
                  f"({bw / 1e6:.0f} MB/s, {lat * 1e3:.3g} ms per read); compute on {cpu}")
@@ -1131,7 +1165,7 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label)
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
-    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle)
+    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm)
     if calib["io_slowdown"] > 1.0:
         dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
                       f"computes beside them (measured on the streaming runtime)")
@@ -1175,7 +1209,7 @@ def profile_device(store, storage: str | None = None, seq_lens=(16, 32, 64, 128)
 
 
 def profile_path(store_path, storage: str | None = None) -> Path:
-    """``STORE/profile.json``, or ``STORE/profile-<storage>.json`` for emulated storage."""
+    """``STORE/profile.json``, or ``STORE/profile-<storage>.json`` for emulated or warm storage."""
     key = storage_key(storage)
     return Path(store_path).expanduser() / (PROFILE_FILE if key is None else f"profile-{key}.json")
 

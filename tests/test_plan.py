@@ -60,7 +60,7 @@ def instance(seed: int):
     dev = DeviceProfile(io_bandwidth=rng.uniform(2e6, 2e7), io_latency=rng.uniform(0, 2e-4),
                         c0=rng.uniform(0, 2e-4), c1=rng.uniform(1e-7, 1e-6), c2=rng.uniform(0, 1e-9),
                         dequant_per_byte={b: rng.uniform(0, 5e-9) for b in bits if b != 32},
-                        label="synthetic")
+                        label="synthetic", stream_compute_per_byte=random.Random(seed + 1000).uniform(0, 2e-9))
     n = rng.choice([16, 64, 128])
     imp = Importance.synthetic(shape, seed)
     t_lo = min_latency(shape, dev, n, method="heuristic")
@@ -356,21 +356,35 @@ def test_synthetic_importance_and_input_checks():
 
 
 def test_int8_products_speed_up_quantized_shards_only_where_measured():
-    """int8_delta changes a quantized shard's compute (never a float32 one's) for lengths up to
-    int8_max_tokens; plans carry the length to the runtime."""
+    """Where int8 products apply (lengths up to int8_max_tokens), a quantized shard costs
+    int8_shard + (c1 + int8_delta) n + c2 n^2 whatever its bitwidth (no dequantization); float32
+    shards keep their cost; plans carry the length to the runtime."""
     from dataclasses import replace
 
     from sti.plan import _Ctx
 
     shape, imp, dev, n, T, M = instance(3)
-    fast = replace(dev, int8_max_tokens=n, int8_delta=-0.5 * dev.c1)
+    fast = replace(dev, int8_max_tokens=n, int8_delta=-0.5 * dev.c1, int8_shard=1e-6)
     a, b = _Ctx(shape, dev, n), _Ctx(shape, fast, n)
+    int8 = dev.c1 * n * 0.5 + dev.c2 * n * n + 1e-6
     for bits in shape.shard_bytes:
-        want = a.shard_compute[bits] + (0 if bits == 32 else -0.5 * dev.c1 * n)
-        assert b.shard_compute[bits] == pytest.approx(want)
+        assert b.shard_compute[bits] == pytest.approx(a.shard_compute[bits] if bits == 32 else int8)
     assert _Ctx(shape, replace(fast, int8_max_tokens=n - 1), n).shard_compute == a.shard_compute
-    assert _Ctx(shape, replace(fast, int8_delta=-1.0), n).shard_compute[min(shape.bits)] == 0.0  # never negative
-    p, q = plan(shape, imp, dev, T, M, n, method="heuristic"), plan(shape, imp, fast, T, M, n, method="heuristic")
+    assert _Ctx(shape, replace(fast, int8_shard=-1.0), n).shard_compute[min(shape.bits)] == 0.0  # never negative
+    q = plan(shape, imp, replace(fast, int8_shard=-dev.c1 * n), T, M, n, method="heuristic")
+    p = plan(shape, imp, dev, T, M, n, method="heuristic")
     assert (p.int8_max_tokens, q.int8_max_tokens) == (0, n)
-    assert q.predicted_loss <= p.predicted_loss  # faster quantized shards never cost accuracy
+    assert q.predicted_loss <= p.predicted_loss  # here the cheaper quantized shards lose no accuracy
     assert Plan.from_json(q.to_json()) == q
+
+
+def test_streaming_a_shard_adds_its_compute_cost_preloading_does_not():
+    """stream_compute_per_byte: where reads are CPU work beside the compute (the page cache), each
+    streamed byte adds compute to its layer; a preloaded shard adds none."""
+    shape = ModelShape(2, 2, {4: 100}, fixed_bytes=10, scratch_bytes=5)
+    dev = DeviceProfile(io_bandwidth=1e9, c1=1.0, stream_compute_per_byte=0.01)  # reads ~free, 1 s per 100 B
+    bits = [[4, 4], [4, 4]]
+    tl = simulate(bits, shape, dev, 1)
+    assert [round(x.end - x.start, 9) for x in tl.layers] == [4, 4]  # 2 shards x (1 s compute + 1 s streaming)
+    tl = simulate(bits, shape, dev, 1, preload={(0, 0), (1, 1)})
+    assert [round(x.end - x.start, 9) for x in tl.layers] == [3, 3]

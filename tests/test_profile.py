@@ -124,8 +124,12 @@ def test_device_profile_fit(tiny_bert):
     assert isinstance(dev, DeviceProfile)
     assert dev.io_bandwidth > 0 and dev.io_latency >= 0
     assert "cold (posix_fadvise DONTNEED)" in dev.label
-    assert dev.c1 + dev.c2 > 0 and min(dev.c0, dev.c1, dev.c2) >= 0
-    assert dev.compute_time(4, 16) > dev.compute_time(1, 16) and dev.compute_time(2, 16) > dev.compute_time(2, 4)
+    assert min(dev.c0, dev.c1, dev.c2) >= 0
+    # the fit of the isolated layer measurements grows with width and length (the runtime calibration
+    # may then move c1 down, to 0 at most, where the real engine ran faster than that fit: noise on
+    # a tiny model's sub-millisecond layers)
+    fit = DeviceProfile(io_bandwidth=1.0, c0=meta["compute"]["c0"], c1=meta["compute"]["c1"], c2=meta["compute"]["c2"])
+    assert fit.compute_time(4, 16) > fit.compute_time(1, 16) and fit.compute_time(2, 16) > fit.compute_time(2, 4)
     assert set(dev.dequant_per_byte) == set(Store.open(path).bits) and all(v > 0 for v in dev.dequant_per_byte.values())
     assert meta["compute"]["fit"]["max_rel_error"] >= 0 and len(meta["io_measured"]["by_sequence"]) >= 4
     calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
@@ -148,6 +152,14 @@ def test_emulated_storage_profile(tiny_bert):
     assert dev.label.startswith("emulated eMMC") and meta["storage"] == "emmc"
 
 
+def test_warm_storage_profile_reads_from_the_page_cache(tiny_bert):
+    _, _, path = tiny_bert
+    with Store.open(path) as st:
+        dev, meta = prof._profile_device(st, storage="warm", seq_lens=(8, 16), repeats=1)
+    assert dev.label.startswith("warm (page cache) reads") and meta["storage"] == "warm"
+    assert "page cache" in meta["io_measured"]["pattern"]
+
+
 def test_parse_storage():
     assert prof.parse_storage(None) is None and prof.parse_storage("real") is None
     t = prof.parse_storage("ufs")
@@ -157,6 +169,8 @@ def test_parse_storage():
     t = prof.parse_storage("12.5mb/s:2ms")
     assert t.bandwidth == 12.5e6 and t.latency == pytest.approx(2e-3)
     assert prof.storage_key("EMMC") == "emmc" and prof.storage_key("50MBps") == "50MBps"
+    assert prof.storage_key("page-cache") == prof.storage_key("Warm") == "warm" and prof.parse_storage("warm") is None
+    assert prof.profile_path("S", "warm").name == "profile-warm.json"
     for bad in ("floppy", "50", "0MBps", "50Mbit", "-3MBps"):
         with pytest.raises(STIError) as e:
             prof.parse_storage(bad)
@@ -214,8 +228,11 @@ def test_bbc_task_refuses_a_store_of_another_model(tiny_bert):
 
 def test_int8_fit_takes_the_lengths_where_int8_is_faster_throughout():
     rows = [{"seq_len": n, "int8_dequant_ms": a, "int8_ms": b} for n, a, b in
-            ((16, 10.0, 8.0), (32, 20.0, 16.0), (64, 40.0, 41.0), (128, 80.0, 70.0))]
-    n, delta = prof._int8_fit(rows, shards=10)
+            ((16, 10.0, 7.0), (32, 20.0, 17.0), (64, 40.0, 41.0), (128, 80.0, 70.0))]
+    n, delta, const = prof._int8_fit(rows, shards=10)
     assert n == 32  # 128 is faster again, but 64 is not: int8 stops at the first length it loses
-    assert delta == pytest.approx(-2e-3 / 10 / 16)  # 2 ms less over 10 shards at 16 tokens, 4 ms at 32
-    assert prof._int8_fit([{"seq_len": 16, "measured_ms": 1.0}], shards=1) == (0, 0.0)  # not measured
+    assert (delta, const) == (pytest.approx(0.0, abs=1e-12), pytest.approx(-3e-3 / 10))  # 3 ms less at both
+    rows[1]["int8_ms"] = 15.0  # 3 ms less at 16 tokens, 5 at 32: -0.1 ms per shard, -12.5 us per shard-token
+    assert prof._int8_fit(rows, shards=10)[1:] == (pytest.approx(-2e-3 / 10 / 16), pytest.approx(-1e-4))
+    assert prof._int8_fit(rows[:1], shards=10) == (16, 0.0, pytest.approx(-3e-4))
+    assert prof._int8_fit([{"seq_len": 16, "measured_ms": 1.0}], shards=1) == (0, 0.0, 0.0)  # not measured
