@@ -105,7 +105,6 @@ STORAGE_PRESETS = {
     "ufs": (1e9, 0.1e-3, "emulated UFS (1 GB/s, 0.1 ms per read)"),
 }
 WARM = "warm"  # the real storage with the store in the page cache (a server that keeps it warm)
-STREAM_COST_UNIT = 1e-9  # s per byte: the calibration's unit of stream_compute_per_byte (1 ns per byte = 1 GB/s)
 _STORAGE_FORMS = "'emmc' (200 MB/s, 0.5 ms per read), 'ufs' (1 GB/s, 0.1 ms), '<N>MBps' (N MB/s, e.g. 50MBps), " \
                  "'<N>MBps:<L>ms' (with L ms per read), 'warm' (the real storage, the store in the page cache), " \
                  "or 'real' / none for the real storage read cold"
@@ -1049,45 +1048,47 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     shape = model_shape(store, chunk_shards=chunk_shards)
     matrix = [[bits] * w for _ in range(L)]
 
-    def predicted_streamed(k, n):
-        d = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / (1.0 if warm else k),
-                             "io_latency": fixed.io_latency * (1.0 if warm else k),
-                             "stream_compute_per_byte": (k - 1.0) * STREAM_COST_UNIT if warm else 0.0})
-        return simulate(matrix, shape, d, n).latency
+    def with_knob(v: float) -> DeviceProfile:  # warm: v s of compute per streamed byte; else v x read times
+        if warm:
+            return DeviceProfile(**{**fixed.__dict__, "stream_compute_per_byte": v})
+        return DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / v, "io_latency": fixed.io_latency * v})
 
-    slow = []
+    def predicted_streamed(v, n):
+        return simulate(matrix, shape, with_knob(v), n).latency
+
+    lo0, hi0 = (0.0, 1e-7) if warm else (1.0, 4.0)  # up to 10 MB/s of copying; up to 4x slower reads
+    knobs = []
     for r in rows:
         target = r["streamed_median_ms"] / 1e3
-        lo, hi = 1.0, 4.0 if not warm else 1.0 + 1e-7 / STREAM_COST_UNIT
-        if predicted_streamed(lo, r["seq_len"]) >= target:
-            k = 1.0  # the model is not optimistic here
-        elif predicted_streamed(hi, r["seq_len"]) <= target:
-            k = hi
-        else:
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if predicted_streamed(mid, r["seq_len"]) < target else (lo, mid)
-            k = (lo + hi) / 2
-        if warm:
-            r["stream_compute_ns_per_byte"] = round((k - 1.0) * STREAM_COST_UNIT * 1e9, 4)
-        else:
-            r["io_slowdown"] = round(k, 4)
-        r["streamed_predicted_ms"] = round(predicted_streamed(k, r["seq_len"]) * 1e3, 3)
-        slow.append(k)
-    k = float(np.median(slow))
-    stream_cost = (k - 1.0) * STREAM_COST_UNIT if warm else 0.0
-    k = 1.0 if warm else k
+        v = _bisect(lambda x: predicted_streamed(x, r["seq_len"]), lo0, hi0, target)
+        r["stream_compute_ns_per_byte" if warm else "io_slowdown"] = round(v * 1e9 if warm else v, 4)
+        r["streamed_predicted_ms"] = round(predicted_streamed(v, r["seq_len"]) * 1e3, 3)
+        knobs.append(v)
+    tuned = with_knob(float(np.median(knobs)))
+    k = 1.0 if warm else float(np.median(knobs))
     tail = max(1.0, max(r["tail_ratio"] for r in rows))
     int8_max, int8_delta, int8_const = _int8_fit(rows, L * w)
     # the constant is against a shard that dequantizes at ``bits``: int8 products dequantize nothing
     int8_shard = int8_const + fixed.dequant_time(bits, shard_bytes) if int8_max else 0.0
-    out = DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / k, "io_latency": fixed.io_latency * k,
-                           "tail_ratio": tail, "int8_max_tokens": int8_max, "int8_delta": int8_delta,
-                           "int8_shard": int8_shard, "stream_compute_per_byte": stream_cost})
+    out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail, "int8_max_tokens": int8_max,
+                           "int8_delta": int8_delta, "int8_shard": int8_shard})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
                  "int8_max_tokens": int8_max, "int8_delta": int8_delta, "int8_shard": int8_shard,
-                 "stream_compute_per_byte": stream_cost}
+                 "stream_compute_per_byte": out.stream_compute_per_byte}
+
+
+def _bisect(f, lo: float, hi: float, target: float) -> float:
+    """The x in [lo, hi] where the non-decreasing f reaches ``target`` (lo when f(lo) already does:
+    the model is not optimistic there; hi when even f(hi) falls short)."""
+    if f(lo) >= target:
+        return lo
+    if f(hi) <= target:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float, float]:

@@ -6,9 +6,9 @@ chunk, each chunk as soon as its shards are present, dequantizing one part of on
 time into a fixed float32 scratch arena (one C call per shard and part), and frees a chunk's
 streamed shards when it is done so the IO worker can read further ahead. Preloaded shards stay
 in memory across requests. For short requests (``Schedule.int8_max_tokens``, measured by the
-device profile) a chunk of quantized shards skips dequantizing its q/k/v and up projections:
-int8 products read their k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack``,
-and ``qmmt_stack`` for the output and down projections, stored input-major), 1.3-3x faster than
+device profile) a chunk of quantized shards is not dequantized at all: int8 products read its
+k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack`` for q/k/v and up,
+``qmmt_stack`` for the output and down projections, stored input-major), 1.3-3x faster than
 dequantization + BLAS at 32 tokens.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
@@ -192,8 +192,8 @@ class _Int8Stack:
     use) by one int8 product call. ``prog``: their rows of the shards' decode programs, in the
     part's row order; ``shape``: the stacked matrix's."""
 
-    def __init__(self, prog: np.ndarray, keys: list, threads: int, transposed: bool):
-        self.prog, self.keys, self.threads, self.transposed = prog, keys, threads, transposed
+    def __init__(self, prog: np.ndarray, keys: list, threads: int):
+        self.prog, self.keys, self.threads = prog, keys, threads
         self.shape = (int(prog[:, 3].sum()), int(prog[0, 4]))
         self.bufs: list = []
 
@@ -314,8 +314,8 @@ class StreamingEncoder:
         return prog
 
     def _int8_support(self) -> int:
-        """Threads for int8 products, 0 where they would not pay: the schedule never asks for
-        them, or the C kernels lack AVX-512 VNNI (the portable path is a reference, not fast)."""
+        """Threads for int8 products; 0 where they do not run: the schedule never asks for them,
+        or the C kernels lack AVX-512 VNNI (the portable path is a reference, not fast)."""
         if not self.schedule.int8_max_tokens:
             return 0
         from sti import lowbit
@@ -447,8 +447,7 @@ class StreamingEncoder:
                     if not quantized or (transposed and any(r[3] % 4 for r in rows)):
                         calls[(chunk, part)] = (views, [(progs[s], (layer, s), dst[j]) for j, s in enumerate(chunk)])
                         continue
-                    op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads,
-                                    transposed)
+                    op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads)
                     self._int8_ops.append(op)
                     rest = [i for i, t in enumerate(names) if t not in mats]
                     decode = [(self._program(layer, s, shards[s], part, only=tuple(names[i] for i in rest)), (layer, s),
