@@ -766,8 +766,8 @@ static void apply_outliers(const Weights *W, const Acts *A, float *y) {
 }
 
 /* ------------------------------------------------------------------------- int8 products (qmm)
- * Y (B, rows) = X (B, cols) @ W.T for sti-q1 weights with 8-bit codes (an encoder's shards decoded
- * to codes, sti.runtime) and a batch of B vectors: many tokens of one sequence. Each vector's
+ * Y (B, rows) = X (B, cols) @ W.T for sti-q1 weights (codes of 2-8 bits) or GGML blocks (Q4_1's
+ * nibbles, Q8_0's q + 128: unpack_row_ggml) and a batch of B vectors: many tokens of one sequence. Each vector's
  * segment s (the G columns sharing one weight scale and offset) is rounded to int8:
  * dx = max|x| / 127, q = rint(x * (127 / max|x|)); then
  *
@@ -883,8 +883,8 @@ static void qmm_outliers(const Weights *W, const Acts *A, Py_ssize_t r, int nr, 
  * R and VC are constants after inlining; the fixed-size arrays and full unrolling keep the tile
  * in registers. */
 static inline __attribute__((always_inline)) void qmm_tile(const int R, const int VC, const Weights *W,
-                                                           const Acts *A, Py_ssize_t r0, Py_ssize_t v0,
-                                                           const uint8_t *codes, float *out) {
+                                                           const Acts *A, const float *sc, const float *of,
+                                                           Py_ssize_t v0, const uint8_t *codes, float *out) {
     const Py_ssize_t nv = A->nv, G4 = W->seg / 4, ns = W->nseg, pc = W->pc;
     __m512 f[QMM_ACC][2];
     __m512i acc[QMM_ACC][2];
@@ -912,9 +912,9 @@ static inline __attribute__((always_inline)) void qmm_tile(const int R, const in
             __m512 dx = _mm512_load_ps(A->dxv + (s * nv + v0 + v) * 16);
             __m512 xs = _mm512_load_ps(A->xsv + (s * nv + v0 + v) * 16);
             UNROLL for (int i = 0; i < R; i++) {
-                __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(W->scale[(r0 + i) * ns + s]));
+                __m512 d = _mm512_mul_ps(dx, _mm512_set1_ps(sc[i * ns + s]));
                 f[i][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][v]), d, f[i][v]);
-                f[i][v] = _mm512_fmadd_ps(xs, _mm512_set1_ps(W->offset[(r0 + i) * ns + s]), f[i][v]);
+                f[i][v] = _mm512_fmadd_ps(xs, _mm512_set1_ps(of[i * ns + s]), f[i][v]);
             }
         }
     }
@@ -923,8 +923,8 @@ static inline __attribute__((always_inline)) void qmm_tile(const int R, const in
 }
 #undef UNROLL
 #else
-static void qmm_tile(const int R, const int VC, const Weights *W, const Acts *A, Py_ssize_t r0, Py_ssize_t v0,
-                     const uint8_t *codes, float *out) {
+static void qmm_tile(const int R, const int VC, const Weights *W, const Acts *A, const float *sc, const float *of,
+                     Py_ssize_t v0, const uint8_t *codes, float *out) {
     const Py_ssize_t nv = A->nv, G = W->seg, ns = W->nseg, pc = W->pc;
     for (int i = 0; i < R; i++)
         for (int v = 0; v < VC; v++)
@@ -936,8 +936,8 @@ static void qmm_tile(const int R, const int VC, const Weights *W, const Acts *A,
                         acc += (int32_t)codes[i * pc + k] *
                                (int32_t)A->xv[((k / 4) * nv + v0 + v) * 64 + 4 * lane + k % 4];
                     Py_ssize_t j = (s * nv + v0 + v) * 16 + lane;
-                    f = fmaf((float)acc, A->dxv[j] * W->scale[(r0 + i) * ns + s], f);
-                    f = fmaf(A->xsv[j], W->offset[(r0 + i) * ns + s], f);
+                    f = fmaf((float)acc, A->dxv[j] * sc[i * ns + s], f);
+                    f = fmaf(A->xsv[j], of[i * ns + s], f);
                 }
                 out[(i * VC + v) * 16 + lane] = f;
             }
@@ -967,16 +967,54 @@ static void unpack_row_u8(const Weights *W, Py_ssize_t r, uint8_t *dst) {
 #endif
 }
 
+/* GGML row r as qmm reads it: one unsigned code per element, and per block of 32 a scale and an
+ * offset with element = code * scale + offset. Q4_1: its nibbles, d and m. Q8_0: q + 128 (a byte),
+ * d and -128 d: exact, since d * (q + 128) - 128 d = d * q in the integer sums. */
+static void unpack_row_ggml(const Weights *W, Py_ssize_t r, uint8_t *dst, float *sc, float *of) {
+    const uint8_t *tiles[MAX_TILES];
+    Py_ssize_t k = 0;
+    row_tiles(W, r, &k, tiles);
+    const Py_ssize_t nbp = W->nseg / W->P, bb = W->kind == K_Q41 ? Q41_BYTES : Q80_BYTES;
+    for (Py_ssize_t s = 0; s < W->nseg; s++) {
+        const uint8_t *blk = tiles[s / nbp] + (s % nbp) * bb;
+        uint8_t *c = dst + s * QK;
+        const float d = half_to_float(rd16(blk));
+        if (W->kind == K_Q41) {
+            sc[s] = d, of[s] = half_to_float(rd16(blk + 2));
+#if LB_AVX2
+            const __m128i v = _mm_loadu_si128((const __m128i *)(blk + 4)), lo4 = _mm_set1_epi8(15);
+            _mm_storeu_si128((__m128i *)c, _mm_and_si128(v, lo4));
+            _mm_storeu_si128((__m128i *)(c + 16), _mm_and_si128(_mm_srli_epi16(v, 4), lo4));
+#else
+            for (int j = 0; j < 16; j++) c[j] = blk[4 + j] & 15, c[16 + j] = blk[4 + j] >> 4;
+#endif
+        } else {
+            sc[s] = d, of[s] = -128.0f * d;
+#if LB_AVX2 /* q + 128 as a byte is q with its top bit flipped */
+            _mm256_storeu_si256((__m256i *)c, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(blk + 2)),
+                                                               _mm256_set1_epi8((char)0x80)));
+#else
+            for (int j = 0; j < QK; j++) c[j] = (uint8_t)((int8_t)blk[2 + j] + 128);
+#endif
+        }
+    }
+}
+
 /* Rows r0 .. r1-1 of a qmm into y (row b of the batch at y + b * ldy): 8-bit codes are read in place; other widths are unpacked a tile
  * of rows at a time into `tile` (QMM_ACC * pc bytes, L1/L2-resident). */
 static void rows_qmm(const Weights *W, const Acts *A, float *y, Py_ssize_t ldy, int accumulate, Py_ssize_t r0,
                      Py_ssize_t r1, uint8_t *tile) {
-    const Py_ssize_t B = A->B, pc = W->pc;
+    const Py_ssize_t B = A->B, pc = W->pc, ns = W->nseg;
     float out[QMM_ACC * 16];
+    float *tsc = (float *)(tile + QMM_ACC * pc), *tof = tsc + QMM_ACC * ns; /* GGML: the tile's scales */
     for (Py_ssize_t r = r0; r < r1; r += QMM_ACC) {
         const int nt = r1 - r < QMM_ACC ? (int)(r1 - r) : QMM_ACC; /* rows of this tile */
         const uint8_t *codes = W->w + r * pc;
-        if (W->bits != 8) {
+        const float *sc = W->scale + r * ns, *of = W->offset + r * ns;
+        if (W->kind != K_STI) {
+            for (int i = 0; i < nt; i++) unpack_row_ggml(W, r + i, tile + i * pc, tsc + i * ns, tof + i * ns);
+            codes = tile, sc = tsc, of = tof;
+        } else if (W->bits != 8) {
             for (int i = 0; i < nt; i++) unpack_row_u8(W, r + i, tile + i * pc);
             codes = tile;
         }
@@ -985,16 +1023,17 @@ static void rows_qmm(const Weights *W, const Acts *A, float *y, Py_ssize_t ldy, 
             for (int i0 = 0; i0 < nt; i0 += RMAX) {
                 const int nr = nt - i0 < RMAX ? nt - i0 : RMAX;
                 const uint8_t *c = codes + i0 * pc;
+                const float *s_ = sc + i0 * ns, *o_ = of + i0 * ns;
 #define QMM_CASE(N) \
-    case N: VC == 2 ? qmm_tile(N, 2, W, A, r + i0, v0, c, out) : qmm_tile(N, 1, W, A, r + i0, v0, c, out); break
+    case N: VC == 2 ? qmm_tile(N, 2, W, A, s_, o_, v0, c, out) : qmm_tile(N, 1, W, A, s_, o_, v0, c, out); break
                 switch (nr) {
                     QMM_CASE(1); QMM_CASE(2); QMM_CASE(3); QMM_CASE(4); QMM_CASE(5); QMM_CASE(6);
-                    case 7: qmm_tile(7, 1, W, A, r + i0, v0, c, out); break;
-                    case 8: qmm_tile(8, 1, W, A, r + i0, v0, c, out); break;
-                    case 9: qmm_tile(9, 1, W, A, r + i0, v0, c, out); break;
-                    case 10: qmm_tile(10, 1, W, A, r + i0, v0, c, out); break;
-                    case 11: qmm_tile(11, 1, W, A, r + i0, v0, c, out); break;
-                    default: qmm_tile(12, 1, W, A, r + i0, v0, c, out); break;
+                    case 7: qmm_tile(7, 1, W, A, s_, o_, v0, c, out); break;
+                    case 8: qmm_tile(8, 1, W, A, s_, o_, v0, c, out); break;
+                    case 9: qmm_tile(9, 1, W, A, s_, o_, v0, c, out); break;
+                    case 10: qmm_tile(10, 1, W, A, s_, o_, v0, c, out); break;
+                    case 11: qmm_tile(11, 1, W, A, s_, o_, v0, c, out); break;
+                    default: qmm_tile(12, 1, W, A, s_, o_, v0, c, out); break;
                 }
 #undef QMM_CASE
                 if (A->orow) qmm_outliers(W, A, r + i0, nr, v0, VC, out);
@@ -1302,14 +1341,18 @@ static float *slot_buf(Job *J, int slot, Py_ssize_t floats) {
     return J->buf[slot];
 }
 
+/* floats of a qmm row tile: QMM_ACC rows of codes (bytes), and for GGML their scales and offsets */
+#define QMM_TILE_FLOATS(W) ((QMM_ACC * (W)->pc + 3) / 4 + 2 * QMM_ACC * (W)->nseg)
+
 static void matvec_task(Job *J, Py_ssize_t t, int slot) {
     Py_ssize_t r0 = t * J->rows_per_task, r1 = r0 + J->rows_per_task;
     if (r1 > J->W.rows) r1 = J->W.rows;
     float *y = slot ? J->yh : J->y; /* helpers never touch the caller's memory */
     int accumulate = slot ? 0 : J->accumulate;
     if (J->int8) {
-        uint8_t *tile = J->W.bits == 8 ? NULL : (uint8_t *)slot_buf(J, slot, (QMM_ACC * J->W.pc + 3) / 4);
-        if (J->W.bits == 8 || tile) rows_qmm(&J->W, &J->A, y, J->W.rows, accumulate, r0, r1, tile);
+        const int in_place = J->W.kind == K_STI && J->W.bits == 8;
+        uint8_t *tile = in_place ? NULL : (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W));
+        if (in_place || tile) rows_qmm(&J->W, &J->A, y, J->W.rows, accumulate, r0, r1, tile);
     } else if (J->W.kind != K_STI) {
         rows_ggml(&J->W, &J->A, y, accumulate, r0, r1);
     } else if (J->A.B == 1) {
@@ -1361,7 +1404,7 @@ static void qmm_many_task(Job *J, Py_ssize_t t, int slot) {
     const Weights *W = &J->Ws[i];
     const Py_ssize_t r1 = r0 + J->rows_per_task < W->rows ? r0 + J->rows_per_task : W->rows;
     uint8_t *tile = NULL;
-    if (W->bits != 8 && !(tile = (uint8_t *)slot_buf(J, slot, (QMM_ACC * J->W.pc + 3) / 4))) return;
+    if (W->bits != 8 && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
     rows_qmm(W, &J->As[i], (slot ? J->yh : J->y) + J->ycol[i], J->ldy, slot ? 0 : J->accumulate, r0, r1, tile);
 }
 
@@ -1860,7 +1903,6 @@ static PyObject *product(Matrix *self, PyObject *const *args, Py_ssize_t nargs, 
     const char *name = int8 ? "qmm" : "matvec";
     if (ready(self)) return NULL;
     if (nargs < 2 || nargs > 4) return PyErr_Format(PyExc_TypeError, "%s(x, out, accumulate=False, threads=1)", name);
-    if (int8 && self->W.kind != K_STI) return fail("qmm: the matrix must be sti-q1"), NULL;
     int accumulate = nargs > 2 ? PyObject_IsTrue(args[2]) : 0;
     long threads = nargs > 3 ? PyLong_AsLong(args[3]) : 1;
     if (accumulate < 0 || (threads == -1 && PyErr_Occurred())) return NULL;

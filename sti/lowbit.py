@@ -40,8 +40,8 @@ to force the fallback, as for :mod:`sti.quant`):
   Gaussian weights); it buys a kernel that widens and multiplies integers instead of converting
   every weight to float (see sti/_lowbit.c).
 
-* :func:`qmm` (sti-q1 batches: "int8" in a kernel choice) rounds x to int8 per vector and
-  weight group on both sides (:func:`quantize_acts_i8`, identical), takes each group's
+* :func:`qmm` (sti-q1 batches: "int8" in a kernel choice; GGML blocks in their affine form,
+  :func:`ggml_affine`, when called) rounds x to int8 per vector and weight group on both sides (:func:`quantize_acts_i8`, identical), takes each group's
   code . x sum exactly, and differs from :func:`qmm_numpy` only in the float32 combination
   (the same ``1e-5 * (|W| @ |x|)`` bound; ~3e-7 seen). Against float x, rounding moves y by at
   most ``sum_s dx_s / 2 * sum_{i in s} |W_i|`` (tests/test_lowbit.py checks it); in exchange
@@ -78,7 +78,13 @@ from sti import blas, quant
 KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
 GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
 QK = 32  # elements per GGML block
-METHODS = ("fused", "dequant", "int8")  # int8: qmm, sti-q1 batches only
+METHODS = ("fused", "dequant", "int8")  # int8: qmm, batches only
+# Kinds whose batches measure_choice times with int8 products. Not the GGML blocks: they are the
+# lossless versions, and int8 activations (about 4e-3 of |W||x|, the 4-bit weights' own error)
+# would make a lossless stream's tokens depend on which kernel measured fastest; their int16
+# products move results by 1e-5. qmm reads them when asked (2.3x the fused kernel for Q4_1,
+# 1536 x 576, batch 16).
+INT8_KINDS = ("sti-q1",)
 PROFILE_SCHEMA = 1
 PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
 # Bytes of distinct weight copies a timing cycles through, so that every call reads its weights
@@ -415,14 +421,13 @@ def quantize_acts_i8(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nda
 
 def qmm(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1) -> np.ndarray:
     """``x @ W.T`` for a batch X (B, cols) -> (B, rows) with integer products: W sti-q1 (its codes
-    are unsigned, at most 8 bits), x rounded to int8 per vector and weight group
+    are unsigned, at most 8 bits) or GGML blocks (:func:`ggml_affine`: Q4_1's nibbles, Q8_0's
+    q + 128, blocks of 32 as the groups), x rounded to int8 per vector and weight group
     (:func:`quantize_acts_i8`), each group's code . x sum exact, then scaled:
     ``y = sum_s scale_s * dx_s * isum_s + offset_s * xs_s``, plus outlier corrections. Rounding x
     moves y by at most ``sum_s dx_s / 2 * sum_{i in s} |W_i|``. The AVX-512 VNNI kernel of
     ``sti._lowbit`` (portable C elsewhere) on ``threads`` threads; :func:`qmm_numpy` without it."""
-    t = t if type(t) is LowBitTensor else as_lowbit(t)
-    if t.kind != "sti-q1":
-        raise ValueError(f"qmm: W must be sti-q1, got {t.kind}")
+    t = t if type(t) in (LowBitTensor, TiledTensor) else as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
     if t._m is None or x.ndim == 1:
         return qmm_numpy(t, x, out, accumulate)
@@ -518,8 +523,29 @@ def qmm_numpy(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool 
     float64, exact below 2**53), the float32 combination summed over groups by NumPy."""
     t = as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
-    y = _qmm_numpy(t._q, x.reshape(-1, t.shape[1]))
+    q = t._q if t.kind == "sti-q1" else ggml_affine(t)
+    y = _qmm_numpy(q, x.reshape(-1, t.shape[1]))
     return _finish(y.reshape(out.shape), out, accumulate)
+
+
+def ggml_affine(t) -> quant.QuantizedTensor:
+    """A GGML matrix as the affine form the int8 products use, exactly: one unsigned 8-bit code
+    per element and, per block of 32, a scale and an offset (element = code * scale + offset).
+    Q4_1: its nibbles, d, m. Q8_0: q + 128, d, -128 d (d * (q + 128) - 128 d = d * q)."""
+    rows, cols = t.shape
+    nb = cols // QK
+    blocks = np.frombuffer(memoryview(t._raw).cast("B"), np.uint8).reshape(rows, nb, GGML[t.kind][1])
+    d = blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if t.kind == "ggml-q4_1":
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[:, :, 4:]
+        codes = np.concatenate([qs & 15, qs >> 4], axis=-1)  # elements 0..15, then 16..31
+    else:
+        m = np.float32(-128) * d
+        codes = (blocks[:, :, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    packed = np.ascontiguousarray(codes.reshape(rows, cols))
+    none = np.zeros(0, np.uint32)
+    return quant.QuantizedTensor(8, (rows, cols), QK, packed.reshape(-1), d, m, none, none.view(np.float32))
 
 
 def _qmm_numpy(q: quant.QuantizedTensor, x: np.ndarray) -> np.ndarray:
@@ -606,8 +632,8 @@ def thread_candidates() -> tuple[int, ...]:
 @dataclass(frozen=True)
 class KernelChoice:
     """How to multiply a (rows, cols) ``kind``/``bits`` matrix by a batch of ``batch`` vectors:
-    ``method`` "fused" (:func:`matvec`), "dequant" (:func:`dequant_matmul`) or, for sti-q1
-    batches, "int8" (:func:`qmm`), on ``threads`` threads, and the median milliseconds of every
+    ``method`` "fused" (:func:`matvec`), "dequant" (:func:`dequant_matmul`) or, for batches,
+    "int8" (:func:`qmm`), on ``threads`` threads, and the median milliseconds of every
     candidate timed (``"fused/1"``, ...)."""
 
     kind: str
@@ -620,7 +646,7 @@ class KernelChoice:
 
     def __post_init__(self):
         if (self.kind not in KINDS or self.method not in METHODS or self.threads < 1
-                or (self.method == "int8" and self.kind != "sti-q1")):
+                or (self.method == "int8" and self.batch == 1)):
             raise ValueError(f"KernelChoice: bad kind/method/threads {self.kind!r}/{self.method!r}/{self.threads!r}")
         object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
 
@@ -793,8 +819,8 @@ def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0,
 
 def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, repeats: int = 5,
                    threads=None, seed: int = 0) -> KernelChoice:
-    """Time the fused kernel and dequantize + BLAS (and for sti-q1 batches the int8 products,
-    :func:`qmm`) on a random ``kind`` matrix of ``shape`` (cycling through enough copies that the
+    """Time the fused kernel and dequantize + BLAS (and for batches of :data:`INT8_KINDS` the int8
+    products, :func:`qmm`) on a random ``kind`` matrix of ``shape`` (cycling through enough copies that the
     weights come from memory, as in decode), on each thread count of ``threads`` (default
     :func:`thread_candidates`); the median fastest wins."""
     rows, cols = int(shape[0]), int(shape[1])
@@ -811,7 +837,7 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
     fused, deq = {}, {}
     for th in (threads or thread_candidates()):
         fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
-        if kind == "sti-q1" and batch > 1:
+        if batch > 1 and kind in INT8_KINDS:
             fused[f"int8/{th}"] = cycling(lambda t, th=th: qmm(t, x, out, threads=th), ts)
         deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
     # The fused kernels first, on a quiet machine: OpenBLAS's threads spin for a while after each

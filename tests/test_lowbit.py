@@ -492,25 +492,67 @@ def test_qmm_rounds_x_to_int8_within_the_stated_bound(rng):
     assert err.max() > 0.05 * bound.max()
 
 
-def test_qmm_refuses_ggml_and_the_int8_choice_is_sti_only(rng):
-    t = lb.random_tensor("ggml-q4_1", (32, 64))
-    with pytest.raises(ValueError, match="sti-q1"):
-        lb.qmm(t, np.zeros((2, 64), np.float32))
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+@pytest.mark.parametrize("shape", GGML_SHAPES)
+@pytest.mark.parametrize("batch", [2, 16, 17])
+def test_qmm_of_ggml_blocks_matches_its_numpy_reference(rng, kind, shape, batch):
+    """GGML blocks in the int8 products: blocks of 32 as the groups, Q4_1's nibbles and Q8_0's
+    q + 128 as the unsigned codes; C equals the reference on 1 and 2 threads, with accumulate."""
+    t = lb.random_tensor(kind, shape, seed=shape[0])
+    x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+    want = lb.qmm_numpy(t, x).astype(np.float64)
+    w = lb.dequantize_numpy(t)
+    for threads in (1, 2):
+        assert_close(lb.qmm(t, x, threads=threads), want, w, x)
+    out = np.ones((batch, shape[0]), np.float32)
+    lb.qmm(t, x, out, accumulate=True, threads=2)
+    assert_close(out - 1, want, w, x)
+    err = np.abs(want - x.astype(np.float64) @ w.astype(np.float64).T)  # the int8 rounding of x
+    assert err.max() <= 0.02 * (np.abs(x) @ np.abs(w).T).max()
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+def test_ggml_affine_form_is_the_blocks_weights(kind):
+    t = lb.random_tensor(kind, (40, 96), seed=3)
+    q = lb.ggml_affine(t)
+    w = quant.dequantize_numpy(q)  # code * scale + offset, two float32 roundings, as GGML's Q4_1
+    if kind == "ggml-q4_1":
+        assert np.array_equal(w, lb.dequantize_numpy(t))
+    else:  # d * (q + 128) - 128 d against d * q: one rounding apart
+        np.testing.assert_allclose(w, lb.dequantize_numpy(t), rtol=0, atol=1e-6 * np.abs(lb.dequantize_numpy(t)).max())
+
+
+@pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
+def test_qmm_reads_a_tiled_matrix_as_the_matrix_in_one_piece(rng, kind):
+    full = lb.random_tensor(kind, (150, 192), seed=1)
+    t = _cut(full, 2, [(0, 70), (70, 71), (71, 150)])
+    x = rng.standard_normal((16, 192)).astype(np.float32)
+    assert np.array_equal(lb.qmm(t, x, threads=2), lb.qmm(full, x))
+    assert np.array_equal(lb.qmm_numpy(t, x), lb.qmm_numpy(full, x))
+
+
+def test_the_int8_choice_is_for_batches(rng):
     with pytest.raises(ValueError, match="int8"):
-        lb.KernelChoice("ggml-q4_1", (32, 64), 4, 2, "int8", 1)
+        lb.KernelChoice("ggml-q4_1", (32, 64), 4, 1, "int8", 1)
     s = quantized(rng, (48, 64), 3)
     x = rng.standard_normal((4, 64)).astype(np.float32)
     c = lb.KernelChoice("sti-q1", (48, 64), 3, 4, "int8", 2)
     assert_close(c.matvec(s, x), lb.qmm_numpy(s, x).astype(np.float64), lb.dequantize_numpy(s), x)
+    g = lb.random_tensor("ggml-q4_1", (32, 64))
+    c = lb.KernelChoice("ggml-q4_1", (32, 64), 4, 4, "int8", 1)
+    assert_close(c.matvec(g, x), lb.qmm_numpy(g, x).astype(np.float64), lb.dequantize_numpy(g), x)
 
 
 def test_measure_choice_times_int8_for_sti_batches_only():
+    """int8 is timed for STI's k-bit batches, never for batch 1, and not for the lossless GGML
+    blocks (whose tokens must not depend on which kernel measured fastest)."""
     if not lb.has_c_kernels():
         pytest.skip("sti._lowbit is not built: nothing is timed")
     c = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=8, repeats=1)
     assert any(k.startswith("int8/") for k in c.times_ms)
-    c1 = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=1, repeats=1)
-    assert not any(k.startswith("int8/") for k in c1.times_ms)
+    for kind, batch in (("sti-q1", 1), ("ggml-q4_1", 8)):
+        c = lb.measure_choice(kind, (64, 128), bits=4, batch=batch, repeats=1)
+        assert not any(k.startswith("int8/") for k in c.times_ms)
 
 
 # --------------------------------------------------------------------------- int8 products of stacked matrices
