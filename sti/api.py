@@ -82,9 +82,10 @@ class Encoder:
                    strict: bool = False, chunk_shards: int = 4) -> "Encoder":
         """An encoder that streams a shard store under a plan for ``latency`` (e.g. "40ms") and
         ``memory`` (e.g. "2MB", resident weight bytes) at inputs of up to ``seq_len`` tokens
-        (longer texts are truncated to it). ``storage`` names the emulated storage profile to
-        plan and run with (``emmc``, ``ufs``, ``<N>MBps``); ``cold`` evicts the store's pages
-        from the page cache before every request."""
+        (longer texts are truncated to it). ``storage`` names the storage profile to plan and run
+        with: emulated (``emmc``, ``ufs``, ``<N>MBps``) or ``warm`` (the store kept in the page
+        cache, as a server keeps it; made by ``sti profile STORE --storage warm``); ``cold`` evicts
+        the store's pages from the page cache before every request."""
         from sti import plan as planner
         from sti.profile import load_profile, model_shape, parse_storage
         from sti.runtime import Schedule, StreamingEncoder
