@@ -2098,7 +2098,7 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int tran
     Py_buffer pg = {0}, x = {0}, y = {0};
     int have_pg = 0, have_x = 0, have_y = 0, err = -1;
     if (!owner || !Ws) {
-        if (Ws) PyErr_NoMemory();
+        if (owner) PyErr_NoMemory(); /* else PyTuple_New set the error */
         goto done;
     }
     if (n < 1) {
