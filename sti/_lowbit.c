@@ -1963,7 +1963,7 @@ static PyMethodDef Matrix_methods[] = {
      "x (B, cols) -> out (B, rows), float32 C-contiguous; W is read once whatever B is."},
     {"qmm", (PyCFunction)(void (*)(void))Matrix_qmm, METH_FASTCALL,
      "qmm(x, out, accumulate=False, threads=1): as matvec, with x rounded to int8 per (vector, group) and\n"
-     "integer products (sti.lowbit.qmm_numpy is the reference); sti-q1 matrices only."},
+     "integer products (sti.lowbit.qmm_numpy is the reference); GGML blocks in their affine form (ggml_affine)."},
     {"dequant", (PyCFunction)(void (*)(void))Matrix_dequant, METH_FASTCALL,
      "dequant(out, threads=1): the float32 (rows, cols) matrix into out, bit-identical to the NumPy references\n"
      "(gguf.quants for Q4_1/Q8_0, sti.quant.dequantize_numpy for sti-q1), outliers included."},

@@ -409,14 +409,14 @@ class _Ctx:
         # what streaming a shard (not preloading it) adds to its layer's compute
         self.stream_compute = {b: dev.stream_compute_per_byte * nb for b, nb in shape.shard_bytes.items()}
 
-    def layer_compute(self, row: Sequence[int], layer: int | None = None, preload=()) -> float:
-        """Compute of a layer with bitwidths ``row``; given its index and the preload set, with
-        the cost streaming its other shards adds."""
+    def layer_compute(self, row: Sequence[int], layer: int, preload) -> float:
+        """Compute of layer ``layer`` with bitwidths ``row``, with the cost streaming its shards
+        that are not in ``preload`` adds."""
         c = self.c0
         for s, b in enumerate(row):
             if b:
                 c += self.shard_compute[b]
-                if layer is not None and (layer, s) not in preload:
+                if (layer, s) not in preload:
                     c += self.stream_compute[b]
         return c
 

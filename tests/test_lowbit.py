@@ -394,7 +394,7 @@ def test_both_methods_of_a_choice_agree(rng):
     w = lb.dequantize_numpy(t)
     # "dequant" multiplies float x; "fused" rounds x to int16 blocks first
     want = {"dequant": x.astype(np.float64) @ w.T.astype(np.float64), "fused": exact_product(t, x)}
-    for method in ("fused", "dequant"):  # int8 (qmm) is for sti-q1 only
+    for method in ("fused", "dequant"):  # int8 (qmm): test_qmm_of_ggml_blocks_matches_its_numpy_reference
         c = lb.KernelChoice("ggml-q4_1", (64, 96), 4, 8, method, 2)
         assert_close(c.matvec(t, x, scratch=np.empty((64, 96), np.float32)), want[method], w, x)
 
@@ -465,15 +465,19 @@ def test_empty_matrices():
 @pytest.mark.parametrize("batch", [2, 16, 17, 40])
 def test_qmm_matches_its_numpy_reference(rng, bits, shape, group_size, batch):
     """Every width, ragged groups, batches around the 16-lane vectors, outliers; 1 and 2 threads."""
-    t = quantized(rng, shape, bits, group_size)
-    x = rng.standard_normal((batch, shape[1])).astype(np.float32)
+    check_qmm(quantized(rng, shape, bits, group_size), rng.standard_normal((batch, shape[1])).astype(np.float32))
+
+
+def check_qmm(t, x) -> tuple[np.ndarray, np.ndarray]:
+    """qmm equals its NumPy reference on 1 and 2 threads, and with accumulate; (reference, W)."""
     want = lb.qmm_numpy(t, x).astype(np.float64)
     w = lb.dequantize_numpy(t)
     for threads in (1, 2):
         assert_close(lb.qmm(t, x, threads=threads), want, w, x)
-    out = np.ones((batch, shape[0]), np.float32)
+    out = np.ones((x.shape[0], t.shape[0]), np.float32)
     lb.qmm(t, x, out, accumulate=True, threads=2)
     assert_close(out - 1, want, w, x)
+    return want, w
 
 
 def test_qmm_rounds_x_to_int8_within_the_stated_bound(rng):
@@ -498,15 +502,8 @@ def test_qmm_rounds_x_to_int8_within_the_stated_bound(rng):
 def test_qmm_of_ggml_blocks_matches_its_numpy_reference(rng, kind, shape, batch):
     """GGML blocks in the int8 products: blocks of 32 as the groups, Q4_1's nibbles and Q8_0's
     q + 128 as the unsigned codes; C equals the reference on 1 and 2 threads, with accumulate."""
-    t = lb.random_tensor(kind, shape, seed=shape[0])
     x = rng.standard_normal((batch, shape[1])).astype(np.float32)
-    want = lb.qmm_numpy(t, x).astype(np.float64)
-    w = lb.dequantize_numpy(t)
-    for threads in (1, 2):
-        assert_close(lb.qmm(t, x, threads=threads), want, w, x)
-    out = np.ones((batch, shape[0]), np.float32)
-    lb.qmm(t, x, out, accumulate=True, threads=2)
-    assert_close(out - 1, want, w, x)
+    want, w = check_qmm(lb.random_tensor(kind, shape, seed=shape[0]), x)
     err = np.abs(want - x.astype(np.float64) @ w.astype(np.float64).T)  # the int8 rounding of x
     assert err.max() <= 0.02 * (np.abs(x) @ np.abs(w).T).max()
 
