@@ -22,13 +22,21 @@ def _notice(msg: str) -> None:
 KERNELS_FILE = "kernels.json"  # in the user cache (sti.demo.cache_dir): kernel choices of this machine
 
 
+_PROFILES: dict = {}  # cache path -> the KernelProfile every engine of this process shares
+
+
 def _kernel_profile():
-    """This machine's measured kernel choices, from the user cache (empty the first time)."""
+    """This machine's measured kernel choices, from the user cache (empty the first time), one
+    object per cache for the whole process: two engines on one model (resident and streamed) then
+    multiply every shape with the same kernel even when it was measured after the file was read."""
     from sti.demo import cache_dir
     from sti.lowbit import machine_profile
 
-    prof = machine_profile(cache_dir() / KERNELS_FILE)
-    prof.saved = len(prof.choices)
+    path = cache_dir() / KERNELS_FILE
+    prof = _PROFILES.get(path)
+    if prof is None:
+        prof = _PROFILES[path] = machine_profile(path)
+        prof.saved = len(prof.choices)
     return prof
 
 

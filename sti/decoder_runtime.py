@@ -48,7 +48,7 @@ import numpy as np
 from sti import blas
 from sti.errors import STIError
 from sti.checksums import sum64_int
-from sti.linops import ColSum, Packed, RowStack, SegmentStack, tiled
+from sti.linops import ColSum, Packed, RowStack, SegmentStack, exact_products, tiled
 from sti.lowbit import GGML, LowBitTensor
 from sti.models import llama
 from sti.plan_decoder import read_slots
@@ -311,7 +311,8 @@ class StreamingDecoder:
         with self._lock:
             self.start()
             try:
-                return self._forward(ids, cache, all_logits)
+                with exact_products(ids.shape[1] > 1):  # a prompt's tokens: no int8 products
+                    return self._forward(ids, cache, all_logits)
             except BaseException:  # a pass left half-consumed: the stream restarts with the next call
                 self.stop()
                 raise

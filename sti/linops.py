@@ -7,8 +7,9 @@ a layer runs unchanged on float32 arrays, on packed matrices read straight from 
 shard store, and on the shards of one layer streamed from storage:
 
 ``Packed``    one packed matrix (a :class:`sti.lowbit.LowBitTensor`): the fused low-bit
-              matrix-vector kernel or dequantize + BLAS, whichever measured faster for the batch
-              (:class:`sti.lowbit.KernelProfile`); also gives rows (an embedding table).
+              matrix-vector kernel, dequantize + BLAS or (batches) int8 products, whichever
+              measured faster for the batch (:class:`sti.lowbit.KernelProfile`); also gives rows
+              (an embedding table).
 ``RowStack``  shards cut along the output axis (query heads, FFN neurons, vocabulary rows): their
               outputs side by side.
 ``ColSum``    shards cut along the input axis (the output projection of a group of heads, the
@@ -27,6 +28,8 @@ element the same sum as in the matrix the shards were cut from.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,10 +40,24 @@ from sti import lowbit
 # matrix-matrix products and always dequantize + BLAS.
 FUSED_MAX_BATCH = 16
 
+_EXACT = contextvars.ContextVar("sti_exact_products", default=False)
+
+
+@contextlib.contextmanager
+def exact_products(on: bool = True):
+    """Within this context (``on``), packed matrices never take int8 products, which round x
+    (~4e-3 of |W||x|): the models run a prompt's tokens under it, so that prompt logits stay
+    within 1e-5 of the float product and only decode steps of several sequences go int8."""
+    token = _EXACT.set(on)
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
 
 class Packed:
     """A packed (out, in) matrix. ``profile``: the :class:`sti.lowbit.KernelProfile` that says
-    which kernel (fused or dequantize + BLAS) on how many threads is fastest for this shape and
+    which kernel (fused, dequantize + BLAS, or int8 for batches) on how many threads is fastest for this shape and
     batch on this machine, measured there on a miss (without one: the fused kernel on one thread
     for batches up to ``FUSED_MAX_BATCH``, dequantize + BLAS above). ``scratch``: a float32 buffer the
     dequantize + BLAS path reuses (a runtime under a memory budget owns it); a matrix larger than
@@ -53,15 +70,15 @@ class Packed:
         self.scratch = scratch
         n = self.shape[0] * self.shape[1]
         self._fits = scratch is None or scratch.size >= n
-        self._choice: dict[int, lowbit.KernelChoice] = {}
-        self._direct: dict[int, tuple] = {}  # batch -> (C method, threads) where the choice is a C kernel
+        self._choice: dict[tuple, lowbit.KernelChoice] = {}  # (batch, exact) -> choice
+        self._direct: dict[tuple, tuple] = {}  # (batch, exact) -> (C method, threads) where the choice is a C kernel
 
     @property
     def nbytes(self) -> int:
         return self.t.nbytes
 
-    def _kernel(self, batch: int) -> lowbit.KernelChoice:
-        c = self._choice.get(batch)
+    def _kernel(self, batch: int, exact: bool = False) -> lowbit.KernelChoice:
+        c = self._choice.get((batch, exact))
         if c is None:
             t = self.t
             if batch > FUSED_MAX_BATCH:  # prefill: dequantize and the BLAS product on every core (sti.blas)
@@ -71,18 +88,19 @@ class Packed:
             else:
                 c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch,
                                         "fused" if lowbit.has_c_kernels() else "dequant", 1)
-            if c.method == "dequant" and not self._fits and batch <= FUSED_MAX_BATCH:
-                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "fused", c.threads)  # no room to dequantize
-            self._choice[batch] = c
+            if (c.method == "dequant" and not self._fits and batch <= FUSED_MAX_BATCH) or (exact and c.method == "int8"):
+                # no room to dequantize, or a prompt's tokens (exact_products)
+                c = lowbit.KernelChoice(t.kind, t.shape, t.bits, batch, "fused", c.threads)
+            self._choice[(batch, exact)] = c
             if c.method in ("fused", "int8") and self.t._m is not None:
                 m = self.t._m
-                self._direct[batch] = (m.qmm if c.method == "int8" else m.matvec, c.threads)
+                self._direct[(batch, exact)] = (m.qmm if c.method == "int8" else m.matvec, c.threads)
         return c
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
         """x (N, in) -> x @ W.T (N, out)."""
-        n = x.shape[0]
-        direct = self._direct.get(n)
+        n, exact = x.shape[0], _EXACT.get()
+        direct = self._direct.get((n, exact))
         if direct is not None and x.dtype == np.float32 and x.flags.c_contiguous and (out is not None or not accumulate):
             # decode's common case, straight into the C kernel (it checks x and out itself)
             if out is None:
@@ -90,12 +108,16 @@ class Packed:
             direct[0](x, out, accumulate, direct[1])
             return out
         if n > FUSED_MAX_BATCH and not self._fits:
+            # prefill with no room to dequantize: the fused kernel, FUSED_MAX_BATCH rows of x at a
+            # time, never int8 (a resident matrix is dequantized here, and a lossless stream's
+            # tokens must equal the resident ones; the fused kernel is within 1e-5 of it)
             if out is None:
                 out, accumulate = np.empty((n, self.shape[0]), np.float32), False
+            threads = self._kernel(FUSED_MAX_BATCH).threads
             for a in range(0, n, FUSED_MAX_BATCH):
-                self.apply(x[a:a + FUSED_MAX_BATCH], out[a:a + FUSED_MAX_BATCH], accumulate)
+                lowbit.matvec(self.t, x[a:a + FUSED_MAX_BATCH], out[a:a + FUSED_MAX_BATCH], accumulate, threads)
             return out
-        c = self._kernel(n)
+        c = self._kernel(n, exact)
         scratch = None
         if c.method == "dequant" and self.scratch is not None:
             scratch = self.scratch[:self.shape[0] * self.shape[1]].reshape(self.shape)

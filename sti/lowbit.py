@@ -40,14 +40,16 @@ to force the fallback, as for :mod:`sti.quant`):
   Gaussian weights); it buys a kernel that widens and multiplies integers instead of converting
   every weight to float (see sti/_lowbit.c).
 
-* :func:`qmm` (sti-q1 batches: "int8" in a kernel choice; GGML blocks in their affine form,
-  :func:`ggml_affine`, when called) rounds x to int8 per vector and weight group on both sides (:func:`quantize_acts_i8`, identical), takes each group's
-  code . x sum exactly, and differs from :func:`qmm_numpy` only in the float32 combination
-  (the same ``1e-5 * (|W| @ |x|)`` bound; ~3e-7 seen). Against float x, rounding moves y by at
+* :func:`qmm` ("int8" in a kernel choice, batches only; GGML blocks in their affine form,
+  :func:`ggml_affine`) rounds x to int8 per vector and weight group on both sides
+  (:func:`quantize_acts_i8`, identical), takes each group's code . x sum exactly, and differs
+  from :func:`qmm_numpy` only in the float32 combination (the same ``1e-5 * (|W| @ |x|)``
+  bound; ~3e-7 seen). y is W times the rounded x (offsets included), so rounding moves y by at
   most ``sum_s dx_s / 2 * sum_{i in s} |W_i|`` (tests/test_lowbit.py checks it); in exchange
   AVX-512 VNNI multiplies 64 code/activation byte pairs per instruction with the batch across
-  the lanes, 2.5-2.8x the fused kernel at batch 16 (576 x 576, 2-6 bits). Whether it runs for a
-  shape and batch is measured like the other methods. :func:`qmm_stack` is the same product for
+  the lanes, 2.5-2.8x the fused kernel at batch 16 (576 x 576, 2-6 bits; Q4_1 2.2x). Whether
+  it runs is measured like the other methods: per shape for sti-q1, per kind and batch size for
+  the lossless GGML kinds (:data:`INT8_REF_SHAPE`). :func:`qmm_stack` is the same product for
   several matrices read in place from several buffers (an encoder chunk's shards, stacked along
   the rows), with x rounded once.
 
@@ -79,13 +81,17 @@ KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
 GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
 QK = 32  # elements per GGML block
 METHODS = ("fused", "dequant", "int8")  # int8: qmm, batches only
-# Kinds whose batches measure_choice times with int8 products. Not the GGML blocks: they are the
-# lossless versions, and int8 activations (about 4e-3 of |W||x|, the 4-bit weights' own error)
-# would make a lossless stream's tokens depend on which kernel measured fastest; their int16
-# products move results by 1e-5. qmm reads them when asked (2.3x the fused kernel for Q4_1,
-# 1536 x 576, batch 16).
-INT8_KINDS = ("sti-q1",)
-PROFILE_SCHEMA = 1
+# Batches of every kind may run int8 products (qmm). For STI's k-bit kinds int8 competes per shape,
+# like fused against dequantize + BLAS. The GGML blocks are the lossless versions, whose
+# streamed tokens must equal the in-memory ones: int8 activations move a product by ~4e-3 of
+# |W||x| (the 4-bit weights' own error; the other kernels by 1e-5), so an engine whose shard shapes
+# chose int8 and one whose whole matrices did not could pick different greedy tokens. For them
+# int8 is decided per kind and batch size, once, on INT8_REF_SHAPE, and every shape of the kind
+# follows that decision (only its thread count, or fused against dequantize, is measured per
+# shape). x is rounded per block of 32 inputs, so a product cut into shards along its inputs
+# rounds x exactly as the whole matrix does.
+INT8_REF_SHAPE = (1536, 576)  # (rows, cols) the lossless kinds' int8 decision is measured on
+PROFILE_SCHEMA = 2  # 2: GGML batches may choose int8 (schema 1 profiles never measured it)
 PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
 # Bytes of distinct weight copies a timing cycles through, so that every call reads its weights
 # from memory as decode does (30 layers of SmolLM2 are 66 MB at Q4_1) instead of from a warm
@@ -403,9 +409,11 @@ def quantize_acts(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def quantize_acts_i8(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (B, cols) float32 -> int8 codes (B, ng, G), scales dx and exact sums xs (B, ng): each
+    """x (B, cols) float32 -> int8 codes (B, ng, G), scales dx and sums xs (B, ng): each
     vector's groups of G = ``group_size`` columns (zero-padded to ng * G) rounded as :func:`qmm`
-    rounds them, dx = max|x| / 127, codes = rint(x * (127 / max|x|)) (0 where max|x| is 0)."""
+    rounds them, dx = max|x| / 127, codes = rint(x * (127 / max|x|)) (0 where max|x| is 0), and
+    xs = dx * sum(codes), the sum of the rounded x (so that a weight's offset multiplies the same
+    x as its codes do; see :func:`qmm`)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     B, cols = x.shape
     ng = -(-cols // group_size)
@@ -416,7 +424,8 @@ def quantize_acts_i8(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.nda
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
     q = np.rint(xb * inv[..., None]).astype(np.int8)
-    return q, amax / np.float32(127), xb.sum(axis=-1, dtype=np.float32)
+    dx = amax / np.float32(127)
+    return q, dx, dx * q.sum(axis=-1, dtype=np.int32).astype(np.float32)
 
 
 def qmm(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False, threads: int = 1) -> np.ndarray:
@@ -424,8 +433,9 @@ def qmm(t, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = Fals
     are unsigned, at most 8 bits) or GGML blocks (:func:`ggml_affine`: Q4_1's nibbles, Q8_0's
     q + 128, blocks of 32 as the groups), x rounded to int8 per vector and weight group
     (:func:`quantize_acts_i8`), each group's code . x sum exact, then scaled:
-    ``y = sum_s scale_s * dx_s * isum_s + offset_s * xs_s``, plus outlier corrections. Rounding x
-    moves y by at most ``sum_s dx_s / 2 * sum_{i in s} |W_i|``. The AVX-512 VNNI kernel of
+    ``y = sum_s scale_s * dx_s * isum_s + offset_s * xs_s`` with xs_s the sum of the rounded x,
+    plus outlier corrections: y is W times the rounded x, so rounding x moves y by at most
+    ``sum_s dx_s / 2 * sum_{i in s} |W_i|``. The AVX-512 VNNI kernel of
     ``sti._lowbit`` (portable C elsewhere) on ``threads`` threads; :func:`qmm_numpy` without it."""
     t = t if type(t) in (LowBitTensor, TiledTensor) else as_lowbit(t)
     x, out, _ = _check_matvec(t, x, out, accumulate)
@@ -695,11 +705,23 @@ class KernelProfile:
         c = self.get(kind, shape, bits, batch)
         if c is None:
             k = _key(kind, shape, bits, batch)
-            c = measure_choice(kind, shape, k[3], k[4], repeats=repeats) if measure else \
-                KernelChoice(kind, shape, k[3], k[4], "fused" if _lb is not None else "dequant", 1)
-            if measure:
-                self.add(c)
+            if not measure:
+                return KernelChoice(kind, shape, k[3], k[4], "fused" if _lb is not None else "dequant", 1)
+            methods = None
+            if kind in GGML and k[4] > 1:  # int8 or not: the kind's decision, made on the reference shape
+                ref = self.choose(kind, INT8_REF_SHAPE, batch=batch, repeats=repeats) \
+                    if tuple(shape) != INT8_REF_SHAPE else None
+                if ref is not None:
+                    methods = ("int8",) if ref.method == "int8" else ("fused", "dequant")
+            c = measure_choice(kind, shape, k[3], k[4], repeats=repeats, methods=methods)
+            self.add(c)
         return c
+
+    def int8(self, kind: str, batch: int) -> bool | None:
+        """Whether ``kind``'s batches of ``batch`` run int8 products everywhere (GGML kinds: the
+        decision on :data:`INT8_REF_SHAPE`); None where not measured yet or decided per shape."""
+        c = self.get(kind, INT8_REF_SHAPE, batch=batch) if kind in GGML else None
+        return None if c is None else c.method == "int8"
 
     def to_json(self) -> dict:
         return {"schema": PROFILE_SCHEMA, "machine": self.machine,
@@ -771,7 +793,7 @@ def profile_kernels(shapes, batches=(1, 16), repeats: int = 5) -> dict:
     prof = KernelProfile()
     for kind, shape, bits in shapes:
         for b in batches:
-            prof.add(measure_choice(kind, shape, bits, batch_bucket(b), repeats=repeats))
+            prof.choose(kind, shape, bits, b, repeats=repeats)
     return prof.to_json()
 
 
@@ -818,15 +840,19 @@ def time_interleaved(fns: dict, repeats: int, prune: float | None = 4.0,
 
 
 def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, repeats: int = 5,
-                   threads=None, seed: int = 0) -> KernelChoice:
-    """Time the fused kernel and dequantize + BLAS (and for batches of :data:`INT8_KINDS` the int8
-    products, :func:`qmm`) on a random ``kind`` matrix of ``shape`` (cycling through enough copies that the
-    weights come from memory, as in decode), on each thread count of ``threads`` (default
-    :func:`thread_candidates`); the median fastest wins."""
+                   threads=None, seed: int = 0, methods=None) -> KernelChoice:
+    """Time the fused kernel, dequantize + BLAS and for batches the int8 products (:func:`qmm`), or
+    only ``methods`` of :data:`METHODS`, on a random ``kind`` matrix of ``shape`` (cycling through
+    enough copies that the weights come from memory, as in decode), on each thread count of
+    ``threads`` (default :func:`thread_candidates`); the median fastest wins."""
+    methods = METHODS if methods is None else tuple(methods)
+    if not methods or set(methods) - set(METHODS) or (batch == 1 and methods == ("int8",)):
+        raise ValueError(f"measure_choice: methods must be some of {METHODS} (int8 for batches only), "
+                         f"got {methods!r}")
     rows, cols = int(shape[0]), int(shape[1])
     bits = GGML[kind][2] if kind in GGML else int(bits if bits is not None else 4)
     if _lb is None:  # without the C kernels matvec *is* dequantize + matmul: nothing to choose
-        return KernelChoice(kind, (rows, cols), bits, batch, "dequant", 1, {})
+        return KernelChoice(kind, (rows, cols), bits, batch, "int8" if methods == ("int8",) else "dequant", 1, {})
     base = random_tensor(kind, (rows, cols), bits, seed=seed)
     ts = [base] + [base.copy() for _ in range(stream_copies(base.nbytes) - 1)]
     x = np.random.default_rng(seed).standard_normal((batch, cols)).astype(np.float32)
@@ -836,19 +862,22 @@ def measure_choice(kind: str, shape, bits: int | None = None, batch: int = 1, re
     scratch = np.empty((rows, cols), dtype=np.float32)
     fused, deq = {}, {}
     for th in (threads or thread_candidates()):
-        fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
-        if batch > 1 and kind in INT8_KINDS:
+        if "fused" in methods:
+            fused[f"fused/{th}"] = cycling(lambda t, th=th: matvec(t, x, out, threads=th), ts)
+        if batch > 1 and "int8" in methods:
             fused[f"int8/{th}"] = cycling(lambda t, th=th: qmm(t, x, out, threads=th), ts)
-        deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
+        if "dequant" in methods:
+            deq[f"dequant/{th}"] = cycling(lambda t, th=th: dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
     # The fused kernels first, on a quiet machine: OpenBLAS's threads spin for a while after each
     # BLAS call (dequantize + matmul here, or any NumPy matmul before this call), and a spinning
     # thread takes the core the pool's helper needs; decode makes no BLAS calls, so that is not
     # what it will see. Below BLAS_QUIET_ELEMS one thread wins anyway and the wait is skipped.
     if max(threads or thread_candidates()) > 1 and rows * cols >= BLAS_QUIET_ELEMS:
         time.sleep(BLAS_SPIN_S)
-    times = time_interleaved(fused, max(1, repeats))
-    with blas.limited(1):  # as the models run it: dequant/N is BLAS on one thread in each of N (sti.blas)
-        times.update(time_interleaved(deq, max(1, repeats)))
+    times = time_interleaved(fused, max(1, repeats)) if fused else {}
+    if deq:
+        with blas.limited(1):  # as the models run it: dequant/N is BLAS on one thread in each of N (sti.blas)
+            times.update(time_interleaved(deq, max(1, repeats)))
     med = {n: float(np.median(v)) * 1e3 for n, v in times.items()}
     best = min(med, key=med.get)  # a pruned candidate's one timing was 4x the best: it never wins
     method, th = best.split("/")

@@ -100,7 +100,7 @@ from sti.store import format as fmt
 
 HEAD = fmt.HEAD
 PROFILE_FORMAT = "sti-decoder-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: batches of Q4_1/Q8_0 shards may run int8 products (version 1 timed them without)
 KERNELS_FILE = "kernels.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_TEXTS = 4
@@ -151,18 +151,11 @@ def _store_kernels(store):
     on a miss (fused low-bit kernel vs dequantize + BLAS, 1 vs 2 threads); the profile is saved
     back, so that the runtime multiplies with exactly the kernels these timings were made with."""
     from sti import lowbit
-    from sti.api import KERNELS_FILE as MACHINE_KERNELS
-    from sti.demo import cache_dir
+    from sti.api import _kernel_profile, _save_kernel_profile
 
-    path = cache_dir() / MACHINE_KERNELS
-    kernels = lowbit.machine_profile(path)
-    known = len(kernels.choices)
+    kernels = _kernel_profile()
     mine = [kernels.choose(kind, shape, bits, batch) for kind, shape, bits in _kernel_shapes(store) for batch in BATCHES]
-    if len(kernels.choices) != known:
-        try:
-            kernels.save(path)
-        except OSError:  # a read-only cache: the runtime measures again on first use
-            pass
+    _save_kernel_profile(kernels)  # a read-only cache: the runtime measures again on first use
     return kernels, lowbit.KernelProfile(mine, kernels.machine).to_json()
 
 

@@ -48,6 +48,35 @@ def test_lossless_streaming_is_token_identical_to_in_memory(tiny):
         small.close()
 
 
+@pytest.mark.skipif(not lowbit.has_c_kernels(), reason="int8 products need sti._lowbit (no C compiler)")
+def test_lossless_batches_with_int8_products_are_token_identical(tiny, tmp_path, monkeypatch):
+    """Decode batches of the lossless GGML shards may run int8 products (x rounded per block of
+    32). That is decided per kind and batch size, not per shape, so the resident engine (whole
+    matrices) and the streamed one (shards) round x alike and pick the same tokens."""
+    gguf, store = tiny
+    monkeypatch.setenv("STI_CACHE", str(tmp_path))  # a fresh profile, shared by both engines
+    from sti.api import _kernel_profile
+
+    prof = _kernel_profile()
+    for kind in lowbit.GGML:  # the decision for 4-sequence batches: int8 (as measured on this CPU)
+        prof.add(lowbit.KernelChoice(kind, lowbit.INT8_REF_SHAPE, lowbit.GGML[kind][2], 4, "int8", 1))
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], [1, 50, 51]]
+    ref = Generator.load(str(gguf), progress=False)
+    small = Generator.from_store(store, memory=_smallest(store) + 80_000, preload=False, batch=4)
+    try:
+        want = list(ref.stream_batch(prompts, max_tokens=10))
+        assert list(small.stream_batch(prompts, max_tokens=10)) == want
+        assert small.engine._io.stats["reads"] > 0
+        # one token for each of 4 sequences: a decode step's products; int8 on one side and float
+        # on the other would differ by ~5e-2 here, the same rounding of x by summation order only
+        x = np.asarray([[p[0]] for p in prompts])
+        np.testing.assert_allclose(small.logits(x), ref.logits(x), rtol=0, atol=1e-4)
+        ran = {c.shape for c in prof.choices.values() if c.method == "int8" and c.shape != lowbit.INT8_REF_SHAPE}
+        assert len(ran) >= 3  # whole and shard shapes both multiplied with int8
+    finally:
+        small.close()
+
+
 def _smallest(store) -> int:
     """The smallest budget plan_decoder accepts (parsed from its error)."""
     import re
@@ -181,9 +210,11 @@ def test_mapped_and_copied_fetches_give_identical_results(tiny):
         eng = gens["mmap"].engine
         assert not Store.open(store).sequential and eng.store.sequential  # read-ahead on: large page-cache folios
         wqkv = eng._layer_w[0]["wqkv"]
-        assert isinstance(wqkv, BySize) and isinstance(wqkv.large, SegmentStack)  # prefill: a product per shard
         if lowbit.has_c_kernels():  # decode: one product over every shard's q, k and v rows, in place
+            assert isinstance(wqkv, BySize) and isinstance(wqkv.large, SegmentStack)  # prefill: a product per shard
             assert isinstance(wqkv.small, Packed) and isinstance(wqkv.small.t, lowbit.TiledTensor)
+        else:  # without them tiles cannot be read in place: a product per shard throughout
+            assert isinstance(wqkv, SegmentStack)
         io = eng._io
         assert 0 < len(io.held) <= eng.n_slots  # never more shards mapped in than slots
         assert eng.res.peak <= budget
@@ -230,7 +261,7 @@ def test_packed_models_keep_blas_to_one_thread_float32_models_do_not(tiny, monke
         return real(n)
 
     monkeypatch.setattr(blas, "limited", spy)
-    x = np.asarray([PROMPT])
+    x = np.asarray([PROMPT])  # a prompt: float products, whatever kernel its size measured fastest
     packed, plain = Generator.load(str(gguf), progress=False), Generator.load(str(gguf), progress=False, packed=False)
     packed.logits(x)  # its products run on STI's own threads: BLAS on one, none left spinning
     assert entered and entered[0] == 1

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sti import lowbit
-from sti.linops import BySize, ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, stack_rows, tiled
+from sti.linops import BySize, ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, exact_products, stack_rows, tiled
 from sti.ops import linear
 
 
@@ -120,3 +120,20 @@ def test_tiled_composites_are_one_matrix_read_in_place(n):
     assert tiled(RowStack([Packed(rows[0]), Packed(lowbit.random_tensor("sti-q1", (16, 64)))])) is None
     assert tiled(ColSum([Packed(cols[0]), dense(cols[1])])) is None  # a float32 part
     assert tiled(np.zeros((4, 4), np.float32)) is None
+
+
+@pytest.mark.skipif(not lowbit.has_c_kernels(), reason="int8 products need sti._lowbit (no C compiler)")
+def test_exact_products_keep_a_prompt_off_int8():
+    """Where a batch size chose int8, its rows go through qmm, except within exact_products (a
+    prompt's tokens), where the same rows take the fused kernel; the context restores on exit."""
+    t = lowbit.random_tensor("ggml-q4_1", (96, 128), seed=1)
+    prof = lowbit.KernelProfile([lowbit.KernelChoice("ggml-q4_1", (96, 128), 4, 4, "int8", 1)])
+    op = Packed(t, prof)
+    x = np.random.default_rng(2).standard_normal((4, 128)).astype(np.float32)
+    assert np.array_equal(op.apply(x), lowbit.qmm(t, x))
+    with exact_products():
+        assert np.array_equal(op.apply(x), lowbit.matvec(t, x))
+        with exact_products(False):
+            assert np.array_equal(op.apply(x), lowbit.qmm(t, x))
+    assert np.array_equal(op.apply(x), lowbit.qmm(t, x))
+    assert not np.array_equal(lowbit.qmm(t, x), lowbit.matvec(t, x))  # the two differ at all

@@ -417,7 +417,9 @@ def test_int16_activations_cost_far_less_than_the_weights_own_rounding(rng, kind
 
 def test_profile_round_trips_and_is_consulted(tmp_path):
     d = lb.profile_kernels([("ggml-q8_0", (64, 64), None), ("sti-q1", (32, 80), 5)], batches=(1, 3), repeats=1)
-    assert d["schema"] == lb.PROFILE_SCHEMA and len(d["choices"]) == 4
+    # four asked for, plus the Q8_0 batch's int8 decision on the reference shape
+    assert d["schema"] == lb.PROFILE_SCHEMA and len(d["choices"]) == 5
+    assert {tuple(c["shape"]) for c in d["choices"] if c["kind"] == "ggml-q8_0"} == {(64, 64), lb.INT8_REF_SHAPE}
     assert {"cpu", "cpus", "simd"} <= set(d["machine"])
     path = lb.save_profile(d, tmp_path / "profile" / "kernels.json")
     prof = lb.load_profile(path)
@@ -489,11 +491,28 @@ def test_qmm_rounds_x_to_int8_within_the_stated_bound(rng):
     x[:, 5] *= 30  # an activation outlier coarsens its group's steps only
     q, dx, xs = lb.quantize_acts_i8(x, 64)
     assert q.dtype == np.int8 and np.abs(q).max() == 127
-    assert np.array_equal(xs, x.reshape(20, 3, 64).sum(-1, dtype=np.float32))
+    assert np.array_equal(xs, dx * q.sum(-1, dtype=np.int32).astype(np.float32))  # the sum of the rounded x
     bound = (dx[:, None, :] / 2 * np.abs(w).reshape(96, 3, 64).sum(-1)[None]).sum(-1)  # (B, rows)
-    err = np.abs(lb.qmm(t, x) - x.astype(np.float64) @ w.T)
+    y = lb.qmm(t, x)
+    err = np.abs(y - x.astype(np.float64) @ w.T)
     assert np.all(err <= bound + 1e-5 * (np.abs(x) @ np.abs(w).T))
     assert err.max() > 0.05 * bound.max()
+
+
+def test_qmm_error_is_that_of_rounding_x_for_affine_blocks(rng):
+    """Q4_1 stores W = d * code + m with m about -8 d: the error must be W (x - x_rounded), not
+    d * code (x - x_rounded), which is about twice as large."""
+    t = lb.random_tensor("ggml-q4_1", (256, 576), seed=7)
+    w = lb.dequantize_numpy(t).astype(np.float64)
+    x = rng.standard_normal((16, 576)).astype(np.float32)
+    x[:, 247] *= 15  # one outlier channel, as a LLaMA hidden state has
+    q, dx, _ = lb.quantize_acts_i8(x, 32)
+    xr = (q.astype(np.float64) * dx[..., None]).reshape(16, 576)
+    y = lb.qmm(t, x)
+    assert_close(y, xr @ w.T, w, x)  # W times the rounded x, offsets included
+    exact = x.astype(np.float64) @ w.T
+    codes_only = np.linalg.norm((w - lb.ggml_affine(t).offset.repeat(32, axis=1)) @ (xr - x).T)
+    assert np.linalg.norm(y - exact) < 0.75 * codes_only  # the error the exact sums of x gave
 
 
 @pytest.mark.parametrize("kind", ["ggml-q4_1", "ggml-q8_0"])
@@ -540,16 +559,48 @@ def test_the_int8_choice_is_for_batches(rng):
     assert_close(c.matvec(g, x), lb.qmm_numpy(g, x).astype(np.float64), lb.dequantize_numpy(g), x)
 
 
-def test_measure_choice_times_int8_for_sti_batches_only():
-    """int8 is timed for STI's k-bit batches, never for batch 1, and not for the lossless GGML
-    blocks (whose tokens must not depend on which kernel measured fastest)."""
+def test_measure_choice_times_int8_for_batches_only():
     if not lb.has_c_kernels():
         pytest.skip("sti._lowbit is not built: nothing is timed")
-    c = lb.measure_choice("sti-q1", (64, 128), bits=4, batch=8, repeats=1)
-    assert any(k.startswith("int8/") for k in c.times_ms)
-    for kind, batch in (("sti-q1", 1), ("ggml-q4_1", 8)):
-        c = lb.measure_choice(kind, (64, 128), bits=4, batch=batch, repeats=1)
+    for kind in ("sti-q1", "ggml-q4_1"):
+        c = lb.measure_choice(kind, (64, 128), bits=4, batch=8, repeats=1)
+        assert any(k.startswith("int8/") for k in c.times_ms)
+        c = lb.measure_choice(kind, (64, 128), bits=4, batch=1, repeats=1)
         assert not any(k.startswith("int8/") for k in c.times_ms)
+    c = lb.measure_choice("ggml-q4_1", (64, 128), batch=8, repeats=1, methods=("fused",))
+    assert c.method == "fused" and all(k.startswith("fused/") for k in c.times_ms)
+    for bad in ((), ("int4",), ("int8",)):
+        with pytest.raises(ValueError, match="methods"):
+            lb.measure_choice("ggml-q4_1", (64, 128), batch=8 if bad != ("int8",) else 1, methods=bad)
+
+
+@pytest.mark.parametrize("ref", ["int8", "fused"])
+def test_lossless_kinds_follow_one_int8_decision_per_batch(monkeypatch, ref):
+    """Every shape of a GGML kind runs int8 at a batch size exactly when the reference shape
+    measured int8 fastest there (so resident and streamed engines never mix int8 and float
+    products of the lossless weights); sti-q1 shapes decide for themselves; batch 1 never int8."""
+    asked = []
+
+    def fake(kind, shape, bits=None, batch=1, repeats=5, threads=None, seed=0, methods=None):
+        asked.append((kind, tuple(shape), batch, methods))
+        methods = methods or lb.METHODS
+        m = ref if tuple(shape) == lb.INT8_REF_SHAPE else ("int8" if "int8" in methods and batch > 1 else "fused")
+        m = m if m in methods and (m != "int8" or batch > 1) else methods[0]
+        return lb.KernelChoice(kind, shape, lb._key(kind, shape, bits, batch)[3], lb.batch_bucket(batch), m, 1)
+
+    monkeypatch.setattr(lb, "measure_choice", fake)
+    prof = lb.KernelProfile()
+    assert prof.int8("ggml-q4_1", 16) is None  # nothing measured yet
+    for shape in ((960, 576), (512, 576), (576, 1536)):
+        assert prof.choose("ggml-q4_1", shape, batch=16).method == ref
+    assert prof.int8("ggml-q4_1", 16) is (ref == "int8")
+    assert prof.choose("ggml-q4_1", lb.INT8_REF_SHAPE, batch=16).method == ref
+    assert [a for a in asked if a[1] == lb.INT8_REF_SHAPE] == [("ggml-q4_1", lb.INT8_REF_SHAPE, 16, None)]  # once
+    allowed = ("int8",) if ref == "int8" else ("fused", "dequant")
+    assert all(a[3] == allowed for a in asked if a[1] != lb.INT8_REF_SHAPE)
+    assert prof.choose("ggml-q4_1", (960, 576), batch=1).method == "fused"
+    assert prof.choose("sti-q1", (960, 576), bits=2, batch=16).method == "int8"  # its own measurement
+    assert prof.int8("sti-q1", 16) is None
 
 
 # --------------------------------------------------------------------------- int8 products of stacked matrices

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sti.linops import exact_products
 from sti.ops import ATTEND_ONE_DTYPES, attend_one, has_attend_one, linear, rms_norm, silu, silu_mul, softmax_
 
 
@@ -271,14 +272,15 @@ def forward(cfg: LlamaConfig, g: Mapping[str, np.ndarray], layers: Iterable[Mapp
     if start + T > cache.capacity:
         raise ValueError(f"KV cache full: {start} + {T} > {cache.capacity}")
     cos, sin = rope_tables(cfg, positions(start, T, cache.pad))
-    x = g["embed"][ids]  # (B, T, H)
-    for i, w in enumerate(layers):
-        x = layer(cfg, x, w, cache.k[i], cache.v[i], start, cos, sin, cache.pad)
-    cache.length = start + T
-    if not all_logits:
-        x = x[:, -1]
-    x = rms_norm(x, g["norm"], cfg.rms_eps)
-    return linear(x, g["embed"] if cfg.tie_embeddings else g["lm_head"])
+    with exact_products(T > 1):  # a prompt's tokens: no int8 products (decode steps of a batch may)
+        x = g["embed"][ids]  # (B, T, H)
+        for i, w in enumerate(layers):
+            x = layer(cfg, x, w, cache.k[i], cache.v[i], start, cos, sin, cache.pad)
+        cache.length = start + T
+        if not all_logits:
+            x = x[:, -1]
+        x = rms_norm(x, g["norm"], cfg.rms_eps)
+        return linear(x, g["embed"] if cfg.tie_embeddings else g["lm_head"])
 
 
 def prefill(cfg, g, layers, ids: np.ndarray, cache: KVCache) -> np.ndarray:
