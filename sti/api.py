@@ -36,18 +36,18 @@ def _kernel_profile():
     prof = _PROFILES.get(path)
     if prof is None:
         prof = _PROFILES[path] = machine_profile(path)
-        prof.saved = len(prof.choices)
+        prof.saved = prof.changes
     return prof
 
 
 def _save_kernel_profile(prof) -> None:
-    if prof is None or len(prof.choices) == getattr(prof, "saved", 0):
+    if prof is None or prof.changes == getattr(prof, "saved", 0):
         return
     from sti.demo import cache_dir
 
     try:
         prof.save(cache_dir() / KERNELS_FILE)
-        prof.saved = len(prof.choices)
+        prof.saved = prof.changes
     except OSError:  # a read-only cache only costs the measurement next time
         pass
 

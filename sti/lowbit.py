@@ -69,7 +69,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,10 @@ METHODS = ("fused", "dequant", "int8")  # int8: qmm, batches only
 # rounds x exactly as the whole matrix does.
 INT8_REF_SHAPE = (1536, 576)  # (rows, cols) the lossless kinds' int8 decision is measured on
 PROFILE_SCHEMA = 2  # 2: GGML batches may choose int8 (schema 1 profiles never measured it)
+# A choice whose runner-up thread count timed within CLOSE_CALL of it is measured again in a later
+# process, up to CONFIRM_ROUNDS measurements in all (KernelProfile.choose).
+CLOSE_CALL = 0.10
+CONFIRM_ROUNDS = 2
 PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
 # Bytes of distinct weight copies a timing cycles through, so that every call reads its weights
 # from memory as decode does (30 layers of SmolLM2 are 66 MB at Q4_1) instead of from a warm
@@ -644,7 +648,8 @@ class KernelChoice:
     """How to multiply a (rows, cols) ``kind``/``bits`` matrix by a batch of ``batch`` vectors:
     ``method`` "fused" (:func:`matvec`), "dequant" (:func:`dequant_matmul`) or, for batches,
     "int8" (:func:`qmm`), on ``threads`` threads, and the median milliseconds of every
-    candidate timed (``"fused/1"``, ...)."""
+    candidate timed (``"fused/1"``, ...); ``rounds``: how many measurements (in different
+    processes) went into them, each candidate keeping its fastest median."""
 
     kind: str
     shape: tuple[int, int]
@@ -653,6 +658,7 @@ class KernelChoice:
     method: str
     threads: int
     times_ms: dict = field(default_factory=dict)
+    rounds: int = 1
 
     def __post_init__(self):
         if (self.kind not in KINDS or self.method not in METHODS or self.threads < 1
@@ -668,14 +674,33 @@ class KernelChoice:
             return qmm(t, x, out, accumulate, self.threads)
         return dequant_matmul(t, x, out, accumulate, self.threads, scratch)
 
+    def close_call(self) -> bool:
+        """Whether another thread count of the chosen method timed within :data:`CLOSE_CALL` of
+        the choice (one measurement could not tell them apart)."""
+        mine = self.times_ms.get(f"{self.method}/{self.threads}")
+        rivals = [v for k, v in self.times_ms.items()
+                  if k.split("/")[0] == self.method and k != f"{self.method}/{self.threads}"]
+        return mine is not None and any(v <= mine * (1 + CLOSE_CALL) for v in rivals)
+
+    def confirmed(self, again: KernelChoice) -> KernelChoice:
+        """This choice with a later measurement ``again`` of the same method merged in: every
+        candidate keeps its fastest median, and the method's fastest thread count wins."""
+        times = dict(self.times_ms)
+        for k, v in again.times_ms.items():
+            times[k] = min(v, times.get(k, v))
+        mine = {k: v for k, v in times.items() if k.split("/")[0] == self.method}
+        threads = int(min(mine, key=mine.get).split("/")[1]) if mine else self.threads
+        return replace(self, threads=threads, times_ms=times, rounds=self.rounds + again.rounds)
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "batch": self.batch,
-                "method": self.method, "threads": self.threads, "times_ms": dict(self.times_ms)}
+                "method": self.method, "threads": self.threads, "times_ms": dict(self.times_ms),
+                "rounds": self.rounds}
 
     @classmethod
     def from_json(cls, d: dict) -> KernelChoice:
         return cls(d["kind"], tuple(d["shape"]), int(d["bits"]), int(d["batch"]), d["method"], int(d["threads"]),
-                   {k: float(v) for k, v in d.get("times_ms", {}).items()})
+                   {k: float(v) for k, v in d.get("times_ms", {}).items()}, int(d.get("rounds", 1)))
 
 
 def _key(kind, shape, bits, batch):
@@ -689,11 +714,15 @@ class KernelProfile:
     def __init__(self, choices=(), machine: dict | None = None):
         self.machine = dict(machine) if machine else _machine()
         self.choices: dict[tuple, KernelChoice] = {}
+        self.changes = 0  # choices added or replaced since construction (a caller's cue to save)
+        self._measured: set[tuple] = set()  # keys measured by this object (this process)
         for c in choices:
             self.add(c)
+        self.changes = 0
 
     def add(self, c: KernelChoice) -> None:
         self.choices[_key(c.kind, c.shape, c.bits, c.batch)] = c
+        self.changes += 1
 
     def get(self, kind: str, shape, bits: int | None = None, batch: int = 1) -> KernelChoice | None:
         return self.choices.get(_key(kind, shape, bits, batch))
@@ -701,10 +730,22 @@ class KernelProfile:
     def choose(self, kind: str, shape, bits: int | None = None, batch: int = 1, measure: bool = True,
                repeats: int = 5) -> KernelChoice:
         """The recorded choice; on a miss, measured now (and recorded) unless ``measure`` is False,
-        in which case the fused kernel on one thread is returned unmeasured."""
+        in which case the fused kernel on one thread is returned unmeasured.
+
+        A close call between thread counts (:meth:`KernelChoice.close_call`) recorded by another
+        process is measured once more before it is used: the other core being busy for a moment
+        makes a second thread look useless (one such measurement left SmolLM2's largest decode
+        matrix on one thread, 30% slower per token), and that must not stick in the profile.
+        Only the thread count may change then, never the method (the int8 decisions stay one
+        per kind)."""
+        k = _key(kind, shape, bits, batch)
         c = self.get(kind, shape, bits, batch)
+        if (c is not None and measure and c.rounds < CONFIRM_ROUNDS and k not in self._measured
+                and c.close_call()):
+            c = c.confirmed(measure_choice(kind, shape, k[3], k[4], repeats=repeats, methods=(c.method,)))
+            self._measured.add(k)
+            self.add(c)
         if c is None:
-            k = _key(kind, shape, bits, batch)
             if not measure:
                 return KernelChoice(kind, shape, k[3], k[4], "fused" if _lb is not None else "dequant", 1)
             methods = None
@@ -714,6 +755,7 @@ class KernelProfile:
                 if ref is not None:
                     methods = ("int8",) if ref.method == "int8" else ("fused", "dequant")
             c = measure_choice(kind, shape, k[3], k[4], repeats=repeats, methods=methods)
+            self._measured.add(k)
             self.add(c)
         return c
 

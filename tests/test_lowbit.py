@@ -451,6 +451,41 @@ def test_choose_measures_a_miss_once():
     assert lb.choose("ggml-q8_0", (48, 64), batch=2, profile=prof) is a
 
 
+def test_a_close_call_between_thread_counts_is_measured_once_more_in_a_later_process(monkeypatch):
+    """One busy moment on the other core made a second thread look useless; a choice that close is
+    timed again (its own method only) by the next process that uses it, the candidates keep their
+    fastest medians, and then it stands."""
+    asked = []
+
+    def fake(kind, shape, bits=None, batch=1, repeats=5, threads=None, seed=0, methods=None):
+        asked.append((tuple(shape), methods))
+        return lb.KernelChoice(kind, shape, 4, batch, "fused", 2, {"fused/1": 0.12, "fused/2": 0.07})
+
+    monkeypatch.setattr(lb, "measure_choice", fake)
+    close = lb.KernelChoice("ggml-q4_1", (3072, 576), 4, 1, "fused", 1,
+                            {"fused/1": 0.1157, "fused/2": 0.118, "dequant/1": 0.25})
+    clear = lb.KernelChoice("ggml-q4_1", (960, 576), 4, 1, "fused", 2, {"fused/1": 0.038, "fused/2": 0.021})
+    assert close.close_call() and not clear.close_call()
+    saved = lb.KernelProfile.from_json(lb.KernelProfile([close, clear]).to_json())  # as another process reads it
+    assert saved.changes == 0
+    c = saved.choose("ggml-q4_1", (3072, 576))
+    assert asked == [((3072, 576), ("fused",))]
+    assert (c.method, c.threads, c.rounds) == ("fused", 2, 2)
+    assert c.times_ms == {"fused/1": 0.1157, "fused/2": 0.07, "dequant/1": 0.25}
+    assert saved.changes == 1 and saved.get("ggml-q4_1", (3072, 576)) is c
+    assert saved.choose("ggml-q4_1", (960, 576)) == clear and len(asked) == 1  # a clear win is not measured again
+    again = lb.KernelProfile.from_json(saved.to_json())
+    assert again.choose("ggml-q4_1", (3072, 576)).rounds == 2 and len(asked) == 1  # confirmed once only
+    # a close call this process measured itself stands until another process uses it
+    fresh = lb.KernelProfile()
+    monkeypatch.setattr(lb, "measure_choice", lambda *a, **k: (asked.append("fresh"), close)[1])
+    assert fresh.choose("ggml-q4_1", (3072, 576)) is close
+    assert fresh.choose("ggml-q4_1", (3072, 576)) is close and asked.count("fresh") == 1
+    # a method never changes by confirmation, only the thread count
+    deq = lb.KernelChoice("ggml-q4_1", (64, 64), 4, 1, "dequant", 1, {"dequant/1": 1.0, "dequant/2": 1.05})
+    assert deq.confirmed(lb.KernelChoice("ggml-q4_1", (64, 64), 4, 1, "dequant", 2, {"dequant/2": 0.5})).threads == 2
+
+
 def test_empty_matrices():
     for shape in [(0, 64), (3, 0)]:
         t = lb.LowBitTensor("ggml-q4_1", shape, bytes(0))
