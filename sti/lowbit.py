@@ -739,7 +739,7 @@ class KernelProfile:
         Only the thread count may change then, never the method (the int8 decisions stay one
         per kind)."""
         k = _key(kind, shape, bits, batch)
-        c = self.get(kind, shape, bits, batch)
+        c = self.choices.get(k)
         if (c is not None and measure and c.rounds < CONFIRM_ROUNDS and k not in self._measured
                 and c.close_call()):
             c = c.confirmed(measure_choice(kind, shape, k[3], k[4], repeats=repeats, methods=(c.method,)))
