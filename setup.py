@@ -26,6 +26,7 @@ setup(
         Extension(
             "sti._fastmath",
             sources=["sti/_fastmath.c"],
+            depends=["sti/_parallel.h"],
             extra_compile_args=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
             libraries=["mvec", "m"],
         ),
@@ -42,6 +43,7 @@ setup(
         Extension(
             "sti._lowbit",
             sources=["sti/_lowbit.c"],
+            depends=["sti/_parallel.h"],
             extra_compile_args=["-O3", "-march=native", "-ffp-contract=off", "-pthread"],
             extra_link_args=["-pthread"],
         ),

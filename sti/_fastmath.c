@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_parallel.h"
+
 static void gelu_f32(float *x, Py_ssize_t n) {
 #pragma omp simd
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -305,76 +307,107 @@ typedef struct {
     const int64_t *pad; /* (B,) or NULL */
     void *k, *v;        /* caches: float32, or float16 bits (uint16) */
     float *out;
+    int f16;
+    float *scratch; /* per slot: scores (start + 1), q and k rows (hd each) */
 } Attend;
 
-/* The kernel for either cache type; f16 is a constant in each caller, so each gets its own code and
- * the float32 one is the loop it always was. */
-static inline __attribute__((always_inline)) int attend_one_any(const Attend *a, const int f16) {
+/* One task: sequence b's KV head j. Its key (rotated) and value go into the cache, then each of
+ * its query heads attends over slots pad[b] .. start. f16 is a constant in each caller, so each
+ * cache type gets its own code and the float32 one is the loop it always was. */
+static inline __attribute__((always_inline)) void attend_kv_head(const Attend *a, Py_ssize_t b, Py_ssize_t j,
+                                                                 float *scores, const int f16) {
     const Py_ssize_t hd = a->hd, g = a->n_q / a->n_kv, end = a->start + 1, width = (a->n_q + 2 * a->n_kv) * hd;
     const float scale = 1.0f / sqrtf((float)hd);
-    float *scores = malloc((size_t)(end + 2 * hd) * sizeof(float));
-    if (!scores) return -1;
     float *q = scores + end, *kr = q + hd; /* kr: the rotated key before it is rounded to float16 */
-    for (Py_ssize_t b = 0; b < a->B; b++) {
-        const float *row = a->qkv + b * width;
-        const float *c = a->cos + (a->cos_rows > 1 ? b : 0) * hd, *s = a->sin + (a->cos_rows > 1 ? b : 0) * hd;
-        Py_ssize_t first = a->pad ? (Py_ssize_t)a->pad[b] : 0;
-        if (first < 0) first = 0;
-        if (first > a->start) first = a->start;
-        for (Py_ssize_t j = 0; j < a->n_kv; j++) { /* this token's key (rotated) and value into the cache */
-            const Py_ssize_t base = ((b * a->n_kv + j) * a->cap) * hd;
-            float *kc = NULL, *vc = NULL;
-            uint16_t *kh = NULL, *vh = NULL;
+    const float *row = a->qkv + b * width;
+    const float *c = a->cos + (a->cos_rows > 1 ? b : 0) * hd, *s = a->sin + (a->cos_rows > 1 ? b : 0) * hd;
+    Py_ssize_t first = a->pad ? (Py_ssize_t)a->pad[b] : 0;
+    if (first < 0) first = 0;
+    if (first > a->start) first = a->start;
+    const Py_ssize_t base = ((b * a->n_kv + j) * a->cap) * hd;
+    float *kc = NULL, *vc = NULL;
+    uint16_t *kh = NULL, *vh = NULL;
+    if (f16) {
+        kh = (uint16_t *)a->k + base, vh = (uint16_t *)a->v + base;
+        rope_head_rounded(row + (a->n_q + j) * hd, c, s, hd, kr);
+        f16_from_f32_row(kr, kh + a->start * hd, hd);
+        f16_from_f32_row(row + (a->n_q + a->n_kv + j) * hd, vh + a->start * hd, hd);
+    } else {
+        kc = (float *)a->k + base, vc = (float *)a->v + base;
+        rope_head(row + (a->n_q + j) * hd, c, s, hd, kc + a->start * hd);
+        memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
+    }
+    for (Py_ssize_t h = j * g; h < (j + 1) * g; h++) {
+        rope_head(row + h * hd, c, s, hd, q);
+        float m = -FLT_MAX, sum = 0.0f; /* finite: this file is built with fast math */
+        for (Py_ssize_t t = first; t < end; t++) {
+            float d = 0.0f;
             if (f16) {
-                kh = (uint16_t *)a->k + base, vh = (uint16_t *)a->v + base;
-                rope_head_rounded(row + (a->n_q + j) * hd, c, s, hd, kr);
-                f16_from_f32_row(kr, kh + a->start * hd, hd);
-                f16_from_f32_row(row + (a->n_q + a->n_kv + j) * hd, vh + a->start * hd, hd);
+                d = dot_f16(q, kh + t * hd, hd);
             } else {
-                kc = (float *)a->k + base, vc = (float *)a->v + base;
-                rope_head(row + (a->n_q + j) * hd, c, s, hd, kc + a->start * hd);
-                memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
-            }
-            for (Py_ssize_t h = j * g; h < (j + 1) * g; h++) {
-                rope_head(row + h * hd, c, s, hd, q);
-                float m = -FLT_MAX, sum = 0.0f; /* finite: this file is built with fast math */
-                for (Py_ssize_t t = first; t < end; t++) {
-                    float d = 0.0f;
-                    if (f16) {
-                        d = dot_f16(q, kh + t * hd, hd);
-                    } else {
-                        const float *kt = kc + t * hd;
+                const float *kt = kc + t * hd;
 #pragma omp simd reduction(+ : d)
-                        for (Py_ssize_t i = 0; i < hd; i++) d += q[i] * kt[i];
-                    }
-                    scores[t] = d * scale;
-                    m = scores[t] > m ? scores[t] : m;
-                }
-                for (Py_ssize_t t = first; t < end; t++) {
-                    scores[t] = expf(scores[t] - m);
-                    sum += scores[t];
-                }
-                float inv = 1.0f / sum, *o = a->out + b * a->n_q * hd + h * hd;
-                for (Py_ssize_t i = 0; i < hd; i++) o[i] = 0.0f;
-                for (Py_ssize_t t = first; t < end; t++) {
-                    const float p = scores[t] * inv;
-                    if (f16) {
-                        axpy_f16(o, p, vh + t * hd, hd);
-                    } else {
-                        const float *vt = vc + t * hd;
+                for (Py_ssize_t i = 0; i < hd; i++) d += q[i] * kt[i];
+            }
+            scores[t] = d * scale;
+            m = scores[t] > m ? scores[t] : m;
+        }
+        for (Py_ssize_t t = first; t < end; t++) {
+            scores[t] = expf(scores[t] - m);
+            sum += scores[t];
+        }
+        float inv = 1.0f / sum, *o = a->out + b * a->n_q * hd + h * hd;
+        for (Py_ssize_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (Py_ssize_t t = first; t < end; t++) {
+            const float p = scores[t] * inv;
+            if (f16) {
+                axpy_f16(o, p, vh + t * hd, hd);
+            } else {
+                const float *vt = vc + t * hd;
 #pragma omp simd
-                        for (Py_ssize_t i = 0; i < hd; i++) o[i] += p * vt[i];
-                    }
-                }
+                for (Py_ssize_t i = 0; i < hd; i++) o[i] += p * vt[i];
             }
         }
     }
-    free(scores);
-    return 0;
 }
 
-static int attend_one_f32(const Attend *a) { return attend_one_any(a, 0); }
-static int attend_one_f16(const Attend *a) { return attend_one_any(a, 1); }
+static Py_ssize_t attend_scratch(const Attend *a) { return a->start + 1 + 2 * a->hd; }
+
+static void attend_task(void *ctx, Py_ssize_t task, int slot) {
+    const Attend *a = ctx;
+    float *scores = a->scratch + slot * attend_scratch(a);
+    if (a->f16) attend_kv_head(a, task / a->n_kv, task % a->n_kv, scores, 1);
+    else attend_kv_head(a, task / a->n_kv, task % a->n_kv, scores, 0);
+}
+
+/* sti._lowbit's thread pool (_parallel.h), imported on first use; NULL where it is not built. */
+static const StiParallel *parallel(void) {
+    static int tried = 0;
+    static const StiParallel *api = NULL;
+    if (!tried) {
+        tried = 1;
+        api = PyCapsule_Import(STI_PARALLEL_CAPSULE, 0);
+        if (!api || api->version != STI_PARALLEL_VERSION) api = NULL, PyErr_Clear();
+    }
+    return api;
+}
+
+/* Every (sequence, KV head) task, on up to `threads` threads of the pool (one without it). The
+ * tasks are independent and each computes the same thing on any thread. Needs no GIL. */
+static int attend_one(Attend *a, int threads, const StiParallel *pool) {
+    const Py_ssize_t ntask = a->B * a->n_kv;
+    if (!pool || ntask < 2) threads = 1;
+    a->scratch = malloc((size_t)(threads * attend_scratch(a)) * sizeof(float));
+    if (!a->scratch) return -1;
+    int err = 0;
+    if (threads > 1) {
+        err = pool->parallel_for(attend_task, a, ntask, threads);
+    } else {
+        for (Py_ssize_t t = 0; t < ntask; t++) attend_task(a, t, 0);
+    }
+    free(a->scratch);
+    return err;
+}
 
 static int check_kv(const Py_buffer *b, Py_ssize_t values, int elsize, const char *what) {
     if (b->itemsize != elsize || b->len != elsize * values || !PyBuffer_IsContiguous(b, 'C')) {
@@ -389,14 +422,16 @@ static int check_kv(const Py_buffer *b, Py_ssize_t values, int elsize, const cha
  * qkv (B, (n_q + 2 n_kv) hd): its q, k, v before RoPE; k_cache, v_cache (B, n_kv, cap, hd): the
  * rotated k and v are written at slot `start`, then each query head attends over slots
  * pad[b] .. start of its KV head; cos, sin (1 or B, hd); pad (B,) int64 or None; out (B, n_q hd).
- * kv_elsize (default 4): the caches' element size, 4 for float32 or 2 for float16 (both caches alike). */
+ * kv_elsize (default 4): the caches' element size, 4 for float32 or 2 for float16 (both caches alike).
+ * threads (default 1): threads of sti._lowbit's pool (one where that module is not built); the
+ * result does not depend on it. */
 static PyObject *py_attend_one(PyObject *self, PyObject *args) {
     Py_buffer qkv, k, v, cs, sn, out, pad = {0};
     PyObject *pad_obj;
     Py_ssize_t start, n_q, B, n_kv, cap, hd;
-    int elsize = 4;
-    if (!PyArg_ParseTuple(args, "y*w*w*ny*y*Onw*(nnnn)|i", &qkv, &k, &v, &start, &cs, &sn, &pad_obj, &n_q, &out, &B,
-                          &n_kv, &cap, &hd, &elsize))
+    int elsize = 4, threads = 1;
+    if (!PyArg_ParseTuple(args, "y*w*w*ny*y*Onw*(nnnn)|ii", &qkv, &k, &v, &start, &cs, &sn, &pad_obj, &n_q, &out, &B,
+                          &n_kv, &cap, &hd, &elsize, &threads))
         return NULL;
     int has_pad = pad_obj != Py_None, ok = 0;
     if (has_pad && PyObject_GetBuffer(pad_obj, &pad, PyBUF_C_CONTIGUOUS) < 0) goto done;
@@ -419,10 +454,11 @@ static PyObject *py_attend_one(PyObject *self, PyObject *args) {
         goto done;
     }
     Attend a = {B, n_q, n_kv, hd, cap, start, cos_rows, qkv.buf, cs.buf, sn.buf, has_pad ? pad.buf : NULL,
-                k.buf, v.buf, out.buf};
+                k.buf, v.buf, out.buf, elsize == 2, NULL};
+    const StiParallel *pool = threads > 1 ? parallel() : NULL;
     int err;
     Py_BEGIN_ALLOW_THREADS
-    err = elsize == 2 ? attend_one_f16(&a) : attend_one_f32(&a);
+    err = attend_one(&a, threads, pool);
     Py_END_ALLOW_THREADS
     if (err) PyErr_NoMemory();
     else ok = 1;
@@ -499,8 +535,9 @@ static PyMethodDef methods[] = {
     {"softmax_", py_softmax_, METH_VARARGS, "In-place softmax over runs of n float32 values."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "rms_norm(x, w, eps, out): RMSNorm over rows of len(w) values."},
     {"attend_one", py_attend_one, METH_VARARGS,
-     "attend_one(qkv, k_cache, v_cache, start, cos, sin, pad, n_q, out, (B, n_kv, cap, hd)[, kv_elsize]): decode "
-     "attention over float32 (kv_elsize 4) or float16 (2) caches."},
+     "attend_one(qkv, k_cache, v_cache, start, cos, sin, pad, n_q, out, (B, n_kv, cap, hd)[, kv_elsize[, threads]]): "
+     "decode attention over float32 (kv_elsize 4) or float16 (2) caches, on up to `threads` threads of sti._lowbit's "
+     "pool."},
     {"f16_convert", py_f16_convert, METH_VARARGS,
      "f16_convert(src, dst, portable): float32 <-> float16 as the fp16 KV cache converts (tests)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu_mul(gate_up, out, n): out = silu(gate) * up."},

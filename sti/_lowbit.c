@@ -56,6 +56,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "_parallel.h"
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define LB_AVX2 1
@@ -1145,6 +1146,8 @@ struct Job {
     Acts *As;
     Py_ssize_t nW, ldy, *ycol, *task_item, *task_r0, *orows;
     struct TActs *T; /* qmmt_prog: the transposed product's activations and code words (owned) */
+    sti_task_fn loop; /* parallel_for: another module's task and its context */
+    void *loop_ctx;
 };
 
 static long now_ns(void) {
@@ -1418,6 +1421,23 @@ static void dequant_task(Job *J, Py_ssize_t t, int slot) {
         if (row) memcpy(J->out + r * W->cols, row, (size_t)W->cols * sizeof(float));
     }
 }
+
+/* ------------------------------------------------------------------------- other kernels' loops
+ * parallel_for (see _parallel.h): the tasks write the caller's memory, so like dequantization the
+ * caller waits for every helper's task instead of recomputing a late one. */
+static void loop_task(Job *J, Py_ssize_t t, int slot) { J->loop(J->loop_ctx, t, slot); }
+
+static int parallel_for(sti_task_fn fn, void *ctx, Py_ssize_t ntask, int threads) {
+    const Weights none = {0};
+    Job *J = job_alloc(&none, loop_task, NULL, 1, ntask);
+    if (!J) return -1;
+    J->loop = fn, J->loop_ctx = ctx;
+    pool_run(J, threads > MAX_THREADS ? MAX_THREADS : threads);
+    if (!job_leave(J)) job_free(J); /* else a helper that joined too late for a task puts it on pool.dead */
+    return 0;
+}
+
+static const StiParallel parallel_api = {STI_PARALLEL_VERSION, parallel_for};
 
 /* y (B, rows) (+)= X (B, cols) @ W.T on up to `threads` threads. Returns 0, or -1 when out of
  * memory; *J_out is the job (or NULL), which the caller must job_leave and, unless a late helper
@@ -2322,6 +2342,12 @@ PyMODINIT_FUNC PyInit__lowbit(void) {
     Py_INCREF(&MatrixType);
     if (PyModule_AddObject(m, "Matrix", (PyObject *)&MatrixType) < 0) {
         Py_DECREF(&MatrixType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New((void *)&parallel_api, STI_PARALLEL_CAPSULE, NULL);
+    if (!cap || PyModule_AddObject(m, "_parallel", cap) < 0) {
+        Py_XDECREF(cap);
         Py_DECREF(m);
         return NULL;
     }

@@ -110,8 +110,24 @@ def has_attend_one() -> bool:
     return _attend_one_c is not None
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# Decode attention runs its (sequence, KV head) tasks on two threads of sti._lowbit's pool (the
+# products' threads) from this much work on: query heads x attended cache slots, summed over the
+# batch. Measured between products as decode runs them (SmolLM2's 9 query and 3 KV heads of 64):
+# 1 sequence over 16 slots is 0.86x on two threads, 2 sequences over 16 slots 1.1x, 1 over 140
+# 1.4x, 16 over 140 1.45x.
+ATTEND_PARALLEL_WORK = 256
+ATTEND_THREADS = min(2, _cpus())
+
+
 def attend_one(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, cos: np.ndarray,
-               sin: np.ndarray, pad: np.ndarray | None, n_q: int) -> np.ndarray:
+               sin: np.ndarray, pad: np.ndarray | None, n_q: int, threads: int | None = None) -> np.ndarray:
     """Attention of one new token per sequence, in C (sti/_fastmath.c): qkv (B, (n_q + 2 n_kv) hd)
     holds its q, k, v before RoPE; the rotated k and v are written into the caches (B, n_kv, cap,
     hd) at slot ``start``, and each query head attends over its KV head's slots ``pad[b]..start``.
@@ -121,14 +137,19 @@ def attend_one(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start:
     The caches are both float32 or both float16 (:data:`ATTEND_ONE_DTYPES`). A float16 cache gets
     k and v rounded to nearest even, bit for bit as ``astype(np.float16)`` rounds them, and the
     scores and the weighted sum are computed in float32 from the stored values, this token's
-    included."""
+    included.
+
+    ``threads``: how many threads of sti._lowbit's pool share the work (default: two where the
+    work is at least :data:`ATTEND_PARALLEL_WORK`); every thread count gives the same bits."""
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in ATTEND_ONE_DTYPES:
         raise ValueError(f"attend_one: k_cache and v_cache must both be float32 or both float16, "
                          f"not {k_cache.dtype} and {v_cache.dtype}")
     B, n_kv, cap, hd = k_cache.shape
+    if threads is None:
+        threads = ATTEND_THREADS if B * n_q * (start + 1) >= ATTEND_PARALLEL_WORK else 1
     out = np.empty((B, n_q * hd), np.float32)
     _attend_one_c(qkv, k_cache, v_cache, start, cos, sin, None if pad is None else np.asarray(pad, np.int64),
-                  n_q, out, (B, n_kv, cap, hd), k_cache.itemsize)
+                  n_q, out, (B, n_kv, cap, hd), k_cache.itemsize, threads)
     return out
 
 

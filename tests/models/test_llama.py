@@ -302,6 +302,34 @@ def test_decode_kernel_fp16_key_rounding_is_exact(rng):
 
 
 @needs_fastmath
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_decode_attention_kernel_gives_the_same_bits_on_any_thread_count(rng, dtype):
+    """The (sequence, KV head) tasks split across sti._lowbit's pool: two threads write the same
+    caches and context as one, and both agree with the NumPy reference."""
+    B, n_q, n_kv, hd, cap, start = 5, 6, 2, 16, 40, 33
+    cfg = tiny_cfg(num_heads=n_q, num_kv_heads=n_kv, head_dim=hd)
+    pad = np.array([0, 3, 0, 30, 1])
+    cos, sin = llama.rope_tables(cfg, llama.positions(start, 1, pad))
+    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
+    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0).astype(dtype) for _ in range(2)]
+    runs = []
+    for threads in (1, 2, 2):
+        k, v = (c.copy() for c in caches)
+        out = llama.attend_one(qkv.reshape(B, -1), k, v, start, cos.reshape(B, hd), sin.reshape(B, hd), pad, n_q,
+                               threads=threads)
+        runs.append((out, k, v))
+    for out, k, v in runs[1:]:
+        np.testing.assert_array_equal(out, runs[0][0])
+        np.testing.assert_array_equal(k.view(np.uint8), runs[0][1].view(np.uint8))
+        np.testing.assert_array_equal(v.view(np.uint8), runs[0][2].view(np.uint8))
+    want_k, want_v = (c.copy() for c in caches)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
+        want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
+    np.testing.assert_allclose(runs[1][0], want.reshape(B, -1), rtol=1e-5, atol=1e-6)
+
+
+@needs_fastmath
 def test_decode_attention_kernel_rejects_bad_cache_dtypes(rng):
     from sti import _fastmath
 
