@@ -92,8 +92,9 @@ METHODS = ("fused", "dequant", "int8")  # int8: qmm, batches only
 # rounds x exactly as the whole matrix does.
 INT8_REF_SHAPE = (1536, 576)  # (rows, cols) the lossless kinds' int8 decision is measured on
 PROFILE_SCHEMA = 2  # 2: GGML batches may choose int8 (schema 1 profiles never measured it)
-# A choice whose runner-up thread count timed within CLOSE_CALL of it is measured again in a later
-# process, up to CONFIRM_ROUNDS measurements in all (KernelProfile.choose).
+# A choice whose runner-up thread count timed within CLOSE_CALL of it, or that runs on fewer threads
+# than a rival, is measured again in a later process, up to CONFIRM_ROUNDS measurements in all
+# (KernelChoice.doubtful, KernelProfile.choose).
 CLOSE_CALL = 0.10
 CONFIRM_ROUNDS = 2
 PROFILE_NAME = "kernels.json"  # the file name a store's profile directory keeps the measurements under
@@ -682,6 +683,15 @@ class KernelChoice:
                   if k.split("/")[0] == self.method and k != f"{self.method}/{self.threads}"]
         return mine is not None and any(v <= mine * (1 + CLOSE_CALL) for v in rivals)
 
+    def doubtful(self) -> bool:
+        """Whether one measurement is not enough for this choice: a close call, or fewer threads
+        than another timed thread count of its method, by any margin. A busy moment on the other
+        core makes a second thread look useless, and by more than a close call: SmolLM2's
+        576x1536 down projection at batch 16 timed 0.18 vs 0.23 ms on 1 and 2 threads in one
+        measurement and 0.19 vs 0.13 ms in the next, and two threads are 1.5x faster in decode."""
+        fewer = any(k.split("/")[0] == self.method and int(k.split("/")[1]) > self.threads for k in self.times_ms)
+        return fewer or self.close_call()
+
     def confirmed(self, again: KernelChoice) -> KernelChoice:
         """This choice with a later measurement ``again`` of the same method merged in: every
         candidate keeps its fastest median, and the method's fastest thread count wins."""
@@ -732,16 +742,17 @@ class KernelProfile:
         """The recorded choice; on a miss, measured now (and recorded) unless ``measure`` is False,
         in which case the fused kernel on one thread is returned unmeasured.
 
-        A close call between thread counts (:meth:`KernelChoice.close_call`) recorded by another
-        process is measured once more before it is used: the other core being busy for a moment
-        makes a second thread look useless (one such measurement left SmolLM2's gate/up matrix on
-        one thread: 10.3 instead of 7.5 ms per decode token), and that must not stick.
+        A doubtful choice (:meth:`KernelChoice.doubtful`: a close call between thread counts, or
+        fewer threads than another thread count timed) recorded by another process is measured
+        once more before it is used: the other core being busy for a moment makes a second thread
+        look useless (one such measurement left SmolLM2's gate/up matrix on one thread: 10.3
+        instead of 7.5 ms per decode token), and that must not stick.
         Only the thread count may change then, never the method (the int8 decisions stay one
         per kind)."""
         k = _key(kind, shape, bits, batch)
         c = self.choices.get(k)
         if (c is not None and measure and c.rounds < CONFIRM_ROUNDS and k not in self._measured
-                and c.close_call()):
+                and c.doubtful()):
             c = c.confirmed(measure_choice(kind, shape, k[3], k[4], repeats=repeats, methods=(c.method,)))
             self._measured.add(k)
             self.add(c)

@@ -468,6 +468,7 @@ def test_a_close_call_between_thread_counts_is_measured_once_more_in_a_later_pro
                             {"fused/1": 0.1157, "fused/2": 0.118, "dequant/1": 0.25})
     clear = lb.KernelChoice("ggml-q4_1", (960, 576), 4, 1, "fused", 2, {"fused/1": 0.038, "fused/2": 0.021})
     assert close.close_call() and not clear.close_call()
+    assert close.doubtful() and not clear.doubtful()
     saved = lb.KernelProfile.from_json(lb.KernelProfile([close, clear]).to_json())  # as another process reads it
     assert saved.changes == 0
     c = saved.choose("ggml-q4_1", (3072, 576))
@@ -486,6 +487,33 @@ def test_a_close_call_between_thread_counts_is_measured_once_more_in_a_later_pro
     # a method never changes by confirmation, only the thread count
     deq = lb.KernelChoice("ggml-q4_1", (64, 64), 4, 1, "dequant", 1, {"dequant/1": 1.0, "dequant/2": 1.05})
     assert deq.confirmed(lb.KernelChoice("ggml-q4_1", (64, 64), 4, 1, "dequant", 2, {"dequant/2": 0.5})).threads == 2
+
+
+def test_fewer_threads_winning_by_any_margin_is_measured_once_more_in_a_later_process(monkeypatch):
+    """One thread beating two by more than a close call is still doubtful (the other core may
+    have been busy): the next process times it again, and the candidates keep their fastest
+    medians. A clear win of more threads, or a single thread count timed, is not doubtful."""
+    one = lb.KernelChoice("ggml-q4_1", (576, 1536), 4, 16, "int8", 1, {"int8/1": 0.179, "int8/2": 0.226})
+    assert one.doubtful() and not one.close_call()
+    assert not lb.KernelChoice("ggml-q4_1", (576, 1536), 4, 16, "int8", 2, {"int8/1": 0.19, "int8/2": 0.13}).doubtful()
+    assert not lb.KernelChoice("ggml-q4_1", (64, 64), 4, 1, "fused", 1, {"fused/1": 0.01}).doubtful()
+    # fewer threads of another method do not make a choice doubtful
+    assert not lb.KernelChoice("ggml-q4_1", (64, 64), 4, 16, "int8", 2,
+                               {"int8/2": 0.01, "int8/1": 0.02, "dequant/1": 0.05}).doubtful()
+    asked = []
+
+    def fake(kind, shape, bits=None, batch=1, repeats=5, threads=None, seed=0, methods=None):
+        asked.append((tuple(shape), batch, methods))
+        return lb.KernelChoice(kind, shape, 4, batch, "int8", 2, {"int8/1": 0.193, "int8/2": 0.127})
+
+    monkeypatch.setattr(lb, "measure_choice", fake)
+    saved = lb.KernelProfile.from_json(lb.KernelProfile([one]).to_json())
+    c = saved.choose("ggml-q4_1", (576, 1536), batch=16)
+    assert asked == [((576, 1536), 16, ("int8",))]
+    assert (c.method, c.threads, c.rounds) == ("int8", 2, 2)
+    assert c.times_ms == {"int8/1": 0.179, "int8/2": 0.127}
+    assert lb.KernelProfile.from_json(saved.to_json()).choose("ggml-q4_1", (576, 1536), batch=16).threads == 2
+    assert len(asked) == 1
 
 
 def test_empty_matrices():
