@@ -288,6 +288,120 @@ static inline void axpy_f16(float *o, float p, const uint16_t *v, Py_ssize_t n) 
     for (Py_ssize_t r = i; r < n; r++) o[r] += p * f32_from_f16(v[r]);
 }
 
+#if defined(__AVX512F__) && defined(__F16C__)
+#define FM_AVX512 1
+/* The query heads of one KV head against its float16 keys and values with AVX-512, for head sizes
+ * of 16 N16 (a constant at each call, so the query and the context stay in registers). The keys
+ * and values are converted to float32 once for all the group's query heads (the conversions, not
+ * the products, bound this kernel: two per 16 values). The scores of 16 keys at a time: each
+ * key's 16 lanes of partial products are summed across lanes by a transposing tree (45 shuffles
+ * and adds for 16 keys, instead of 16 full reductions); the context adds p_t v_t into N16
+ * registers. The sums run in another order than the AVX2 loops' (the last bits differ). */
+static inline __m512 load_f16x16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* lane t: the sum of p[t]'s 16 lanes */
+static inline __m512 hsum16x16(const __m512 *p) {
+    __m512 q[8], r[4], s[2];
+    for (int u = 0; u < 8; u++) /* 128-bit chunks 0, 1: key 2u; 2, 3: key 2u+1 */
+        q[u] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * u], p[2 * u + 1], 0x44),
+                             _mm512_shuffle_f32x4(p[2 * u], p[2 * u + 1], 0xEE));
+    for (int u = 0; u < 4; u++) /* chunk c: key 4u + c */
+        r[u] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * u], q[2 * u + 1], 0x88),
+                             _mm512_shuffle_f32x4(q[2 * u], q[2 * u + 1], 0xDD));
+    for (int u = 0; u < 2; u++) /* chunk c, elements 0-1: key 8u + c; 2-3: key 8u + 4 + c */
+        s[u] = _mm512_add_ps(_mm512_shuffle_ps(r[2 * u], r[2 * u + 1], 0x44),
+                             _mm512_shuffle_ps(r[2 * u], r[2 * u + 1], 0xEE));
+    /* chunk c, element e: key 4e + c */
+    const __m512 f = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), f);
+}
+
+/* GH query heads (rotated, q[h] at qs + h hd) of one KV head against its n float16 keys and values
+ * (rows of 16 N16 at kh, vh): each key and value row is converted once for all GH heads, in
+ * registers (the conversion, ~3 cycles per 16 values here, bounds the kernel). scores: GH rows of
+ * n floats; the contexts go to o + h hd. */
+static inline __attribute__((always_inline)) void heads_f16_512(const int N16, const int GH, const float *qs,
+                                                                 const uint16_t *kh, const uint16_t *vh,
+                                                                 Py_ssize_t n, float scale, float *scores,
+                                                                 float *o) {
+    const Py_ssize_t hd = 16 * N16;
+    __m512 q[4][8], acc[4][8], x[8];
+    float inv[4];
+    for (int h = 0; h < GH; h++)
+        for (int i = 0; i < N16; i++) q[h][i] = _mm512_loadu_ps(qs + h * hd + 16 * i);
+    Py_ssize_t t = 0;
+    for (; t + 16 <= n; t += 16) {
+        __m512 p[4][16];
+        for (int u = 0; u < 16; u++) {
+            for (int i = 0; i < N16; i++) x[i] = load_f16x16(kh + (t + u) * hd + 16 * i);
+            for (int h = 0; h < GH; h++) {
+                __m512 a = _mm512_mul_ps(q[h][0], x[0]);
+                for (int i = 1; i < N16; i++) a = _mm512_fmadd_ps(q[h][i], x[i], a);
+                p[h][u] = a;
+            }
+        }
+        for (int h = 0; h < GH; h++)
+            _mm512_storeu_ps(scores + h * n + t, _mm512_mul_ps(hsum16x16(p[h]), _mm512_set1_ps(scale)));
+    }
+    for (; t < n; t++) {
+        for (int i = 0; i < N16; i++) x[i] = load_f16x16(kh + t * hd + 16 * i);
+        for (int h = 0; h < GH; h++) {
+            __m512 a = _mm512_mul_ps(q[h][0], x[0]);
+            for (int i = 1; i < N16; i++) a = _mm512_fmadd_ps(q[h][i], x[i], a);
+            scores[h * n + t] = _mm512_reduce_add_ps(a) * scale;
+        }
+    }
+    for (int h = 0; h < GH; h++) {
+        float *sc = scores + h * n, m = -FLT_MAX, sum = 0.0f;
+        for (t = 0; t < n; t++) m = sc[t] > m ? sc[t] : m;
+        for (t = 0; t < n; t++) {
+            sc[t] = expf(sc[t] - m);
+            sum += sc[t];
+        }
+        inv[h] = 1.0f / sum;
+        for (int i = 0; i < N16; i++) acc[h][i] = _mm512_setzero_ps();
+    }
+    for (t = 0; t < n; t++) {
+        for (int i = 0; i < N16; i++) x[i] = load_f16x16(vh + t * hd + 16 * i);
+        for (int h = 0; h < GH; h++) {
+            const __m512 pb = _mm512_set1_ps(scores[h * n + t] * inv[h]);
+            for (int i = 0; i < N16; i++) acc[h][i] = _mm512_fmadd_ps(pb, x[i], acc[h][i]);
+        }
+    }
+    for (int h = 0; h < GH; h++)
+        for (int i = 0; i < N16; i++) _mm512_storeu_ps(o + h * hd + 16 * i, acc[h][i]);
+}
+
+/* The g query heads from row + h0 hd against keys and values first .. end-1 of float16 caches kh,
+ * vh, up to 16 / N16 heads at a time (their queries and contexts take 32 registers); q: room for
+ * g rotated queries, scores for g rows of end - first. */
+static void group_f16_512(const int N16, const float *row, Py_ssize_t h0, Py_ssize_t g, const float *c,
+                          const float *s, const uint16_t *kh, const uint16_t *vh, Py_ssize_t first, Py_ssize_t end,
+                          float scale, float *scores, float *q, float *out) {
+    const Py_ssize_t hd = 16 * N16, n = end - first, most = 16 / N16;
+    for (Py_ssize_t h = 0; h < g; h++) rope_head(row + (h0 + h) * hd, c, s, hd, q + h * hd);
+    kh += first * hd, vh += first * hd;
+    for (Py_ssize_t h = 0; h < g; h += most) {
+        const int GH = (int)(g - h < most ? g - h : most);
+        const float *qs = q + h * hd;
+        float *o = out + (h0 + h) * hd;
+        if (N16 == 4) {
+            switch (GH) {
+            case 1: heads_f16_512(4, 1, qs, kh, vh, n, scale, scores, o); break;
+            case 2: heads_f16_512(4, 2, qs, kh, vh, n, scale, scores, o); break;
+            case 3: heads_f16_512(4, 3, qs, kh, vh, n, scale, scores, o); break;
+            default: heads_f16_512(4, 4, qs, kh, vh, n, scale, scores, o); break;
+            }
+        } else {
+            if (GH == 1) heads_f16_512(8, 1, qs, kh, vh, n, scale, scores, o);
+            else heads_f16_512(8, 2, qs, kh, vh, n, scale, scores, o);
+        }
+    }
+}
+#else
+#define FM_AVX512 0
+#endif
+
 /* RoPE of a key bound for an fp16 cache, rounded exactly as the NumPy reference rounds it:
  * x*cos + rotate_half(x)*sin with each product and the sum rounded to float32. Fast math would fuse
  * a product into an FMA (one rounding fewer), and a key one float32 ulp off can round to a different
@@ -308,7 +422,7 @@ typedef struct {
     void *k, *v;        /* caches: float32, or float16 bits (uint16) */
     float *out;
     int f16;
-    float *scratch; /* per slot: scores (start + 1), q and k rows (hd each) */
+    float *scratch; /* per slot: attend_scratch floats */
 } Attend;
 
 /* One task: sequence b's KV head j. Its key (rotated) and value go into the cache, then each of
@@ -337,6 +451,13 @@ static inline __attribute__((always_inline)) void attend_kv_head(const Attend *a
         rope_head(row + (a->n_q + j) * hd, c, s, hd, kc + a->start * hd);
         memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
     }
+#if FM_AVX512
+    if (f16 && (hd == 64 || hd == 128)) { /* q: g rotated queries, after kr */
+        group_f16_512(hd / 16, row, j * g, g, c, s, kh, vh, first, end, scale, scores, kr + hd,
+                      a->out + b * a->n_q * hd);
+        return;
+    }
+#endif
     for (Py_ssize_t h = j * g; h < (j + 1) * g; h++) {
         rope_head(row + h * hd, c, s, hd, q);
         float m = -FLT_MAX, sum = 0.0f; /* finite: this file is built with fast math */
@@ -371,7 +492,12 @@ static inline __attribute__((always_inline)) void attend_kv_head(const Attend *a
     }
 }
 
-static Py_ssize_t attend_scratch(const Attend *a) { return a->start + 1 + 2 * a->hd; }
+/* floats of a task's scratch: scores, q, the rotated key; the AVX-512 path, after them: a score row
+ * and a rotated query per query head of the group, 64-byte multiples */
+static Py_ssize_t attend_scratch(const Attend *a) {
+    const Py_ssize_t end = a->start + 1, g = a->n_q / a->n_kv, n = (end + 2 * a->hd) * (1 + g);
+    return (n + 15) / 16 * 16;
+}
 
 static void attend_task(void *ctx, Py_ssize_t task, int slot) {
     const Attend *a = ctx;

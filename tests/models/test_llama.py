@@ -302,6 +302,29 @@ def test_decode_kernel_fp16_key_rounding_is_exact(rng):
 
 
 @needs_fastmath
+@pytest.mark.parametrize("hd,n_q,n_kv", [(64, 9, 3), (64, 5, 1), (64, 8, 8), (128, 6, 2), (128, 3, 1)])
+def test_decode_attention_kernel_matches_numpy_at_real_head_sizes(rng, hd, n_q, n_kv):
+    """Head sizes 64 and 128 over float16 caches take the AVX-512 kernel where it is built (query
+    heads of a KV head in groups of up to 4, resp. 2): 1..9 heads per KV head, 16-key blocks and
+    remainders, padded sequences."""
+    B, cap, start = 3, 60, 41
+    cfg = tiny_cfg(num_heads=n_q, num_kv_heads=n_kv, head_dim=hd)
+    pad = np.array([0, 9, 25])
+    cos, sin = llama.rope_tables(cfg, llama.positions(start, 1, pad))
+    qkv = rand(rng, B, 1, (n_q + 2 * n_kv) * hd, scale=1.0)
+    caches = [rand(rng, B, n_kv, cap, hd, scale=1.0).astype(np.float16) for _ in range(2)]
+    got_k, got_v = (c.copy() for c in caches)
+    got = llama.attention(cfg, qkv, n_q, got_k, got_v, start, cos, sin, pad)
+    want_k, want_v = (c.copy() for c in caches)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(llama, "has_attend_one", lambda: False)  # the NumPy reference
+        want = llama.attention(cfg, qkv, n_q, want_k, want_v, start, cos, sin, pad)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got_k.view(np.uint16), want_k.view(np.uint16))
+    np.testing.assert_array_equal(got_v.view(np.uint16), want_v.view(np.uint16))
+
+
+@needs_fastmath
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_decode_attention_kernel_gives_the_same_bits_on_any_thread_count(rng, dtype):
     """The (sequence, KV head) tasks split across sti._lowbit's pool: two threads write the same
