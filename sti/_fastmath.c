@@ -452,8 +452,9 @@ static inline __attribute__((always_inline)) void attend_kv_head(const Attend *a
         memcpy(vc + a->start * hd, row + (a->n_q + a->n_kv + j) * hd, (size_t)hd * sizeof(float));
     }
 #if FM_AVX512
-    if (f16 && (hd == 64 || hd == 128)) { /* q: g rotated queries, after kr */
-        group_f16_512(hd / 16, row, j * g, g, c, s, kh, vh, first, end, scale, scores, kr + hd,
+    if (f16 && (hd == 64 || hd == 128)) { /* after kr: g rotated queries, then g rows of scores */
+        float *qs = kr + hd;
+        group_f16_512(hd / 16, row, j * g, g, c, s, kh, vh, first, end, scale, qs + g * hd, qs,
                       a->out + b * a->n_q * hd);
         return;
     }
@@ -492,8 +493,8 @@ static inline __attribute__((always_inline)) void attend_kv_head(const Attend *a
     }
 }
 
-/* floats of a task's scratch: scores, q, the rotated key; the AVX-512 path, after them: a score row
- * and a rotated query per query head of the group, 64-byte multiples */
+/* floats of a task's scratch: scores, q, the rotated key; the AVX-512 path, after them: the rotated
+ * queries of the group's g heads, then their g rows of scores; 64-byte multiples */
 static Py_ssize_t attend_scratch(const Attend *a) {
     const Py_ssize_t end = a->start + 1, g = a->n_q / a->n_kv, n = (end + 2 * a->hd) * (1 + g);
     return (n + 15) / 16 * 16;

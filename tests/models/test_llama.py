@@ -302,12 +302,14 @@ def test_decode_kernel_fp16_key_rounding_is_exact(rng):
 
 
 @needs_fastmath
-@pytest.mark.parametrize("hd,n_q,n_kv", [(64, 9, 3), (64, 5, 1), (64, 8, 8), (128, 6, 2), (128, 3, 1)])
-def test_decode_attention_kernel_matches_numpy_at_real_head_sizes(rng, hd, n_q, n_kv):
+@pytest.mark.parametrize("hd,n_q,n_kv,start", [(64, 9, 3, 41), (64, 5, 1, 41), (64, 8, 8, 41), (128, 6, 2, 41),
+                                               (128, 3, 1, 41), (64, 8, 1, 300), (128, 6, 2, 300)])
+def test_decode_attention_kernel_matches_numpy_at_real_head_sizes(rng, hd, n_q, n_kv, start):
     """Head sizes 64 and 128 over float16 caches take the AVX-512 kernel where it is built (query
     heads of a KV head in groups of up to 4, resp. 2): 1..9 heads per KV head, 16-key blocks and
-    remainders, padded sequences."""
-    B, cap, start = 3, 60, 41
+    remainders, padded sequences, and contexts longer than two heads (a group's second round of
+    heads reads queries that its first round's scores must not overwrite)."""
+    B, cap = 3, start + 19
     cfg = tiny_cfg(num_heads=n_q, num_kv_heads=n_kv, head_dim=hd)
     pad = np.array([0, 9, 25])
     cos, sin = llama.rope_tables(cfg, llama.positions(start, 1, pad))
