@@ -76,6 +76,7 @@ from typing import Any
 import numpy as np
 
 from sti import blas, quant
+from sti.machine import available_cpus
 
 KINDS = ("sti-q1", "ggml-q4_1", "ggml-q8_0")
 GGML = {"ggml-q4_1": (0, 20, 4), "ggml-q8_0": (1, 34, 8)}  # kind -> (C kind code, bytes per block, bits)
@@ -632,16 +633,9 @@ def batch_bucket(batch: int) -> int:
     return 1 << (int(batch) - 1).bit_length()
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def thread_candidates() -> tuple[int, ...]:
     """Thread counts worth timing: 1 and, on a machine with several cores, 2 (STI's default)."""
-    return (1, 2) if _cpus() >= 2 and kernel_info()["max_threads"] >= 2 else (1,)
+    return (1, 2) if available_cpus() >= 2 and kernel_info()["max_threads"] >= 2 else (1,)
 
 
 @dataclass(frozen=True)
@@ -853,7 +847,7 @@ def profile_kernels(shapes, batches=(1, 16), repeats: int = 5) -> dict:
 def _machine() -> dict:
     from sti.machine import cpu_model
 
-    return {"cpu": cpu_model(), "cpus": _cpus(), **kernel_info()}
+    return {"cpu": cpu_model(), "cpus": available_cpus(), **kernel_info()}
 
 
 def stream_copies(nbytes: int, stream_bytes: int = STREAM_BYTES, cap: int = 256) -> int:

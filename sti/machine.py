@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_model() -> str:

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from sti.machine import available_cpus
+
 # erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7, below float32 resolution of GELU's
 # output scale); NumPy has no erf ufunc and SciPy's costs ~4x more here and 250 ms to import.
 _P = np.float32(0.3275911)
@@ -110,20 +112,13 @@ def has_attend_one() -> bool:
     return _attend_one_c is not None
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 # Decode attention runs its (sequence, KV head) tasks on two threads of sti._lowbit's pool (the
 # products' threads) from this much work on: query heads x attended cache slots, summed over the
 # batch. Measured between products as decode runs them (SmolLM2's 9 query and 3 KV heads of 64):
 # 1 sequence over 16 slots is 0.86x on two threads, 2 sequences over 16 slots 1.1x, 1 over 140
 # 1.4x, 16 over 140 1.45x.
 ATTEND_PARALLEL_WORK = 256
-ATTEND_THREADS = min(2, _cpus())
+ATTEND_THREADS = min(2, available_cpus())
 
 
 def attend_one(qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, cos: np.ndarray,

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sti.machine import available_cpus
+
 THREADS = 2
 CONTENDED_SHARE = 0.10  # other processes' share of the CPU above which the report warns
 SCHEMA_VERSION = 1
@@ -330,8 +332,7 @@ def contention_notes(total: dict | None, details: dict) -> list[str]:
               "it is idle"]
 
 
-def _cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_cpus = available_cpus  # the name the bench modules import
 
 
 def _loadavg() -> str | None:
