@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from sti import lowbit
-from sti.linops import BySize, ColSum, FUSED_MAX_BATCH, Packed, RowStack, SegmentStack, exact_products, stack_rows, tiled
+from sti.linops import (BySize, ColSum, FUSED_MAX_BATCH, Packed, Q1Stack, RowStack, SegmentStack, exact_products,
+                        stack_q1, stack_rows, tiled)
 from sti.ops import linear
 
 
@@ -120,6 +121,40 @@ def test_tiled_composites_are_one_matrix_read_in_place(n):
     assert tiled(RowStack([Packed(rows[0]), Packed(lowbit.random_tensor("sti-q1", (16, 64)))])) is None
     assert tiled(ColSum([Packed(cols[0]), dense(cols[1])])) is None  # a float32 part
     assert tiled(np.zeros((4, 4), np.float32)) is None
+
+
+@pytest.mark.skipif(not lowbit.has_c_kernels(), reason="stacked int8 products need sti._lowbit (no C compiler)")
+def test_q1_stack_is_one_int8_product_equal_to_its_parts():
+    """A layer's sti-q1 shards of q, k and v (mixed bitwidths, outliers) as one Q1Stack: where the
+    stack's measured kernel is int8, one product equal bit for bit to every part's own int8 product
+    side by side, on any thread count; a prompt (exact_products), a batch whose choice is not
+    int8, and prefill batches run the composite."""
+    rng = np.random.default_rng(7)
+    segs = [[lowbit.random_tensor("sti-q1", (r, 128), bits=b, seed=10 * r + b) for b in (2, 3, 2)]
+            for r in (48, 16, 16)]
+    parts = [t for seg in segs for t in seg]
+    composite = RowStack([RowStack([Packed(t) for t in seg]) for seg in segs])
+    n_int8, n_fused = 4, 2  # batch buckets 4 and 2
+    prof = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", (240, 128), 2, n_int8, "int8", 2),
+                                 lowbit.KernelChoice("sti-q1", (240, 128), 2, n_fused, "fused", 1)])
+    op = stack_q1([RowStack([Packed(t) for t in seg]) for seg in segs], prof)  # parts: fused kernel, 1 thread
+    assert isinstance(op, Q1Stack) and op.shape == (240, 128) and op.bits == 2
+    x = rng.standard_normal((n_int8, 128)).astype(np.float32)
+    want = np.concatenate([lowbit.qmm(t, x) for t in parts], axis=1)
+    assert np.array_equal(op.apply(x), want) and not np.array_equal(want, composite.apply(x))
+    for threads in (1, 3):
+        assert np.array_equal(lowbit.qmm_stack(x, np.empty_like(want), op.bufs, op.prog, threads=threads), want)
+    out = np.ones_like(want)
+    assert np.array_equal(op.apply(x, out, accumulate=True), want + 1)
+    with exact_products():
+        assert np.array_equal(op.apply(x), composite.apply(x))
+    for n in (1, n_fused, FUSED_MAX_BATCH + 1):
+        xn = rng.standard_normal((n, 128)).astype(np.float32)
+        assert np.array_equal(op.apply(xn), composite.apply(xn))
+    mixed = [RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 128), group_size=32))])]
+    assert stack_q1(mixed) is None  # two group sizes
+    assert stack_q1([RowStack([Packed(lowbit.random_tensor("ggml-q4_1", (32, 128)))])]) is None
+    assert stack_q1([ColSum([Packed(parts[0])])]) is None
 
 
 @pytest.mark.skipif(not lowbit.has_c_kernels(), reason="int8 products need sti._lowbit (no C compiler)")
