@@ -297,7 +297,7 @@ static void quantize_block(const float *x, int16_t *q, float *dxs, float sum) {
 
 /* Copy X (B, cols) into a zero-padded (B, pc) buffer and sum it over each segment; for GGML kinds
  * also its int8 blocks. */
-static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A) {
+static int prepare_acts_ld(const Weights *W, const float *X, Py_ssize_t ldx, Py_ssize_t B, Acts *A) {
     A->B = B;
     size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg), ggml = W->kind != K_STI;
     size_t floats = nx + ns + (ggml ? 2 * ns + nx / 2 : 0); /* x, xs, dxs, q16 (2 codes per float) */
@@ -309,7 +309,7 @@ static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A)
     A->q16 = ggml ? (int16_t *)(A->dxs + 2 * ns) : NULL;
     for (Py_ssize_t b = 0; b < B; b++) {
         float *xb = A->x + b * W->pc;
-        memcpy(xb, X + b * W->cols, (size_t)W->cols * sizeof(float));
+        memcpy(xb, X + b * ldx, (size_t)W->cols * sizeof(float));
         memset(xb + W->cols, 0, (size_t)(W->pc - W->cols) * sizeof(float));
         for (Py_ssize_t s = 0; s < W->nseg; s++) {
             float t = 0.0f;
@@ -319,6 +319,10 @@ static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A)
         }
     }
     return 0;
+}
+
+static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A) {
+    return prepare_acts_ld(W, X, W->cols, B, A);
 }
 
 /* ------------------------------------------------------------------------- exact dequantization
@@ -966,6 +970,13 @@ static void unpack_row_u8(const Weights *W, Py_ssize_t r, uint8_t *dst) {
     const int k = W->bits;
     const Py_ssize_t pc = W->pc;
     const uint8_t *src = W->w + r * W->row_bytes;
+#if LB_AVX2
+    /* the same row of the next tile of rows, and its scales and offsets: fetched while this tile
+     * computes (streamed weights come from memory; prefetches past the end are harmless) */
+    for (Py_ssize_t c = 0; c < W->row_bytes; c += 64) _mm_prefetch((const char *)src + QMM_ACC * W->row_bytes + c, _MM_HINT_T0);
+    _mm_prefetch((const char *)(W->scale + (r + QMM_ACC) * W->nseg), _MM_HINT_T0);
+    _mm_prefetch((const char *)(W->offset + (r + QMM_ACC) * W->nseg), _MM_HINT_T0);
+#endif
 #if LB_AVX512 && defined(__AVX512VBMI__)
     const __m512i P = u8_perm[k], S = u8_shift[k];
     const __m512i M = _mm512_set1_epi8((char)((1u << k) - 1u));
@@ -1130,6 +1141,7 @@ struct Job {
     float *yh; /* owned, (B, rows): rows computed by helpers, merged into y by the caller */
     float *out; /* dequant: the output, written by every thread */
     int accumulate, may_steal, int8; /* int8: qmm, else matvec */
+    int own_as; /* qmm_cols: every As[i] owns its buffers */
     Py_ssize_t rows_per_task, ntask, next;
     unsigned char *state;   /* per task */
     long *claimed_at;       /* per task: when a helper claimed it (now_ns) */
@@ -1325,6 +1337,8 @@ static void job_free(Job *J) {
     free(J->state);
     free(J->claimed_at);
     free(J->Ws);
+    if (J->own_as && J->As)
+        for (Py_ssize_t i = 0; i < J->nW; i++) free(J->As[i].x), free(J->As[i].xv), free(J->As[i].xt);
     free(J->As);
     free(J->ycol);
     free(J->task_item);
@@ -1520,6 +1534,66 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
             const float *src = J->yh + b * ldy + c0;
             for (Py_ssize_t k = 0; k < nr; k++) dst[k] = accumulate ? dst[k] + src[k] : src[k];
         }
+    }
+    return 0;
+}
+
+static void qmm_cols_task(Job *J, Py_ssize_t t, int slot) {
+    const Py_ssize_t rows = J->Ws[0].rows, r0 = t * J->rows_per_task;
+    const Py_ssize_t r1 = r0 + J->rows_per_task < rows ? r0 + J->rows_per_task : rows;
+    float *y = slot ? J->yh : J->y;
+    uint8_t *tile = NULL;
+    for (Py_ssize_t i = 0; i < J->nW; i++) {
+        const Weights *W = &J->Ws[i];
+        if (W->bits != 8 && !tile && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
+        rows_qmm(W, &J->As[i], y, rows, i ? 1 : J->accumulate, r0, r1, tile);
+    }
+}
+
+/* y (B, rows) (+)= sum_i X[:, c_i : c_i + cols_i] @ Ws[i].T, c_i = cols_0 + ... + cols_(i-1): the
+ * n sti-q1 matrices (same rows and group size, sorted outliers) side by side along the columns, as
+ * a matrix cut along its input axis (a layer's output or down projection in shards). A task owns a
+ * band of rows and sums every item into it, item by item, so every output is the sum in item order
+ * of the items' own qmm results, whatever the thread count. Returns 0, or -1 when out of memory;
+ * *J_out as for run_matvec. */
+static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, float *y, int accumulate,
+                        int threads, PyObject *owner, Job **J_out) {
+    const Py_ssize_t rows = Ws[0].rows, rpt = task_rows(rows, threads), ntask = (rows + rpt - 1) / rpt;
+    Py_ssize_t widest = 0, ldx = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (Ws[i].pc > Ws[widest].pc) widest = i;
+        ldx += Ws[i].cols;
+    }
+    Job *J = *J_out = job_alloc(&Ws[widest], qmm_cols_task, owner, rpt, ntask); /* J->W: the widest tile */
+    if (!J) return -1;
+    J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = 1;
+    J->Ws = malloc((size_t)n * sizeof(Weights));
+    J->As = calloc((size_t)n, sizeof(Acts));
+    if (!J->Ws || !J->As) return -1;
+    J->nW = n, J->own_as = 1;
+    for (Py_ssize_t i = 0, col = 0; i < n; col += Ws[i].cols, i++) {
+        Acts *A = &J->As[i];
+        J->Ws[i] = Ws[i];
+        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || acts_i8(&Ws[i], A)) return -1;
+        if (Ws[i].nout) {
+            if (acts_xt(&Ws[i], A, rows + 1)) return -1;
+            A->orow = (Py_ssize_t *)(A->xt + (size_t)(Ws[i].pc * A->nv * 16));
+            outlier_rows(&Ws[i], A->orow);
+        }
+    }
+    if (threads > 1 && ntask > 1) {
+        /* helpers sum into their own copy of y, so that a sum starts from y's value as the
+         * caller's does: ((y + item 0) + item 1) + ..., the same bits on any thread */
+        if (!(J->yh = malloc((size_t)(B * rows) * sizeof(float) + 4))) return -1;
+        if (accumulate) memcpy(J->yh, y, (size_t)(B * rows) * sizeof(float));
+    }
+    pool_run(J, threads);
+    if (atomic_load(&J->nomem)) return -1;
+    for (Py_ssize_t t = 0; t < ntask; t++) { /* the helpers' rows */
+        if (J->state[t] != T_HELPER_DONE) continue;
+        const Py_ssize_t r0 = t * rpt, nr = r0 + rpt < rows ? rpt : rows - r0;
+        for (Py_ssize_t b = 0; b < B; b++)
+            memcpy(y + b * rows + r0, J->yh + b * rows + r0, (size_t)nr * sizeof(float));
     }
     return 0;
 }
@@ -2136,7 +2210,8 @@ error:
 }
 
 /* qmm_prog(x, out, bufs, prog, accumulate=False, threads=1): out (B, R) (+)= x (B, cols) @ W.T, W the
- * sti-q1 matrices of the rows of `prog` stacked in order (R = their rows): the decode programs of
+ * sti-q1 matrices of the rows of `prog` stacked in order (R = their rows); qmm_cols: side by side
+ * instead (one row count, x (B, their columns in all)); qmmt_prog: see run_qmmt. `prog` rows are the decode programs of
  * sti.quant.Program, int64 (n, 11) = kind (0), bits, group_size, rows, cols and the byte offsets
  * of codes, scale, offset, outlier_idx, outlier_val in bufs[i], then the number of outliers. One
  * rounding of x for all of them (same cols and group size), one job; the buffers are read in place
@@ -2146,8 +2221,11 @@ static int in_buf(int64_t off, int64_t n, const Py_buffer *v, int align) {
            (uintptr_t)((const uint8_t *)v->buf + off) % (uintptr_t)align == 0;
 }
 
-static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int transposed) {
-    const char *name = transposed ? "qmmt_prog" : "qmm_prog";
+enum { STACK_ROWS, STACK_TRANSPOSED, STACK_COLS }; /* qmm_prog, qmmt_prog, qmm_cols */
+
+static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int mode) {
+    const int transposed = mode == STACK_TRANSPOSED, by_cols = mode == STACK_COLS;
+    const char *name = by_cols ? "qmm_cols" : transposed ? "qmmt_prog" : "qmm_prog";
     if (nargs < 4 || nargs > 6)
         return PyErr_Format(PyExc_TypeError, "%s(x, out, bufs, prog, accumulate=False, threads=1)", name);
     int accumulate = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
@@ -2175,7 +2253,7 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int tran
         fail("%s: prog must be int64 (%zd, 11), one row per buffer; got %zd bytes", name, n, pg.len);
         goto done;
     }
-    Py_ssize_t R = 0;
+    Py_ssize_t R = 0, C = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *mv = PyMemoryView_FromObject(PySequence_Fast_GET_ITEM(seq, i));
         if (!mv) goto done;
@@ -2197,7 +2275,12 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int tran
                  (long long)bits, (long long)G, (long long)rows, (long long)cols);
             goto done;
         }
-        if (i && (cols != Ws[0].cols || G != Ws[0].seg)) {
+        if (i && by_cols && (rows != Ws[0].rows || G != Ws[0].seg)) {
+            fail("%s: matrix %zd has %lld rows in groups of %lld columns; matrix 0 has %zd in groups of %zd", name, i,
+                 (long long)rows, (long long)G, Ws[0].rows, Ws[0].seg);
+            goto done;
+        }
+        if (i && !by_cols && (cols != Ws[0].cols || G != Ws[0].seg)) {
             fail("%s: matrix %zd has %lld columns in groups of %lld; matrix 0 has %zd in groups of %zd", name, i,
                  (long long)cols, (long long)G, Ws[0].cols, Ws[0].seg);
             goto done;
@@ -2226,9 +2309,10 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int tran
             goto done;
         }
         R += rows;
+        C += cols;
     }
     Py_ssize_t bx, by;
-    const Py_ssize_t nx = transposed ? R : Ws[0].cols, ny = transposed ? Ws[0].cols : R;
+    const Py_ssize_t nx = transposed ? R : by_cols ? C : Ws[0].cols, ny = transposed ? Ws[0].cols : by_cols ? Ws[0].rows : R;
     if (get_vecs(args[0], &x, nx, 0, &bx, "x")) goto done;
     have_x = 1;
     if (get_vecs(args[1], &y, ny, 1, &by, "out")) goto done;
@@ -2244,6 +2328,8 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int tran
     Py_BEGIN_ALLOW_THREADS
     if (transposed)
         err = run_qmmt(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, owner, &J);
+    else if (by_cols)
+        err = run_qmm_cols(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, owner, &J);
     else
         err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, owner, &J);
     if (J) left_behind = job_leave(J);
@@ -2264,12 +2350,17 @@ done:
 
 static PyObject *py_qmm_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
-    return stack_product(args, nargs, 0);
+    return stack_product(args, nargs, STACK_ROWS);
 }
 
 static PyObject *py_qmmt_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
-    return stack_product(args, nargs, 1);
+    return stack_product(args, nargs, STACK_TRANSPOSED);
+}
+
+static PyObject *py_qmm_cols(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    return stack_product(args, nargs, STACK_COLS);
 }
 
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
@@ -2312,6 +2403,9 @@ static PyMethodDef methods[] = {
     {"qmmt_prog", (PyCFunction)(void (*)(void))py_qmmt_prog, METH_FASTCALL,
      "qmmt_prog(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W for the same matrices\n"
      "stacked along the rows of W (x's columns); each has a multiple of 4 rows."},
+    {"qmm_cols", (PyCFunction)(void (*)(void))py_qmm_cols, METH_FASTCALL,
+     "qmm_cols(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W.T for the same matrices\n"
+     "side by side along the columns of W (one row count; x's columns are theirs in order)."},
     {"info", py_info, METH_NOARGS,
      "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,

@@ -389,9 +389,9 @@ def layer_matrices(tensors, shard_ops: list[dict], whole: bool = False) -> dict:
     (``sti.linops.tiled``): one kernel call per matrix instead of one per shard, and every output
     the same sum as in the unsharded matrix; a matrix that cannot be tiled (sti-q1 versions, or no
     C kernels) stays the composite of its shards' operators, except that sti-q1 shards' q, k, v
-    (gate, up) rows become one :class:`sti.linops.Q1Stack` under the ``llama.FUSED`` name: a
-    decode batch's int8 product over all of them in one call (SmolLM2 at 2 bits, batch 16: 45 ->
-    35 ms per step)."""
+    (gate, up) rows become one :class:`sti.linops.Q1Stack` under the ``llama.FUSED`` name, and
+    their output (down) projection columns one more: a decode batch's int8 product over all of a
+    matrix's shards in one call."""
     w = {}
     done = set()
     for fused, names in llama.FUSED.items():
@@ -415,6 +415,9 @@ def layer_matrices(tensors, shard_ops: list[dict], whole: bool = False) -> dict:
                 w[fused] = stack
                 for n in names:
                     del w[n]
+        for name, op in w.items():  # and the output and down projections' column shards
+            if isinstance(op, ColSum):
+                w[name] = stack_q1([op]) or op
     return w
 
 

@@ -19,8 +19,9 @@ shard store, and on the shards of one layer streamed from storage:
               result is every part's first segment, then every part's second, and so on. One
               kernel call per part instead of one per segment and part.
 ``BySize``    one matrix as two operators: one for decode's small batches, one for prefill.
-``Q1Stack``   sti-q1 shards with one input stacked by rows (a layer's q, k and v, or gate and up):
-              one int8 product over all of them for decode batches that measured int8 fastest.
+``Q1Stack``   sti-q1 shards stacked by rows (a layer's q, k and v, or gate and up) or side by side
+              (its output or down projection): one int8 product over all of them for decode
+              batches that measured int8 fastest.
 
 :func:`tiled` turns any of the three composites of packed GGML shards into one ``Packed`` matrix
 read in place from the shards (:class:`sti.lowbit.TiledTensor`): one kernel call, one rounding of
@@ -250,33 +251,39 @@ class BySize:
 
 
 class Q1Stack:
-    """sti-q1 matrices with one input, their rows one after another (a layer's shards of the
-    query, key and value projections, or of gate and up), as one operator: a decode batch whose
-    measured kernel for the whole stack is int8 runs one :func:`sti.lowbit.qmm_stack` call over
-    every part's bytes where they lie (x rounded to int8 once, one thread hand-off, the threads
-    splitting all the rows), with every output the same as part by part; anything else runs
-    ``composite``, the operator the parts make otherwise (its outputs in the same order).
+    """sti-q1 matrices as one operator, read in place: stacked along the rows with one input (a
+    layer's shards of the query, key and value projections, or of gate and up), or, ``by_cols``,
+    side by side along the columns, each multiplying its slice of x (a matrix cut along its input
+    axis: the output or down projection). A decode batch whose measured kernel for the whole
+    matrix is int8 runs one :func:`sti.lowbit.qmm_stack` (:func:`sti.lowbit.qmm_cols`) call over
+    every part's bytes: x rounded to int8 once, one thread hand-off, the threads splitting all the
+    rows, and every output the same as part by part; anything else runs ``composite``, the
+    operator the parts make otherwise (same shape, same outputs).
 
     The kernel for the stack is chosen as for one matrix of its shape and most common bitwidth
     (``profile``); without a profile, or without the C kernels, the composite always runs."""
 
-    def __init__(self, parts: Sequence[Packed], composite, profile: lowbit.KernelProfile | None = None):
+    def __init__(self, parts: Sequence[Packed], composite, profile: lowbit.KernelProfile | None = None,
+                 by_cols: bool = False):
         from sti import quant
 
-        self.parts, self.composite, self.profile = list(parts), composite, profile
+        self.parts, self.composite, self.profile, self.by_cols = list(parts), composite, profile, by_cols
         ts = [p.t for p in self.parts]
         if not ts or any(t.kind != "sti-q1" for t in ts):
             raise ValueError("Q1Stack: every part must be an sti-q1 matrix")
-        if len({(t.shape[1], t._q.group_size) for t in ts}) != 1:
-            raise ValueError(f"Q1Stack: parts need one column count and group size, got "
-                             f"{sorted({(t.shape[1], t._q.group_size) for t in ts})}")
-        self.shape = (sum(t.shape[0] for t in ts), ts[0].shape[1])
+        shared = {(t.shape[0] if by_cols else t.shape[1], t._q.group_size) for t in ts}
+        if len(shared) != 1:
+            raise ValueError(f"Q1Stack: parts need one {'row' if by_cols else 'column'} count and group size, "
+                             f"got {sorted(shared)}")
+        self.shape = ((ts[0].shape[0], sum(t.shape[1] for t in ts)) if by_cols
+                      else (sum(t.shape[0] for t in ts), ts[0].shape[1]))
         if tuple(composite.shape) != self.shape:
             raise ValueError(f"Q1Stack: the composite is {tuple(composite.shape)}, the parts {self.shape}")
         self.bufs = [t.buf for t in ts]
         self.prog = np.concatenate([quant.Program([("quant", 0, t.shape, t.meta)]).prog for t in ts])
         bits = [t.bits for t in ts]
         self.bits = max(set(bits), key=bits.count)
+        self._product = lowbit.qmm_cols if by_cols else lowbit.qmm_stack
         self._threads: dict[int, int] = {}  # batch -> threads of the int8 product, 0: the composite
 
     @property
@@ -299,19 +306,21 @@ class Q1Stack:
             return self.composite.apply(x, out, accumulate)
         if out is None:
             out, accumulate = np.empty((x.shape[0], self.shape[0]), np.float32), False
-        return lowbit.qmm_stack(x, out, self.bufs, self.prog, accumulate, threads)
+        return self._product(x, out, self.bufs, self.prog, accumulate, threads)
 
 
 def stack_q1(ops: Sequence, profile: lowbit.KernelProfile | None = None) -> Q1Stack | None:
-    """``ops`` (RowStacks of sti-q1 ``Packed`` matrices with one input, in output order) as one
-    :class:`Q1Stack`, or None when they are anything else or the C kernels are not built."""
+    """``ops`` as one :class:`Q1Stack`: RowStacks of sti-q1 ``Packed`` matrices with one input (in
+    output order), or a single ColSum of them; None when they are anything else or the C kernels
+    are not built."""
+    by_cols = len(ops) == 1 and isinstance(ops[0], ColSum)
     parts = [p for op in ops for p in getattr(op, "parts", [None])]
-    if (not lowbit.has_c_kernels() or not parts or not all(isinstance(op, RowStack) for op in ops)
+    if (not lowbit.has_c_kernels() or not parts or not (by_cols or all(isinstance(op, RowStack) for op in ops))
             or not all(isinstance(p, Packed) and p.t.kind == "sti-q1" for p in parts)
-            or len({(p.t.shape[1], p.t._q.group_size) for p in parts}) != 1):
+            or len({(p.t.shape[0] if by_cols else p.t.shape[1], p.t._q.group_size) for p in parts}) != 1):
         return None
     composite = ops[0] if len(ops) == 1 else RowStack(list(ops))
-    return Q1Stack(parts, composite, profile or parts[0].profile)
+    return Q1Stack(parts, composite, profile or parts[0].profile, by_cols)
 
 
 def tiled(op) -> BySize | None:

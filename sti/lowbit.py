@@ -473,6 +473,30 @@ def qmm_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate
     return out
 
 
+def qmm_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
+             threads: int = 1) -> np.ndarray:
+    """:func:`qmm` of a matrix cut along its input axis into sti-q1 matrices (``bufs`` / ``prog`` as
+    for :func:`qmm_stack`; one row count and group size): out (B, R) (+)= sum_i x[:, c_i:c_i +
+    cols_i] @ W_i.T, c_i the columns of the matrices before i. Every output is the sum, in matrix
+    order, of each matrix's own :func:`qmm` of its slice of x (bit for bit, any thread count); one
+    call and one thread hand-off instead of one per matrix. :func:`qmm_numpy` per matrix without the
+    C kernels."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _lb is not None:
+        _lb.qmm_cols(x, out, bufs, prog, accumulate, threads)
+        return out
+    col = 0
+    flat = out.reshape(-1, out.shape[-1])
+    for k, (buf, row) in enumerate(zip(bufs, prog)):
+        q = quant.from_program_row(buf, row)
+        y = _qmm_numpy(q, x.reshape(-1, x.shape[-1])[:, col:col + q.shape[1]])
+        _finish(y, flat, accumulate or k > 0)
+        col += q.shape[1]
+    if col != x.shape[-1]:
+        raise ValueError(f"qmm_cols: the matrices have {col} columns in all, x has {x.shape[-1]}")
+    return out
+
+
 def qmmt_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
                threads: int = 1) -> np.ndarray:
     """out (B, H) (+)= x (B, N) @ W for W (N, H) stacked from the sti-q1 matrices of ``bufs`` / ``prog``

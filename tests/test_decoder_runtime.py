@@ -79,17 +79,17 @@ def test_lossless_batches_with_int8_products_are_token_identical(tiny, tmp_path,
 
 @pytest.mark.skipif(not lowbit.has_c_kernels(), reason="stacked int8 products need sti._lowbit (no C compiler)")
 def test_low_bit_decode_batches_run_a_layers_shards_as_one_int8_product(tiny, tmp_path, monkeypatch):
-    """Streamed sti-q1 shards: a layer's q, k, v (gate, up) shards form one Q1Stack, and where a
-    decode batch's products go int8 its logits are bit for bit those of the shards multiplied one
-    by one with int8 products."""
+    """Streamed sti-q1 shards: a layer's q, k, v (gate, up) shards form one Q1Stack, its output
+    (down) projection's column shards another, and where a decode batch's products go int8 its
+    logits are bit for bit those of the shards multiplied one by one with int8 products."""
     _, store = tiny
     monkeypatch.setenv("STI_CACHE", str(tmp_path))  # a fresh profile
     gen = Generator.from_store(store, memory=_smallest(store) + 200_000, bits=3, preload=False, batch=4)
     try:
         eng = gen.engine
         stacks = [(w, name, op) for w in eng._layer_w.values() for name, op in w.items() if isinstance(op, Q1Stack)]
-        assert {name for _, name, _ in stacks} == {"wqkv", "w_gate_up"}
-        assert len(stacks) == 2 * len(eng._layer_w)
+        assert {name for _, name, _ in stacks} == {"wqkv", "w_gate_up", "wo", "w_down"}
+        assert len(stacks) == 4 * len(eng._layer_w)
         shapes = {(op.shape, op.bits) for _, _, op in stacks}
         shapes |= {(p.shape, p.t.bits) for _, _, op in stacks for p in op.parts}
         for shape, bits in shapes:  # batches of 4 go int8, the stacks and each shard alike

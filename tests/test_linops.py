@@ -154,7 +154,39 @@ def test_q1_stack_is_one_int8_product_equal_to_its_parts():
     mixed = [RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 128), group_size=32))])]
     assert stack_q1(mixed) is None  # two group sizes
     assert stack_q1([RowStack([Packed(lowbit.random_tensor("ggml-q4_1", (32, 128)))])]) is None
-    assert stack_q1([ColSum([Packed(parts[0])])]) is None
+    assert stack_q1([ColSum([Packed(parts[0])]), ColSum([Packed(parts[1])])]) is None
+
+
+@pytest.mark.skipif(not lowbit.has_c_kernels(), reason="stacked int8 products need sti._lowbit (no C compiler)")
+def test_q1_stack_by_columns_sums_its_parts_like_colsum():
+    """A matrix cut along its input axis into sti-q1 shards (the output or down projection): one
+    int8 product equal bit for bit to the ColSum of the parts' own int8 products, on any thread
+    count, with or without accumulating; other batches run the ColSum."""
+    rng = np.random.default_rng(8)
+    parts = [lowbit.random_tensor("sti-q1", (200, c), bits=b, seed=c + b) for c, b in ((192, 2), (128, 3), (192, 2))]
+    n = 16
+    prof = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", (200, 512), 2, n, "int8", 2)])
+    int8_parts = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", t.shape, t.bits, n, "int8", 1) for t in parts])
+    colsum = ColSum([Packed(t) for t in parts])
+    op = stack_q1([colsum], prof)
+    assert isinstance(op, Q1Stack) and op.by_cols and op.shape == (200, 512) and op.composite is colsum
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    want = ColSum([Packed(t, int8_parts) for t in parts]).apply(x)  # each part's own int8 product, summed
+    assert np.array_equal(op.apply(x), want) and not np.array_equal(want, colsum.apply(x))
+    for threads in (1, 3):
+        assert np.array_equal(lowbit.qmm_cols(x, np.empty_like(want), op.bufs, op.prog, threads=threads), want)
+    out = np.ones_like(want)
+    assert np.array_equal(op.apply(x, out, accumulate=True), ColSum([Packed(t, int8_parts) for t in parts]).apply(
+        x, np.ones_like(want), accumulate=True))
+    for m in (1, FUSED_MAX_BATCH + 1):
+        xm = rng.standard_normal((m, 512)).astype(np.float32)
+        assert np.array_equal(op.apply(xm), colsum.apply(xm))
+    w = np.concatenate([dense(t) for t in parts], axis=1)
+    dx = np.abs(x).reshape(n, -1, 64).max(-1) / 127  # x rounded to int8 per vector and group of 64
+    bound = (dx / 2) @ np.abs(w).reshape(200, -1, 64).sum(-1).T + 1e-5 * (np.abs(x) @ np.abs(w).T)
+    assert np.all(np.abs(op.apply(x) - x @ w.T) <= bound)  # W times the rounded x
+    other_groups = lowbit.random_tensor("sti-q1", (200, 64), group_size=32)
+    assert stack_q1([ColSum([Packed(parts[0]), Packed(other_groups)])]) is None
 
 
 @pytest.mark.skipif(not lowbit.has_c_kernels(), reason="int8 products need sti._lowbit (no C compiler)")
