@@ -316,11 +316,13 @@ def stack_q1(ops: Sequence, profile: lowbit.KernelProfile | None = None) -> Q1St
     by_cols = len(ops) == 1 and isinstance(ops[0], ColSum)
     parts = [p for op in ops for p in getattr(op, "parts", [None])]
     if (not lowbit.has_c_kernels() or not parts or not (by_cols or all(isinstance(op, RowStack) for op in ops))
-            or not all(isinstance(p, Packed) and p.t.kind == "sti-q1" for p in parts)
-            or len({(p.t.shape[0] if by_cols else p.t.shape[1], p.t._q.group_size) for p in parts}) != 1):
+            or not all(isinstance(p, Packed) and p.t.kind == "sti-q1" for p in parts)):
         return None
-    composite = ops[0] if len(ops) == 1 else RowStack(list(ops))
-    return Q1Stack(parts, composite, profile or parts[0].profile, by_cols)
+    try:
+        composite = ops[0] if len(ops) == 1 else RowStack(list(ops))
+        return Q1Stack(parts, composite, profile or parts[0].profile, by_cols)
+    except ValueError:  # the parts do not share a column (row) count and group size
+        return None
 
 
 def tiled(op) -> BySize | None:

@@ -153,6 +153,7 @@ def test_q1_stack_is_one_int8_product_equal_to_its_parts():
         assert np.array_equal(op.apply(xn), composite.apply(xn))
     mixed = [RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 128), group_size=32))])]
     assert stack_q1(mixed) is None  # two group sizes
+    assert stack_q1([RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 64)))])]) is None
     assert stack_q1([RowStack([Packed(lowbit.random_tensor("ggml-q4_1", (32, 128)))])]) is None
     assert stack_q1([ColSum([Packed(parts[0])]), ColSum([Packed(parts[1])])]) is None
 
