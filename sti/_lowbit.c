@@ -1574,12 +1574,7 @@ static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
     for (Py_ssize_t i = 0, col = 0; i < n; col += Ws[i].cols, i++) {
         Acts *A = &J->As[i];
         J->Ws[i] = Ws[i];
-        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || acts_i8(&Ws[i], A)) return -1;
-        if (Ws[i].nout) {
-            if (acts_xt(&Ws[i], A, rows + 1)) return -1;
-            A->orow = (Py_ssize_t *)(A->xt + (size_t)(Ws[i].pc * A->nv * 16));
-            outlier_rows(&Ws[i], A->orow);
-        }
+        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || prepare_acts_i8(&Ws[i], A)) return -1; /* sorted outliers */
     }
     if (threads > 1 && ntask > 1) {
         /* helpers sum into their own copy of y, so that a sum starts from y's value as the
@@ -2275,14 +2270,11 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int mode
                  (long long)bits, (long long)G, (long long)rows, (long long)cols);
             goto done;
         }
-        if (i && by_cols && (rows != Ws[0].rows || G != Ws[0].seg)) {
-            fail("%s: matrix %zd has %lld rows in groups of %lld columns; matrix 0 has %zd in groups of %zd", name, i,
-                 (long long)rows, (long long)G, Ws[0].rows, Ws[0].seg);
-            goto done;
-        }
-        if (i && !by_cols && (cols != Ws[0].cols || G != Ws[0].seg)) {
-            fail("%s: matrix %zd has %lld columns in groups of %lld; matrix 0 has %zd in groups of %zd", name, i,
-                 (long long)cols, (long long)G, Ws[0].cols, Ws[0].seg);
+        const int64_t mine = by_cols ? rows : cols; /* what every matrix shares: rows side by side, else columns */
+        if (i && (mine != (by_cols ? Ws[0].rows : Ws[0].cols) || G != Ws[0].seg)) {
+            fail("%s: matrix %zd has %lld %s in groups of %lld columns; matrix 0 has %zd in groups of %zd", name, i,
+                 (long long)mine, by_cols ? "rows" : "columns", (long long)G, by_cols ? Ws[0].rows : Ws[0].cols,
+                 Ws[0].seg);
             goto done;
         }
         const Py_ssize_t ng = (cols + G - 1) / G, pc = ng * G;
