@@ -104,6 +104,41 @@ def test_low_bit_decode_batches_run_a_layers_shards_as_one_int8_product(tiny, tm
         gen.close()
 
 
+@pytest.mark.skipif(not zero_copy_supported(), reason="runs of streamed head shards need the mmap io mode")
+@pytest.mark.parametrize("bits", [None, 3])  # lossless GGML blocks (tiled) and sti-q1 shards (Q1Stack)
+def test_streamed_head_shards_run_as_one_product_with_the_logits_of_one_by_one(tiny, tmp_path, monkeypatch, bits):
+    """Adjacent streamed LM-head shards multiply as one matrix per run (up to half the read
+    slots, a fixed partition): the same logits as one product per shard, at batch 1 (fused
+    products) and batch 4 (int8 products)."""
+    _, store = tiny
+    monkeypatch.setenv("STI_CACHE", str(tmp_path))  # a fresh profile
+    gen = Generator.from_store(store, memory=_smallest(store) + 200_000, bits=bits, preload=False, batch=4)
+    try:
+        eng = gen.engine
+        runs = eng._head_plan
+        assert sorted(s for run in runs for s in run) == sorted(eng.schedule.head)
+        assert max(map(len, runs)) == max(1, eng.n_slots // 2) > 1
+        x1, x4 = np.asarray([[5]]), np.asarray([[5], [40], [41], [60]])
+        if lowbit.has_c_kernels():  # batches of 4 go int8, whole runs and single shards alike
+            kind = "sti-q1" if bits else eng._shard_ops(-1, runs[0][0], 0)["lm_head"].t.kind
+            for op in [eng._head_op(k, run, list(range(len(run)))) for k, run in enumerate(runs)]:
+                ops = [getattr(op, "small", op)] + list(getattr(op, "parts", []))
+                for o in ops:
+                    o = getattr(o, "small", o)
+                    eng.profile.add(lowbit.KernelChoice(kind, tuple(o.shape), bits or lowbit.GGML[kind][2], 4, "int8", 2))
+            if not bits:
+                eng.profile.add(lowbit.KernelChoice(kind, lowbit.INT8_REF_SHAPE, lowbit.GGML[kind][2], 4, "int8", 2))
+        runs_out = [gen.logits(x1), gen.logits(x4)]
+        if bits and lowbit.has_c_kernels():  # each run of 2 ran as one int8 product
+            assert all(isinstance(op, Q1Stack) and op._threads[4] == 2 for op in eng._head_ops.values())
+        eng._head_plan, eng._head_ops = [[s] for run in runs for s in run], {}
+        np.testing.assert_array_equal(gen.logits(x1), runs_out[0])
+        np.testing.assert_array_equal(gen.logits(x4), runs_out[1])
+        assert eng._io.stats["reads"] > 0
+    finally:
+        gen.close()
+
+
 def _smallest(store) -> int:
     """The smallest budget plan_decoder accepts (parsed from its error)."""
     import re
