@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from sti.errors import STIError
 
@@ -122,16 +123,44 @@ def cmd_classify(a) -> int:
     return 0
 
 
+def _prompts(a) -> list[str]:
+    """The prompts of ``sti generate``: the positional ones, then --prompts-file's lines."""
+    prompts = list(a.prompt)
+    if a.prompts_file:
+        try:
+            text = sys.stdin.read() if a.prompts_file == "-" else Path(a.prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise STIError(f"cannot read --prompts-file {a.prompts_file}: {e.strerror or e}",
+                           "pass a text file with one prompt per line, or - for standard input") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise STIError(f"--prompts-file {a.prompts_file} holds no prompt", "write one prompt per line")
+        prompts += lines
+    if not prompts:
+        raise STIError("no prompt", 'pass the prompt text (sti generate "Once upon a time"), several, '
+                                    "or --prompts-file FILE")
+    return prompts
+
+
 def cmd_generate(a) -> int:
     from sti.api import Generator
 
+    prompts = _prompts(a)
+    batch = len(prompts) if a.batch is None else a.batch
+    if batch < 1:
+        raise STIError(f"--batch must be at least 1, got {batch}", "pass --batch 1 or more")
+    if len(prompts) > 1 and batch != len(prompts):
+        raise STIError(f"--batch {batch} with {len(prompts)} prompts: several prompts are the batch",
+                       "leave --batch out, or give one prompt to generate --batch sequences of it")
+    prompts = prompts * batch if len(prompts) == 1 else prompts
     if a.store:
         from sti.api import prompt_ids
         from sti.store import Store
 
         st = Store.open(a.store)  # the request's length decides how the budget is split
-        need = len(prompt_ids(st.tokenizer(), st.chat_template, st.special, a.prompt, a.chat)) + a.max_tokens
-        gen = Generator.from_store(st, memory=a.memory, bits=a.bits, batch=a.batch, storage=a.storage,
+        need = max(len(prompt_ids(st.tokenizer(), st.chat_template, st.special, p, a.chat)) for p in set(prompts))
+        need += a.max_tokens
+        gen = Generator.from_store(st, memory=a.memory, bits=a.bits, batch=batch, storage=a.storage,
                                    token_latency=a.token_latency, kv=a.kv, min_context=need)
         if not a.json:
             p = gen.plan
@@ -145,16 +174,17 @@ def cmd_generate(a) -> int:
                 raise STIError(f"--{opt.replace('_', '-')} needs --store", "pack the model (sti pack smollm2 -o STORE) "
                                                                           "and pass --store STORE")
         gen = Generator.load(a.model, progress=not a.json, kv=a.kv)
-    if a.batch < 1:
-        raise STIError(f"--batch must be at least 1, got {a.batch}", "pass --batch 1 or more")
-    ids = gen.encode_prompt(a.prompt, chat=a.chat)
-    rows: list[list[int]] = [[] for _ in range(a.batch)]
+    try:
+        ids = [gen.encode_prompt(p, chat=a.chat) for p in prompts]
+    except BaseException:
+        gen.close()
+        raise
+    rows: list[list[int]] = [[] for _ in ids]
     printed = ""
     t0 = time.perf_counter()
     first = None
     try:
-        for step in gen.stream_batch([ids] * a.batch, a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                                     seed=a.seed):
+        for step in gen.stream_batch(ids, a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed):
             first = first or time.perf_counter()
             for r, tok in zip(rows, step):
                 if tok is not None:
@@ -172,19 +202,25 @@ def cmd_generate(a) -> int:
     texts = [gen.decode(r) for r in rows]
     if a.json:
         out = {"tokens": rows[0], "text": texts[0]}
-        if a.batch > 1:
-            out["batch"] = [{"tokens": r, "text": t} for r, t in zip(rows, texts)]
+        if batch > 1:
+            out["batch"] = [{"prompt": p, "tokens": r, "text": t} for p, r, t in zip(prompts, rows, texts)]
         _print_json(out)
     else:
         sys.stdout.write(texts[0][len(printed):] + "\n")
-        for i, t in enumerate(texts[1:], 2):
-            print(f"--- sequence {i} ---\n{t}")
+        distinct = len(set(prompts)) > 1
+        for i, (p, t) in enumerate(zip(prompts[1:], texts[1:]), 2):
+            print(f"--- sequence {i}" + (f" ({_clip(p)})" if distinct else "") + f" ---\n{t}")
         n = sum(len(r) for r in rows)
-        if first and n > a.batch:
+        if first and n > batch:
             dt = time.perf_counter() - first
             print(f"sti: {n} tokens, time to first token {first - t0:.2f} s, "
-                  f"{(n - a.batch) / dt:.1f} tokens/s after it", file=sys.stderr)
+                  f"{(n - batch) / dt:.1f} tokens/s after it", file=sys.stderr)
     return 0
+
+
+def _clip(text: str, n: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def cmd_pack(a) -> int:
@@ -410,9 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
                     '(+ "latency_ms", "resident_bytes_peak", "plan" with --store)')
     budget_opts(sp)
 
-    sp = add("generate", cmd_generate, "Generate text from a prompt, streaming tokens as they are produced.")
+    sp = add("generate", cmd_generate, "Generate text from one prompt or a batch of them, streaming tokens as "
+                                       "they are produced.")
     model_opt(sp, "smollm2")
-    sp.add_argument("prompt", help="the prompt text")
+    sp.add_argument("prompt", nargs="*", metavar="PROMPT",
+                    help="the prompt text; several prompts generate together as one batch (the first one's "
+                         "tokens stream, the others print when done)")
+    sp.add_argument("--prompts-file", metavar="FILE",
+                    help="more prompts, one per line (- reads standard input); they join the batch")
     sp.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
     sp.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
     sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -422,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv", choices=("fp16", "fp32"), default="fp16",
                     help="KV cache element type (default: fp16, half the memory; fp32 matches a float32 "
                          "reference bit for bit)")
+    sp.add_argument("--batch", type=int, default=None,
+                    help="generate this many sequences of one prompt together (sampled independently when "
+                         "--temperature > 0; default: one per prompt); every streamed layer is read once "
+                         "for the whole batch")
     g = sp.add_argument_group("streaming from a shard store (sti pack smollm2 -o STORE)")
     g.add_argument("--store", help="run from this decoder store, streaming what does not fit in --memory")
     g.add_argument("--memory", default="0", help="budget for weights, KV cache and read buffers, e.g. 16MB "
@@ -429,9 +474,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-latency", help="per-token target, e.g. 50ms: the planner lowers bitwidths to meet it "
                                            "(needs sti profile STORE); default: every shard at its lossless version")
     g.add_argument("--bits", help="run every shard at this version instead: 2..8, fp32 or source")
-    g.add_argument("--batch", type=int, default=1,
-                   help="generate this many sequences of the prompt together (sampled independently when "
-                        "--temperature > 0); every streamed layer is read once for all of them")
     g.add_argument("--storage", help="emulate slower storage: emmc, ufs or <N>MBps")
 
     sp = add("info", cmd_info, "Describe a model (architecture, parameters, bytes by dtype) or a shard store.")

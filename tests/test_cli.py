@@ -59,6 +59,17 @@ def test_generate_json_greedy_is_deterministic():
     assert a == b
 
 
+def test_generate_several_prompts_as_one_batch(tmp_path):
+    builtin_or_skip("smollm2")
+    prompts = ["The capital of France is", "My favourite food is"]
+    a = json.loads(sti("generate", "--json", "--max-tokens", "6", *prompts).stdout)
+    assert [b["prompt"] for b in a["batch"]] == prompts
+    assert a["batch"][0]["tokens"] == a["tokens"] and a["batch"][0]["tokens"] != a["batch"][1]["tokens"]
+    f = tmp_path / "prompts.txt"
+    f.write_text(prompts[0] + "\n\n" + prompts[1] + "\n")  # blank lines are skipped
+    assert json.loads(sti("generate", "--json", "--max-tokens", "6", "--prompts-file", str(f)).stdout) == a
+
+
 def test_info_json():
     builtin_or_skip("minilm")
     out = json.loads(sti("info", "minilm", "--json").stdout)
@@ -72,6 +83,9 @@ def test_info_json():
     (["embed", ""], "empty"),
     (["info", "/"], "not a model directory"),
     (["generate", "--max-tokens", "0", "hi"], "--max-tokens"),
+    (["generate", "--max-tokens", "4"], "no prompt"),
+    (["generate", "--batch", "3", "one", "two"], "--batch 3 with 2 prompts"),
+    (["generate", "--prompts-file", "/no/such/prompts.txt"], "cannot read --prompts-file"),
 ])
 def test_bad_input_is_a_clear_error(args, needle):
     p = sti(*args, check=False)
