@@ -1481,27 +1481,32 @@ static void qmm_many_task(Job *J, Py_ssize_t t, int slot) {
     const Py_ssize_t i = J->task_item[t], r0 = J->task_r0[t];
     const Weights *W = &J->Ws[i];
     const Py_ssize_t r1 = r0 + J->rows_per_task < W->rows ? r0 + J->rows_per_task : W->rows;
+    if (!J->int8) { /* one vector: the fused products */
+        rows_b1(W, &J->As[i], (slot ? J->yh : J->y) + J->ycol[i], slot ? 0 : J->accumulate, r0, r1);
+        return;
+    }
     uint8_t *tile = NULL;
     if (W->bits != 8 && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
     rows_qmm(W, &J->As[i], (slot ? J->yh : J->y) + J->ycol[i], J->ldy, slot ? 0 : J->accumulate, r0, r1, tile);
 }
 
 /* y (B, ldy) (+)= X (B, cols) @ [Ws[0]; Ws[1]; ...].T: the n sti-q1 matrices (same cols and
- * group size, sorted outliers) side by side, x rounded once. Returns 0, or -1 when out of memory;
- * *J_out as for run_matvec. */
+ * group size, sorted outliers) side by side, x rounded once. `fused` (B = 1): the fused products
+ * instead, each matrix's outliers added after its rows, as run_matvec does. Returns 0, or -1 when
+ * out of memory; *J_out as for run_matvec. */
 static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, float *y, Py_ssize_t ldy,
-                        int accumulate, int threads, PyObject *owner, Job **J_out) {
+                        int accumulate, int threads, int fused, PyObject *owner, Job **J_out) {
     const Py_ssize_t rpt = task_rows(ldy, threads);
     Py_ssize_t ntask = 0, nrow = 0;
     int any_out = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         ntask += (Ws[i].rows + rpt - 1) / rpt;
-        nrow += Ws[i].nout ? Ws[i].rows + 1 : 0;
-        any_out |= Ws[i].nout > 0;
+        nrow += Ws[i].nout && !fused ? Ws[i].rows + 1 : 0;
+        any_out |= Ws[i].nout > 0 && !fused;
     }
     Job *J = *J_out = job_alloc(&Ws[0], qmm_many_task, owner, rpt, ntask);
     if (!J) return -1;
-    J->nW = n, J->ldy = ldy, J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = 1;
+    J->nW = n, J->ldy = ldy, J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = !fused;
     J->Ws = malloc((size_t)n * sizeof(Weights));
     J->As = malloc((size_t)n * sizeof(Acts));
     J->ycol = malloc((size_t)n * sizeof(Py_ssize_t));
@@ -1509,13 +1514,14 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
     J->task_r0 = malloc((size_t)ntask * sizeof(Py_ssize_t));
     J->orows = nrow ? malloc((size_t)nrow * sizeof(Py_ssize_t)) : NULL;
     if (!J->Ws || !J->As || !J->ycol || !J->task_item || !J->task_r0 || (nrow && !J->orows)) return -1;
-    if (prepare_acts(&Ws[0], X, B, &J->A) || acts_i8(&Ws[0], &J->A) || (any_out && acts_xt(&Ws[0], &J->A, 0)))
+    if (prepare_acts(&Ws[0], X, B, &J->A) || (!fused && acts_i8(&Ws[0], &J->A)) ||
+        (any_out && acts_xt(&Ws[0], &J->A, 0)))
         return -1;
     Py_ssize_t t = 0, col = 0, *orow = J->orows;
     for (Py_ssize_t i = 0; i < n; i++) {
         J->Ws[i] = Ws[i], J->As[i] = J->A, J->ycol[i] = col;
         col += Ws[i].rows;
-        if (Ws[i].nout) {
+        if (Ws[i].nout && !fused) {
             outlier_rows(&Ws[i], orow);
             J->As[i].orow = orow;
             orow += Ws[i].rows + 1;
@@ -1535,7 +1541,21 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
             for (Py_ssize_t k = 0; k < nr; k++) dst[k] = accumulate ? dst[k] + src[k] : src[k];
         }
     }
+    if (fused)
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (Ws[i].nout) apply_outliers(&Ws[i], &J->A, y + J->ycol[i]); /* B = 1: y's rows are contiguous */
     return 0;
+}
+
+/* B = 1, rows r0 .. r1-1: each of W's outliers in them adds (exact - quantized) * x, in index order
+ * (as apply_outliers adds them) */
+static void band_outliers(const Weights *W, const Acts *A, float *y, Py_ssize_t r0, Py_ssize_t r1) {
+    for (Py_ssize_t j = A->orow[r0]; j < A->orow[r1]; j++) {
+        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols, g = c / W->seg;
+        float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
+        float delta = W->oval[j] - (q + W->offset[r * W->nseg + g]);
+        y[r] += delta * A->x[c];
+    }
 }
 
 static void qmm_cols_task(Job *J, Py_ssize_t t, int slot) {
@@ -1545,6 +1565,11 @@ static void qmm_cols_task(Job *J, Py_ssize_t t, int slot) {
     uint8_t *tile = NULL;
     for (Py_ssize_t i = 0; i < J->nW; i++) {
         const Weights *W = &J->Ws[i];
+        if (!J->int8) { /* one vector: the fused products, then the item's outliers in the band */
+            rows_b1(W, &J->As[i], y, i ? 1 : J->accumulate, r0, r1);
+            if (J->As[i].orow) band_outliers(W, &J->As[i], y, r0, r1);
+            continue;
+        }
         if (W->bits != 8 && !tile && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
         rows_qmm(W, &J->As[i], y, rows, i ? 1 : J->accumulate, r0, r1, tile);
     }
@@ -1557,7 +1582,7 @@ static void qmm_cols_task(Job *J, Py_ssize_t t, int slot) {
  * of the items' own qmm results, whatever the thread count. Returns 0, or -1 when out of memory;
  * *J_out as for run_matvec. */
 static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, float *y, int accumulate,
-                        int threads, PyObject *owner, Job **J_out) {
+                        int threads, int fused, PyObject *owner, Job **J_out) {
     const Py_ssize_t rows = Ws[0].rows, rpt = task_rows(rows, threads), ntask = (rows + rpt - 1) / rpt;
     Py_ssize_t widest = 0, ldx = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1566,15 +1591,24 @@ static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
     }
     Job *J = *J_out = job_alloc(&Ws[widest], qmm_cols_task, owner, rpt, ntask); /* J->W: the widest tile */
     if (!J) return -1;
-    J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = 1;
+    J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = !fused;
     J->Ws = malloc((size_t)n * sizeof(Weights));
     J->As = calloc((size_t)n, sizeof(Acts));
-    if (!J->Ws || !J->As) return -1;
+    Py_ssize_t nrow = 0;
+    for (Py_ssize_t i = 0; i < n; i++) nrow += fused && Ws[i].nout ? rows + 1 : 0;
+    J->orows = nrow ? malloc((size_t)nrow * sizeof(Py_ssize_t)) : NULL;
+    if (!J->Ws || !J->As || (nrow && !J->orows)) return -1;
     J->nW = n, J->own_as = 1;
+    Py_ssize_t *orow = J->orows;
     for (Py_ssize_t i = 0, col = 0; i < n; col += Ws[i].cols, i++) {
         Acts *A = &J->As[i];
         J->Ws[i] = Ws[i];
-        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || prepare_acts_i8(&Ws[i], A)) return -1; /* sorted outliers */
+        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || (!fused && prepare_acts_i8(&Ws[i], A)))
+            return -1; /* sorted outliers: applied per row band */
+        if (fused && Ws[i].nout) {
+            A->orow = orow, orow += rows + 1;
+            outlier_rows(&Ws[i], A->orow);
+        }
     }
     if (threads > 1 && ntask > 1) {
         /* helpers sum into their own copy of y, so that a sum starts from y's value as the
@@ -2216,11 +2250,14 @@ static int in_buf(int64_t off, int64_t n, const Py_buffer *v, int align) {
            (uintptr_t)((const uint8_t *)v->buf + off) % (uintptr_t)align == 0;
 }
 
-enum { STACK_ROWS, STACK_TRANSPOSED, STACK_COLS }; /* qmm_prog, qmmt_prog, qmm_cols */
+enum { STACK_ROWS, STACK_TRANSPOSED, STACK_COLS, STACK_ROWS_FUSED, STACK_COLS_FUSED };
+/* qmm_prog, qmmt_prog, qmm_cols, matvec_prog, matvec_cols */
 
 static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int mode) {
-    const int transposed = mode == STACK_TRANSPOSED, by_cols = mode == STACK_COLS;
-    const char *name = by_cols ? "qmm_cols" : transposed ? "qmmt_prog" : "qmm_prog";
+    const int transposed = mode == STACK_TRANSPOSED, by_cols = mode == STACK_COLS || mode == STACK_COLS_FUSED;
+    const int fused = mode == STACK_ROWS_FUSED || mode == STACK_COLS_FUSED;
+    const char *const names[] = {"qmm_prog", "qmmt_prog", "qmm_cols", "matvec_prog", "matvec_cols"};
+    const char *name = names[mode];
     if (nargs < 4 || nargs > 6)
         return PyErr_Format(PyExc_TypeError, "%s(x, out, bufs, prog, accumulate=False, threads=1)", name);
     int accumulate = nargs > 4 ? PyObject_IsTrue(args[4]) : 0;
@@ -2313,6 +2350,10 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int mode
         fail("out must be (%zd,) for x (%zd,), or (batch, %zd) for x (batch, %zd)", ny, nx, ny, nx);
         goto done;
     }
+    if (fused && bx != 1) {
+        fail("%s multiplies one vector; x holds %zd (qmm_prog / qmm_cols take batches)", name, bx);
+        goto done;
+    }
     bury_dead();
     Job *J = NULL;
     int left_behind = 0;
@@ -2321,9 +2362,9 @@ static PyObject *stack_product(PyObject *const *args, Py_ssize_t nargs, int mode
     if (transposed)
         err = run_qmmt(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, owner, &J);
     else if (by_cols)
-        err = run_qmm_cols(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, owner, &J);
+        err = run_qmm_cols(Ws, n, x.buf, bx, y.buf, accumulate, (int)threads, fused, owner, &J);
     else
-        err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, owner, &J);
+        err = run_qmm_many(Ws, n, x.buf, bx, y.buf, R, accumulate, (int)threads, fused, owner, &J);
     if (J) left_behind = job_leave(J);
     if (!left_behind) job_free(J);
     Py_END_ALLOW_THREADS
@@ -2353,6 +2394,16 @@ static PyObject *py_qmmt_prog(PyObject *mod, PyObject *const *args, Py_ssize_t n
 static PyObject *py_qmm_cols(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
     (void)mod;
     return stack_product(args, nargs, STACK_COLS);
+}
+
+static PyObject *py_matvec_prog(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    return stack_product(args, nargs, STACK_ROWS_FUSED);
+}
+
+static PyObject *py_matvec_cols(PyObject *mod, PyObject *const *args, Py_ssize_t nargs) {
+    (void)mod;
+    return stack_product(args, nargs, STACK_COLS_FUSED);
 }
 
 static PyObject *py_info(PyObject *self, PyObject *noargs) {
@@ -2398,6 +2449,12 @@ static PyMethodDef methods[] = {
     {"qmm_cols", (PyCFunction)(void (*)(void))py_qmm_cols, METH_FASTCALL,
      "qmm_cols(x, out, bufs, prog, accumulate=False, threads=1): out (+)= x @ W.T for the same matrices\n"
      "side by side along the columns of W (one row count; x's columns are theirs in order)."},
+    {"matvec_prog", (PyCFunction)(void (*)(void))py_matvec_prog, METH_FASTCALL,
+     "matvec_prog(x, out, bufs, prog, accumulate=False, threads=1): qmm_prog for one vector x, with the fused\n"
+     "products (each output as the matrix's own matvec gives it)."},
+    {"matvec_cols", (PyCFunction)(void (*)(void))py_matvec_cols, METH_FASTCALL,
+     "matvec_cols(x, out, bufs, prog, accumulate=False, threads=1): qmm_cols for one vector x, with the fused\n"
+     "products (each output the sum, in matrix order, of the matrices' own matvec results)."},
     {"info", py_info, METH_NOARGS,
      "info(): {'simd': ..., 'threads': 'pthreads' | 'none', 'max_threads': int, 'revision': int}"},
     {"_test_helper_delay", py_test_helper_delay, METH_O,

@@ -48,7 +48,7 @@ import numpy as np
 from sti import blas
 from sti.errors import STIError
 from sti.checksums import sum64_int
-from sti.linops import ColSum, Packed, RowStack, SegmentStack, exact_products, stack_q1, tiled
+from sti.linops import ColSum, Packed, Q1Stack, RowStack, SegmentStack, exact_products, stack_q1, tiled
 from sti.lowbit import GGML, LowBitTensor
 from sti.models import llama
 from sti.plan_decoder import read_slots
@@ -218,12 +218,17 @@ class StreamingDecoder:
         if self.profile is None:
             return
         seen = set()
-        for ops in [*self.preloaded.values(), *self.mapped_ops.values(), *self._layer_w.values()]:
+        heads = {k: self._head_op(k, run, [] if (HEAD, run[0]) in self.preloaded else [0] * len(run))
+                 for k, run in enumerate(self._head_plan) if len(run) > 1}  # (mapped or preloaded)
+        for ops in [*self.preloaded.values(), *self.mapped_ops.values(), *self._layer_w.values(), heads]:
             for op in ops.values():
                 op = getattr(op, "small", op)  # sti.linops.BySize
                 if isinstance(op, Packed) and (op.t.kind, op.shape, op.t.bits) not in seen:
                     seen.add((op.t.kind, op.shape, op.t.bits))
                     op._kernel(1)
+                elif isinstance(op, Q1Stack) and (op.shape, op.bits) not in seen:
+                    seen.add((op.shape, op.bits))
+                    op._stack_threads(1)
 
     # ------------------------------------------------------------------ sizes
 

@@ -257,7 +257,9 @@ class Q1Stack:
     axis: the output or down projection). A decode batch whose measured kernel for the whole
     matrix is int8 runs one :func:`sti.lowbit.qmm_stack` (:func:`sti.lowbit.qmm_cols`) call over
     every part's bytes: x rounded to int8 once, one thread hand-off, the threads splitting all the
-    rows, and every output the same as part by part; anything else runs ``composite``, the
+    rows, and every output the same as part by part; one token whose measured kernel is the fused
+    one runs :func:`sti.lowbit.matvec_stack` (:func:`sti.lowbit.matvec_cols`) likewise (SmolLM2 at
+    2 bits: 678 fused products per token become 144); anything else runs ``composite``, the
     operator the parts make otherwise (same shape, same outputs).
 
     The kernel for the stack is chosen as for one matrix of its shape and most common bitwidth
@@ -284,29 +286,31 @@ class Q1Stack:
         bits = [t.bits for t in ts]
         self.bits = max(set(bits), key=bits.count)
         self._product = lowbit.qmm_cols if by_cols else lowbit.qmm_stack
-        self._threads: dict[int, int] = {}  # batch -> threads of the int8 product, 0: the composite
+        self._fused = lowbit.matvec_cols if by_cols else lowbit.matvec_stack
+        self._threads: dict[int, int] = {}  # batch -> threads of the stack's product (1: fused, >1: int8), 0: the composite
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def _int8_threads(self, n: int) -> int:
+    def _stack_threads(self, n: int) -> int:
         t = self._threads.get(n)
         if t is None:
             t = 0
-            if self.profile is not None and 1 < n <= FUSED_MAX_BATCH:
+            if self.profile is not None and n <= FUSED_MAX_BATCH:
                 c = self.profile.choose("sti-q1", self.shape, self.bits, n, measure=True)
-                t = c.threads if c.method == "int8" else 0
+                t = c.threads if c.method == ("fused" if n == 1 else "int8") else 0
             self._threads[n] = t
         return t
 
     def apply(self, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
-        threads = 0 if _EXACT.get() else self._int8_threads(x.shape[0])
+        n = x.shape[0] if x.ndim == 2 else 1
+        threads = 0 if _EXACT.get() else self._stack_threads(n)
         if not threads:
             return self.composite.apply(x, out, accumulate)
         if out is None:
-            out, accumulate = np.empty((x.shape[0], self.shape[0]), np.float32), False
-        return self._product(x, out, self.bufs, self.prog, accumulate, threads)
+            out, accumulate = np.empty(x.shape[:-1] + self.shape[:1], np.float32), False
+        return (self._fused if n == 1 else self._product)(x, out, self.bufs, self.prog, accumulate, threads)
 
 
 def stack_q1(ops: Sequence, profile: lowbit.KernelProfile | None = None) -> Q1Stack | None:

@@ -497,6 +497,47 @@ def qmm_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate:
     return out
 
 
+def matvec_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
+                 threads: int = 1) -> np.ndarray:
+    """:func:`qmm_stack` for one vector x (cols,) or (1, cols), with the fused products: every
+    output as the matrix's own :func:`matvec` gives it, in one call instead of one per matrix.
+    :func:`matvec_numpy` per matrix without the C kernels."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _lb is not None:
+        _lb.matvec_prog(x, out, bufs, prog, accumulate, threads)
+        return out
+    col = 0
+    for buf, row in zip(bufs, prog):
+        q = quant.from_program_row(buf, row)
+        y = matvec_numpy(LowBitTensor.from_quantized(q), x.reshape(-1, x.shape[-1]))
+        _finish(y, out.reshape(-1, out.shape[-1])[:, col:col + y.shape[1]], accumulate)
+        col += y.shape[1]
+    if col != out.shape[-1]:
+        raise ValueError(f"matvec_stack: the matrices have {col} rows in all, out has {out.shape[-1]} columns")
+    return out
+
+
+def matvec_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
+                threads: int = 1) -> np.ndarray:
+    """:func:`qmm_cols` for one vector x, with the fused products: every output the sum, in matrix
+    order, of each matrix's own :func:`matvec` of its slice of x (bit for bit, any thread count).
+    :func:`matvec_numpy` per matrix without the C kernels."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if _lb is not None:
+        _lb.matvec_cols(x, out, bufs, prog, accumulate, threads)
+        return out
+    col = 0
+    flat = out.reshape(-1, out.shape[-1])
+    for k, (buf, row) in enumerate(zip(bufs, prog)):
+        q = quant.from_program_row(buf, row)
+        y = matvec_numpy(LowBitTensor.from_quantized(q), x.reshape(-1, x.shape[-1])[:, col:col + q.shape[1]])
+        _finish(y, flat, accumulate or k > 0)
+        col += q.shape[1]
+    if col != x.shape[-1]:
+        raise ValueError(f"matvec_cols: the matrices have {col} columns in all, x has {x.shape[-1]}")
+    return out
+
+
 def qmmt_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
                threads: int = 1) -> np.ndarray:
     """out (B, H) (+)= x (B, N) @ W for W (N, H) stacked from the sti-q1 matrices of ``bufs`` / ``prog``

@@ -127,8 +127,9 @@ def test_tiled_composites_are_one_matrix_read_in_place(n):
 def test_q1_stack_is_one_int8_product_equal_to_its_parts():
     """A layer's sti-q1 shards of q, k and v (mixed bitwidths, outliers) as one Q1Stack: where the
     stack's measured kernel is int8, one product equal bit for bit to every part's own int8 product
-    side by side, on any thread count; a prompt (exact_products), a batch whose choice is not
-    int8, and prefill batches run the composite."""
+    side by side, on any thread count; one token whose choice is the fused kernel, one fused
+    product over all parts, equal to the composite's; a prompt (exact_products), a batch whose
+    choice is neither, and prefill batches run the composite."""
     rng = np.random.default_rng(7)
     segs = [[lowbit.random_tensor("sti-q1", (r, 128), bits=b, seed=10 * r + b) for b in (2, 3, 2)]
             for r in (48, 16, 16)]
@@ -136,7 +137,8 @@ def test_q1_stack_is_one_int8_product_equal_to_its_parts():
     composite = RowStack([RowStack([Packed(t) for t in seg]) for seg in segs])
     n_int8, n_fused = 4, 2  # batch buckets 4 and 2
     prof = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", (240, 128), 2, n_int8, "int8", 2),
-                                 lowbit.KernelChoice("sti-q1", (240, 128), 2, n_fused, "fused", 1)])
+                                 lowbit.KernelChoice("sti-q1", (240, 128), 2, n_fused, "fused", 1),
+                                 lowbit.KernelChoice("sti-q1", (240, 128), 2, 1, "fused", 2)])
     op = stack_q1([RowStack([Packed(t) for t in seg]) for seg in segs], prof)  # parts: fused kernel, 1 thread
     assert isinstance(op, Q1Stack) and op.shape == (240, 128) and op.bits == 2
     x = rng.standard_normal((n_int8, 128)).astype(np.float32)
@@ -151,6 +153,7 @@ def test_q1_stack_is_one_int8_product_equal_to_its_parts():
     for n in (1, n_fused, FUSED_MAX_BATCH + 1):
         xn = rng.standard_normal((n, 128)).astype(np.float32)
         assert np.array_equal(op.apply(xn), composite.apply(xn))
+    assert op._threads == {n_int8: 2, 1: 2, n_fused: 0, FUSED_MAX_BATCH + 1: 0}  # one token: the fused stack
     mixed = [RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 128), group_size=32))])]
     assert stack_q1(mixed) is None  # two group sizes
     assert stack_q1([RowStack([Packed(parts[0])]), RowStack([Packed(lowbit.random_tensor("sti-q1", (16, 64)))])]) is None
@@ -162,11 +165,13 @@ def test_q1_stack_is_one_int8_product_equal_to_its_parts():
 def test_q1_stack_by_columns_sums_its_parts_like_colsum():
     """A matrix cut along its input axis into sti-q1 shards (the output or down projection): one
     int8 product equal bit for bit to the ColSum of the parts' own int8 products, on any thread
-    count, with or without accumulating; other batches run the ColSum."""
+    count, with or without accumulating; one token whose choice is the fused kernel, one fused
+    product equal to the ColSum's; other batches run the ColSum."""
     rng = np.random.default_rng(8)
     parts = [lowbit.random_tensor("sti-q1", (200, c), bits=b, seed=c + b) for c, b in ((192, 2), (128, 3), (192, 2))]
     n = 16
-    prof = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", (200, 512), 2, n, "int8", 2)])
+    prof = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", (200, 512), 2, n, "int8", 2),
+                                 lowbit.KernelChoice("sti-q1", (200, 512), 2, 1, "fused", 2)])
     int8_parts = lowbit.KernelProfile([lowbit.KernelChoice("sti-q1", t.shape, t.bits, n, "int8", 1) for t in parts])
     colsum = ColSum([Packed(t) for t in parts])
     op = stack_q1([colsum], prof)
@@ -182,6 +187,9 @@ def test_q1_stack_by_columns_sums_its_parts_like_colsum():
     for m in (1, FUSED_MAX_BATCH + 1):
         xm = rng.standard_normal((m, 512)).astype(np.float32)
         assert np.array_equal(op.apply(xm), colsum.apply(xm))
+        assert np.array_equal(op.apply(xm, np.ones((m, 200), np.float32), accumulate=True),
+                              colsum.apply(xm, np.ones((m, 200), np.float32), accumulate=True))
+    assert op._threads[1] == 2 and op._threads[FUSED_MAX_BATCH + 1] == 0
     w = np.concatenate([dense(t) for t in parts], axis=1)
     dx = np.abs(x).reshape(n, -1, 64).max(-1) / 127  # x rounded to int8 per vector and group of 64
     bound = (dx / 2) @ np.abs(w).reshape(200, -1, 64).sum(-1).T + 1e-5 * (np.abs(x) @ np.abs(w).T)

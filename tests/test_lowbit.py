@@ -704,6 +704,37 @@ def test_qmm_stack_is_qmm_of_each_matrix_side_by_side(rng, batch):
     assert_close(out - 1, want, w, x)
 
 
+def test_matvec_stack_and_cols_are_each_matrixs_own_matvec(rng):
+    """One vector through stacked matrices (mixed bitwidths and heights, outliers): matvec_stack
+    equals each matrix's own matvec side by side, and matvec_cols the sum in matrix order of each
+    one's matvec of its slice of x, bit for bit, on 1 to 3 threads and accumulating; the C kernels
+    and the NumPy fallback alike. Batches are refused: they take qmm_stack / qmm_cols."""
+    a, pa = shard_file(rng, [(32, 100, 2, 16), (7, 100, 8, 16)])
+    b, pb = shard_file(rng, [(40, 100, 5, 16)])
+    bufs, prog = [b, a, a], np.stack([pb.prog[0], pa.prog[1], pa.prog[0]])
+    mats = [lb.LowBitTensor.from_quantized(p.tensor(buf, i)) for buf, p, i in ((b, pb, 0), (a, pa, 1), (a, pa, 0))]
+    x = rng.standard_normal(100).astype(np.float32)
+    want = np.concatenate([lb.matvec(m, x) for m in mats])
+    for threads in (1, 2, 3):
+        assert np.array_equal(lb.matvec_stack(x, np.empty(79, np.float32), bufs, prog, threads=threads), want)
+    assert np.array_equal(lb.matvec_stack(x, np.ones(79, np.float32), bufs, prog, accumulate=True, threads=2),
+                          np.concatenate([lb.matvec(m, x, np.ones(m.shape[0], np.float32), accumulate=True)
+                                          for m in mats]))
+    c, pc = shard_file(rng, [(40, 64, 2, 16), (40, 48, 4, 16), (40, 80, 3, 16)])
+    cols = [lb.LowBitTensor.from_quantized(pc.tensor(c, i)) for i in range(3)]
+    xc = rng.standard_normal((1, 192)).astype(np.float32)
+    for acc in (False, True):
+        ref = np.full((1, 40), 0.5, np.float32)
+        for k, (m, lo) in enumerate(zip(cols, (0, 64, 112))):
+            lb.matvec(m, xc[:, lo:lo + m.shape[1]], ref, accumulate=acc or k > 0)
+        for threads in (1, 2, 3):
+            out = np.full((1, 40), 0.5, np.float32)
+            assert np.array_equal(lb.matvec_cols(xc, out, [c] * 3, pc.prog, accumulate=acc, threads=threads), ref)
+    if lb.has_c_kernels():
+        with pytest.raises(ValueError, match="one vector"):
+            lb.matvec_stack(np.zeros((2, 100), np.float32), np.zeros((2, 79), np.float32), bufs, prog)
+
+
 @needs_c
 def test_qmm_stack_refuses_what_it_cannot_read(rng):
     a, pa = shard_file(rng, [(8, 64, 4, 16), (8, 48, 4, 16)])
