@@ -19,8 +19,13 @@ Two tables:
 
 Every call reads its weights from memory, as decode does: each candidate cycles through enough
 distinct copies of its matrix (64 MB, :data:`sti.lowbit.STREAM_BYTES`) that no cache holds them.
-Candidates are interleaved (A, B, C, A, B, C, ...), medians are reported with their spread, and
-the machine's load during the run is recorded (these machines are shared and noisy).
+STI's candidates are interleaved (A, B, C, A, B, C, ...) and run as the engine runs them: BLAS on
+one thread per STI thread (``sti.blas``), after OpenBLAS's threads from any earlier NumPy product
+have stopped spinning. NumPy on float32 is timed right after them, on its own BLAS threads: its
+threads spin on for ~0.1 s after every call, and interleaved with the others they took the core of
+STI's second thread (a 1536x576 Q4_1 batch of 16: fused on 2 threads 0.50 ms, as slow as on one,
+against 0.27-0.31 ms with no BLAS thread spinning). Medians are reported with their spread, and the
+machine's load during the run is recorded (these machines are shared and noisy).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sti import blas
 from sti import lowbit as lb
 from sti import quant
 from sti.bench.engine import (_cpus, _git_commit, _loadavg, _numpy_blas, _openblas_threads, contention,
@@ -104,8 +110,8 @@ def bench_matvec_row(kind: str, bits: int, name: str, shape, batch: int, repeats
     for th in lb.thread_candidates():
         fns[f"dequant/{th}"] = lb.cycling(
             lambda t, th=th: lb.dequant_matmul(t, x, out, threads=th, scratch=scratch), ts)
-    fns["f32"] = lb.cycling(f32, ws)
-    times = lb.time_interleaved(fns, repeats, prune=None)
+    times = _time_sti(fns, repeats)
+    times.update(lb.time_interleaved({"f32": lb.cycling(f32, ws)}, repeats, prune=None))  # NumPy as it runs
     stats = {n: summarize([s * 1e3 for s in v]) for n, v in times.items()}
     cands = {n: s["median"] for n, s in stats.items() if n != "f32"}
     best = min(cands, key=cands.get)
@@ -121,6 +127,14 @@ def bench_matvec_row(kind: str, bits: int, name: str, shape, batch: int, repeats
             "fused_vs_dequant": ms(best_deq) / ms(best_fused) if best_fused else None,
             "fused_vs_f32": ms("f32") / ms(best_fused) if best_fused else None,
             "choice": {"method": best.split("/")[0], "threads": int(best.split("/")[1])}}
+
+
+def _time_sti(fns: dict, repeats: int) -> dict:
+    """STI's candidates interleaved as the engine runs them: BLAS on one thread (dequant/N splits
+    its product between N threads, ``sti.blas``), none of OpenBLAS's threads still spinning."""
+    time.sleep(lb.BLAS_SPIN_S)
+    with blas.limited(1):
+        return lb.time_interleaved(fns, repeats, prune=None)
 
 
 DECODE_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -157,6 +171,7 @@ def bench_decode_step(repeats: int, quick: bool, notes: list[str]) -> dict | Non
 
     fns = {f"fused/{th}": (lambda th=th: step(th)) for th in lb.thread_candidates()} if lb.has_c_kernels() else {}
     fns["chosen"] = chosen
+    times = _time_sti(fns, max(3, repeats))
     if not quick:  # float32 weights: 4.4x the bytes (540 MB here)
         w32 = [lb.dequantize(t) for t in ts]
 
@@ -164,8 +179,7 @@ def bench_decode_step(repeats: int, quick: bool, notes: list[str]) -> dict | Non
             for w, o in zip(w32, outs):
                 np.dot(w, xs[w.shape[1]], out=o)
 
-        fns["f32"] = f32
-    times = lb.time_interleaved(fns, max(3, repeats), prune=None)
+        times.update(lb.time_interleaved({"f32": f32}, max(3, repeats), prune=None))
     stats = {n: summarize([s * 1e3 for s in v]) for n, v in times.items()}
     nbytes = sum(t.nbytes for t in ts)
     return {"matrices": len(ts), "layers": layers, "weight_bytes": nbytes, "stats_ms": stats,
