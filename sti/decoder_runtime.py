@@ -58,9 +58,11 @@ from sti.store import format as fmt
 HEAD = fmt.HEAD
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14: fault pages in, no copy
 IO_MODES = ("mmap", "read")
-# Most streamed LM-head shards one product takes (and at most the read slots): SmolLM2's 48 head
-# shards of 1024 rows took 7.0 ms of a batch-16 decode step one product each, and 4.1 ms as one
-# matrix (25 % budget, page cache, measured here). Preloaded head shards run as one product.
+# Most streamed LM-head shards one product takes (and at most half the read slots, so that the
+# IO worker reads the next run meanwhile): SmolLM2's 48 head shards of 1024 rows took 7.0 ms of a
+# batch-16 decode step one product each, and 4.1 ms as one matrix (25 % budget, page cache,
+# measured here); in runs, a step at 100 % took 25.7 ms instead of 27.5. Preloaded head shards
+# run as one product.
 HEAD_RUN = 16
 
 
@@ -357,8 +359,8 @@ class StreamingDecoder:
 
     def _head_runs(self) -> list[list[int]]:
         """The head shards in the runs ``_head_logits`` multiplies as one matrix each: adjacent
-        preloaded shards, and adjacent streamed ones in runs of up to ``HEAD_RUN`` and the read
-        slots (a run's shards are all held at once; read mode: one shard, whose slot varies). A
+        preloaded shards, and adjacent streamed ones in runs of up to ``HEAD_RUN`` and half the
+        read slots (a run's shards are all held at once; read mode: one shard, whose slot varies). A
         fixed partition: which kernels run, and so the logits, never depend on IO timing."""
         most = max(1, min(HEAD_RUN, self.n_slots // 2)) if self.io_mode == "mmap" else 1
         runs: list[list[int]] = []
