@@ -761,13 +761,19 @@ static void rows_batched(const Weights *W, const Acts *A, float *y, int accumula
     }
 }
 
+/* Outlier j of W (row r, column c): exact - quantized, the quantized weight being code * scale +
+ * offset (two roundings). */
+static inline float outlier_delta(const Weights *W, Py_ssize_t j, Py_ssize_t r, Py_ssize_t c) {
+    const Py_ssize_t g = r * W->nseg + c / W->seg;
+    return W->oval[j] - ((float)sti_code(W, r, c) * W->scale[g] + W->offset[g]);
+}
+
 /* sti-q1 outliers: the passes above used the quantized weight at each outlier's position; add
  * (exact - quantized) * x. Serial and after the row passes, so no two threads touch a y. */
 static void apply_outliers(const Weights *W, const Acts *A, float *y) {
     for (Py_ssize_t j = 0; j < W->nout; j++) {
-        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols, g = c / W->seg;
-        float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
-        float delta = W->oval[j] - (q + W->offset[r * W->nseg + g]);
+        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols;
+        float delta = outlier_delta(W, j, r, c);
         for (Py_ssize_t b = 0; b < A->B; b++) y[b * W->rows + r] += delta * A->x[b * W->pc + c];
     }
 }
@@ -884,12 +890,11 @@ static int prepare_acts_i8(const Weights *W, Acts *A) {
 /* out (the tile of rows r .. r+nr-1, VC vector groups from v0) += (exact - quantized) * x at
  * each outlier of those rows: the quantized weight is code * scale + offset, two roundings. */
 static void qmm_outliers(const Weights *W, const Acts *A, Py_ssize_t r, int nr, Py_ssize_t v0, int VC, float *out) {
-    const Py_ssize_t nv = A->nv, ns = W->nseg;
+    const Py_ssize_t nv = A->nv;
     for (int i = 0; i < nr; i++)
         for (Py_ssize_t j = A->orow[r + i]; j < A->orow[r + i + 1]; j++) {
-            Py_ssize_t c = W->oidx[j] % W->cols, g = c / W->seg;
-            float q = (float)sti_code(W, r + i, c) * W->scale[(r + i) * ns + g];
-            float delta = W->oval[j] - (q + W->offset[(r + i) * ns + g]);
+            Py_ssize_t c = W->oidx[j] % W->cols;
+            float delta = outlier_delta(W, j, r + i, c);
             const float *x = A->xt + c * nv * 16 + v0 * 16;
             float *o = out + i * VC * 16;
             for (int l = 0; l < VC * 16; l++) o[l] += delta * x[l];
@@ -1551,10 +1556,8 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
  * (as apply_outliers adds them) */
 static void band_outliers(const Weights *W, const Acts *A, float *y, Py_ssize_t r0, Py_ssize_t r1) {
     for (Py_ssize_t j = A->orow[r0]; j < A->orow[r1]; j++) {
-        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols, g = c / W->seg;
-        float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
-        float delta = W->oval[j] - (q + W->offset[r * W->nseg + g]);
-        y[r] += delta * A->x[c];
+        Py_ssize_t r = W->oidx[j] / W->cols, c = W->oidx[j] % W->cols;
+        y[r] += outlier_delta(W, j, r, c) * A->x[c];
     }
 }
 
