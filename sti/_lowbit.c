@@ -295,23 +295,24 @@ static void quantize_block(const float *x, int16_t *q, float *dxs, float sum) {
     dxs[0] = d, dxs[1] = sum;
 }
 
-/* Copy X (B, cols) into a zero-padded (B, pc) buffer and sum it over each segment; for GGML kinds
- * also its int8 blocks. */
-static int prepare_acts_ld(const Weights *W, const float *X, Py_ssize_t ldx, Py_ssize_t B, Acts *A) {
+/* x (B vectors ldx apart) copied into A, zero-padded to pc; with `sums` (the fused kernels), also
+ * each segment's sum and, for GGML kinds, the blocks rounded to int16. The int8 products take
+ * only the copy (acts_i8): the rest cost them half a call of 16 vectors x 1536 columns. */
+static int prepare_acts_ld(const Weights *W, const float *X, Py_ssize_t ldx, Py_ssize_t B, Acts *A, int sums) {
     A->B = B;
-    size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg), ggml = W->kind != K_STI;
-    size_t floats = nx + ns + (ggml ? 2 * ns + nx / 2 : 0); /* x, xs, dxs, q16 (2 codes per float) */
+    size_t nx = (size_t)(B * W->pc), ns = (size_t)(B * W->nseg), ggml = sums && W->kind != K_STI;
+    size_t floats = nx + (sums ? ns : 0) + (ggml ? 2 * ns + nx / 2 : 0); /* x, xs, dxs, q16 (2 codes per float) */
     size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
     A->x = aligned_alloc(64, bytes ? bytes : 64);
     if (!A->x) return -1;
-    A->xs = A->x + nx;
+    A->xs = sums ? A->x + nx : NULL;
     A->dxs = ggml ? A->xs + ns : NULL;
     A->q16 = ggml ? (int16_t *)(A->dxs + 2 * ns) : NULL;
     for (Py_ssize_t b = 0; b < B; b++) {
         float *xb = A->x + b * W->pc;
         memcpy(xb, X + b * ldx, (size_t)W->cols * sizeof(float));
         memset(xb + W->cols, 0, (size_t)(W->pc - W->cols) * sizeof(float));
-        for (Py_ssize_t s = 0; s < W->nseg; s++) {
+        for (Py_ssize_t s = 0; s < W->nseg && sums; s++) {
             float t = 0.0f;
             for (Py_ssize_t i = 0; i < W->seg; i++) t += xb[s * W->seg + i];
             A->xs[b * W->nseg + s] = t;
@@ -321,8 +322,8 @@ static int prepare_acts_ld(const Weights *W, const float *X, Py_ssize_t ldx, Py_
     return 0;
 }
 
-static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A) {
-    return prepare_acts_ld(W, X, W->cols, B, A);
+static int prepare_acts(const Weights *W, const float *X, Py_ssize_t B, Acts *A, int sums) {
+    return prepare_acts_ld(W, X, W->cols, B, A, sums);
 }
 
 /* ------------------------------------------------------------------------- exact dequantization
@@ -1464,7 +1465,7 @@ static const StiParallel parallel_api = {STI_PARALLEL_VERSION, parallel_for};
 static int run_matvec(const Weights *W, const float *X, Py_ssize_t B, float *y, int accumulate, int threads,
                       int int8, PyObject *owner, Job **J_out) {
     Job *J = *J_out = job_new(W, matvec_task, threads, owner);
-    if (!J || prepare_acts(W, X, B, &J->A) || (int8 && prepare_acts_i8(W, &J->A))) return -1;
+    if (!J || prepare_acts(W, X, B, &J->A, !int8) || (int8 && prepare_acts_i8(W, &J->A))) return -1;
     J->y = y, J->accumulate = accumulate, J->may_steal = 1, J->int8 = int8;
     if (threads > 1 && J->ntask > 1 && !(J->yh = malloc((size_t)(B * W->rows) * sizeof(float) + 4))) return -1;
     pool_run(J, threads);
@@ -1519,7 +1520,7 @@ static int run_qmm_many(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
     J->task_r0 = malloc((size_t)ntask * sizeof(Py_ssize_t));
     J->orows = nrow ? malloc((size_t)nrow * sizeof(Py_ssize_t)) : NULL;
     if (!J->Ws || !J->As || !J->ycol || !J->task_item || !J->task_r0 || (nrow && !J->orows)) return -1;
-    if (prepare_acts(&Ws[0], X, B, &J->A) || (!fused && acts_i8(&Ws[0], &J->A)) ||
+    if (prepare_acts(&Ws[0], X, B, &J->A, fused) || (!fused && acts_i8(&Ws[0], &J->A)) ||
         (any_out && acts_xt(&Ws[0], &J->A, 0)))
         return -1;
     Py_ssize_t t = 0, col = 0, *orow = J->orows;
@@ -1606,7 +1607,7 @@ static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
     for (Py_ssize_t i = 0, col = 0; i < n; col += Ws[i].cols, i++) {
         Acts *A = &J->As[i];
         J->Ws[i] = Ws[i];
-        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A) || (!fused && prepare_acts_i8(&Ws[i], A)))
+        if (prepare_acts_ld(&Ws[i], X + col, ldx, B, A, fused) || (!fused && prepare_acts_i8(&Ws[i], A)))
             return -1; /* sorted outliers: applied per row band */
         if (fused && Ws[i].nout) {
             A->orow = orow, orow += rows + 1;
