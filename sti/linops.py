@@ -259,7 +259,7 @@ class Q1Stack:
     every part's bytes: x rounded to int8 once, one thread hand-off, the threads splitting all the
     rows, and every output the same as part by part; one token whose measured kernel is the fused
     one runs :func:`sti.lowbit.matvec_stack` (:func:`sti.lowbit.matvec_cols`) likewise (SmolLM2 at
-    2 bits: 678 fused products per token become 144); anything else runs ``composite``, the
+    2 bits, 10 % budget: 678 fused products per token become 136); anything else runs ``composite``, the
     operator the parts make otherwise (same shape, same outputs).
 
     The kernel for the stack is chosen as for one matrix of its shape and most common bitwidth
