@@ -462,15 +462,7 @@ def qmm_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate
     if _lb is not None:
         _lb.qmm_prog(x, out, bufs, prog, accumulate, threads)
         return out
-    col = 0
-    for buf, row in zip(bufs, prog):
-        y = _qmm_numpy(quant.from_program_row(buf, row), x.reshape(-1, x.shape[-1]))
-        dst = out.reshape(-1, out.shape[-1])[:, col:col + y.shape[1]]
-        _finish(y, dst, accumulate)
-        col += y.shape[1]
-    if col != out.shape[-1]:
-        raise ValueError(f"qmm_stack: the matrices have {col} rows in all, out has {out.shape[-1]} columns")
-    return out
+    return _rows_numpy("qmm_stack", _qmm_numpy, x, out, bufs, prog, accumulate)
 
 
 def qmm_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
@@ -485,16 +477,7 @@ def qmm_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate:
     if _lb is not None:
         _lb.qmm_cols(x, out, bufs, prog, accumulate, threads)
         return out
-    col = 0
-    flat = out.reshape(-1, out.shape[-1])
-    for k, (buf, row) in enumerate(zip(bufs, prog)):
-        q = quant.from_program_row(buf, row)
-        y = _qmm_numpy(q, x.reshape(-1, x.shape[-1])[:, col:col + q.shape[1]])
-        _finish(y, flat, accumulate or k > 0)
-        col += q.shape[1]
-    if col != x.shape[-1]:
-        raise ValueError(f"qmm_cols: the matrices have {col} columns in all, x has {x.shape[-1]}")
-    return out
+    return _cols_numpy("qmm_cols", _qmm_numpy, x, out, bufs, prog, accumulate)
 
 
 def matvec_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
@@ -506,15 +489,7 @@ def matvec_stack(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumul
     if _lb is not None:
         _lb.matvec_prog(x, out, bufs, prog, accumulate, threads)
         return out
-    col = 0
-    for buf, row in zip(bufs, prog):
-        q = quant.from_program_row(buf, row)
-        y = matvec_numpy(LowBitTensor.from_quantized(q), x.reshape(-1, x.shape[-1]))
-        _finish(y, out.reshape(-1, out.shape[-1])[:, col:col + y.shape[1]], accumulate)
-        col += y.shape[1]
-    if col != out.shape[-1]:
-        raise ValueError(f"matvec_stack: the matrices have {col} rows in all, out has {out.shape[-1]} columns")
-    return out
+    return _rows_numpy("matvec_stack", _matvec_q, x, out, bufs, prog, accumulate)
 
 
 def matvec_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumulate: bool = False,
@@ -526,15 +501,37 @@ def matvec_cols(x: np.ndarray, out: np.ndarray, bufs, prog: np.ndarray, accumula
     if _lb is not None:
         _lb.matvec_cols(x, out, bufs, prog, accumulate, threads)
         return out
+    return _cols_numpy("matvec_cols", _matvec_q, x, out, bufs, prog, accumulate)
+
+
+def _matvec_q(q: quant.QuantizedTensor, x: np.ndarray) -> np.ndarray:
+    return matvec_numpy(LowBitTensor.from_quantized(q), x)
+
+
+def _rows_numpy(name: str, product, x, out, bufs, prog, accumulate) -> np.ndarray:
+    """The NumPy path of a rows-stacked product: ``product(q, x)`` of each matrix of ``bufs`` /
+    ``prog`` into its columns of out."""
+    col = 0
+    for buf, row in zip(bufs, prog):
+        y = product(quant.from_program_row(buf, row), x.reshape(-1, x.shape[-1]))
+        _finish(y, out.reshape(-1, out.shape[-1])[:, col:col + y.shape[1]], accumulate)
+        col += y.shape[1]
+    if col != out.shape[-1]:
+        raise ValueError(f"{name}: the matrices have {col} rows in all, out has {out.shape[-1]} columns")
+    return out
+
+
+def _cols_numpy(name: str, product, x, out, bufs, prog, accumulate) -> np.ndarray:
+    """The NumPy path of a column-cut product: each matrix's ``product`` of its slice of x, summed
+    into out in matrix order."""
     col = 0
     flat = out.reshape(-1, out.shape[-1])
     for k, (buf, row) in enumerate(zip(bufs, prog)):
         q = quant.from_program_row(buf, row)
-        y = matvec_numpy(LowBitTensor.from_quantized(q), x.reshape(-1, x.shape[-1])[:, col:col + q.shape[1]])
-        _finish(y, flat, accumulate or k > 0)
+        _finish(product(q, x.reshape(-1, x.shape[-1])[:, col:col + q.shape[1]]), flat, accumulate or k > 0)
         col += q.shape[1]
     if col != x.shape[-1]:
-        raise ValueError(f"matvec_cols: the matrices have {col} columns in all, x has {x.shape[-1]}")
+        raise ValueError(f"{name}: the matrices have {col} columns in all, x has {x.shape[-1]}")
     return out
 
 
