@@ -777,17 +777,23 @@ def _fsync_store(store) -> None:
 
 
 def _stream_reads(store, plan, warm: bool = False) -> tuple[float, int, int]:
-    """Evict (``warm``: read once untimed instead), then read and check ``plan`` [(layer, shard,
-    bits)] in order as the runtime's IO worker does: (seconds, bytes, reads)."""
-    if warm:
-        for layer, s, b in plan:
-            store.read_shard_bytes(layer, s, b)
-    else:
+    """Evict (``warm``: read once untimed instead), then read ``plan`` [(layer, shard, bits)] in
+    order as the runtime's IO worker does: into read buffers used before (one per size here),
+    each read checked against its checksum when cold (a warm engine checked them on its first
+    reads): (seconds, bytes, reads)."""
+    bufs = {}
+    for layer, s, b in plan:
+        n = store.shard_nbytes(layer, s, b)
+        bufs[n] = bufs.get(n) or bytearray(n)
+        if warm:
+            store.read_shard_bytes(layer, s, b, verify=True, out=bufs[n])
+    if not warm:
         store.evict()
     n = 0
     t0 = time.perf_counter()
     for layer, s, b in plan:
-        n += len(store.read_shard_bytes(layer, s, b, verify=True))
+        buf = bufs[store.shard_nbytes(layer, s, b)]
+        n += len(store.read_shard_bytes(layer, s, b, verify=not warm, out=buf))
     return time.perf_counter() - t0, n, len(plan)
 
 
@@ -1191,7 +1197,7 @@ def profile_device(store, storage: str | None = None, seq_lens=(16, 32, 64, 128)
     (the runtime's chunked layer, ``chunk_shards`` shards per chunk, already-decoded fp32 shards,
     one sequence) at several widths w and each ``seq_lens`` n, median of ``repeats``, fitted as
     ``c0 + c1*w*n + c2*w*n^2``. Dequantization: seconds per stored byte at each stored bitwidth
-    (checksum + decode into scratch, as the runtime does; fp32 is a checked copy). Then the
+    (decode into scratch, as the runtime does; fp32 is a copy). Then the
     real runtime calibrates both (``_calibrate_runtime``): a per-shard overhead, and the
     ``tail_ratio`` (95th percentile / median request latency) the planner turns deadlines with.
     ``storage`` (see :func:`parse_storage`) replaces the IO numbers by the emulated device's."""

@@ -72,6 +72,56 @@ def test_resident_bytes_never_exceed_the_budget_and_results_do_not_change(tiny_b
             np.testing.assert_array_equal(h, free)
 
 
+def test_read_buffers_are_reused_across_requests_and_stay_held(tiny_bert):
+    """The IO worker keeps its read buffers: after a request they are spare but held (counted in
+    the engine's bytes), the next request reads into them without allocating (the peak does not
+    move), and a budget that fits a layer of one bitwidth but not buffers of two sizes at once
+    frees spare buffers of the other size to make room, every result unchanged."""
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    layers = [{s: 4 for s in range(4)}, {s: 8 for s in range(4)}]  # layer 0 at 4 bits, layer 1 at 8
+    with Store.open(path) as st:
+        free, _ = StreamingEncoder(st, Schedule(layers, chunk_shards=1)).run(ids, mask)
+        probe = StreamingEncoder(st, Schedule(layers, chunk_shards=1))
+        fixed = probe.res.now  # fixed tensors + scratch arena
+        layer8 = sum(st.shard_nbytes(1, s, 8) for s in st.shard_indices(1))
+        budget = fixed + probe._embed_bytes(CFG.max_position) + layer8
+        eng = StreamingEncoder(st, Schedule(layers, memory_budget=budget, chunk_shards=1))
+        h, trace = eng.run(ids, mask)
+        np.testing.assert_array_equal(h, free)
+        spare = eng.res.spare_bytes
+        assert spare > 0 and eng.res.now == fixed + spare  # nothing but spare buffers held beyond the fixed
+        peak = eng.res.peak
+        assert peak <= budget
+        for _ in range(2):
+            h, trace = eng.run(ids, mask)
+            np.testing.assert_array_equal(h, free)
+            assert eng.res.peak == peak and trace.resident_peak <= budget
+        # 4-bit and 8-bit buffers do not both fit: the 8-bit layer's reads freed 4-bit spares
+        sizes = {len(b) for bufs in eng.res._spare.values() for b in bufs}
+        assert sizes == {st.shard_nbytes(1, 0, 8)}, sizes
+
+
+def test_a_warm_engine_checks_each_shard_version_on_its_first_read_a_cold_one_on_every_read(tiny_bert, monkeypatch):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        checked = []
+        orig = Store.check_shard
+        monkeypatch.setattr(Store, "check_shard", lambda self, *a: (checked.append(a[:3]), orig(self, *a))[1])
+        streamed = {(layer, s, 4) for layer in range(CFG.num_layers) for s in st.shard_indices(layer)}
+        for kw, second in (({}, set()), ({"cold": True}, streamed), ({"verify": "always"}, streamed)):
+            eng = StreamingEncoder(st, Schedule.full(st, 4), **kw)
+            checked.clear()
+            eng.run(ids, mask)
+            assert sorted(checked) == sorted(streamed), kw
+            checked.clear()
+            eng.run(ids, mask)
+            assert set(checked) == second and len(checked) == len(second), kw
+        with pytest.raises(STIError, match="unknown verify mode 'never'"):
+            StreamingEncoder(st, Schedule.full(st, 4), verify="never")
+
+
 def test_a_batch_too_large_for_the_budget_is_refused_not_deadlocked(tiny_bert):
     _, _, path = tiny_bert
     with Store.open(path) as st:

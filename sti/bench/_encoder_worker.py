@@ -113,8 +113,10 @@ class Stream:
             schedule = Schedule([{int(k): int(v) for k, v in layer.items()} for layer in s["layers"]],
                                 memory_budget=int(s["memory_budget"]), chunk_shards=int(s["chunk_shards"]),
                                 int8_max_tokens=int(s.get("int8_max_tokens", 0)))
-        self.engine = StreamingEncoder(Store.open(spec["store"]), schedule, cold=False,  # the caller evicts
-                                       throttle=parse_storage(spec.get("storage")), max_tokens=spec["seq_len"])
+        # the caller evicts (untimed); a cold request checks every read, as a cold engine does
+        self.engine = StreamingEncoder(Store.open(spec["store"]), schedule, cold=False,
+                                       throttle=parse_storage(spec.get("storage")), max_tokens=spec["seq_len"],
+                                       verify="always" if spec.get("cold") else "auto")
         self.facts, self.resident, self._facts = [], None, trace_facts
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
