@@ -222,17 +222,19 @@ class DeviceProfile:
     # median request, and a plan meets its deadline when ``predicted * tail_ratio <= T``
     tail_ratio: float = 1.0
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
-    # them on quantized shards, which then cost ``int8_shard + (c1 + int8_delta) * n + c2 * n^2``
-    # each (no dequantization: the products read the codes); 0 tokens: not measured or never faster
+    # them on quantized shards, which then cost ``int8_shard[bits] + int8_per_token * n + c2 * n^2``
+    # each (no dequantization: the products read the codes, and unpacking them costs more at
+    # some bitwidths than at others); 0 tokens: not measured or never faster
     int8_max_tokens: int = 0
-    int8_delta: float = 0.0  # s per shard per token, against c1
-    int8_shard: float = 0.0  # s per shard
+    int8_per_token: float = 0.0  # s per shard per token
+    int8_shard: dict[int, float] = field(default_factory=dict)  # bits -> s per shard
     # compute time per streamed byte: where reads come from the page cache, the IO worker's
     # copying and checksumming slows the compute beside it (measured on the streaming runtime)
     stream_compute_per_byte: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
+        self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
@@ -241,6 +243,12 @@ class DeviceProfile:
 
     def int8_applies(self, seq_len: int) -> bool:
         return 0 < seq_len <= self.int8_max_tokens
+
+    def int8_time(self, bits: int, seq_len: int) -> float:
+        """Seconds one quantized shard at ``bits`` adds to its layer where int8 products run (a
+        bitwidth not measured costs as the dearest one measured)."""
+        const = self.int8_shard.get(bits, max(self.int8_shard.values(), default=0.0))
+        return max(0.0, const + self.int8_per_token * seq_len + self.c2 * seq_len * seq_len)
 
     def compute_time(self, width: int, seq_len: int) -> float:
         """Seconds of one layer's math at ``width`` active shards, ``seq_len`` tokens (no dequant)."""
@@ -402,9 +410,8 @@ class _Ctx:
         per_shard = dev.c1 * seq_len + dev.c2 * seq_len * seq_len
         # compute cost one active shard adds to its layer: its math and its dequantization, or
         # for a quantized shard, where int8 products run, their cost instead
-        int8 = max(0.0, per_shard + dev.int8_delta * seq_len + dev.int8_shard)
-        self.shard_compute = {b: int8 if b != 32 and dev.int8_applies(seq_len) else per_shard + dev.dequant_time(b, nb)
-                              for b, nb in shape.shard_bytes.items()}
+        self.shard_compute = {b: dev.int8_time(b, seq_len) if b != 32 and dev.int8_applies(seq_len)
+                              else per_shard + dev.dequant_time(b, nb) for b, nb in shape.shard_bytes.items()}
         self.c0 = dev.c0
         # what streaming a shard (not preloading it) adds to its layer's compute
         self.stream_compute = {b: dev.stream_compute_per_byte * nb for b, nb in shape.shard_bytes.items()}

@@ -91,7 +91,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 5  # 5: int8 products cost int8_shard + (c1 + int8_delta) n (4, 3: a slope only; 2: medians and tail_ratio; 1: best-of)
+PROFILE_VERSION = 6  # 6: int8 products cost int8_shard[bits] + int8_per_token n, tail_ratio pooled over lengths (5: int8_shard + (c1 + int8_delta) n; 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of)
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -985,15 +985,21 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       that makes the model's timeline match the measured median is kept (median over lengths);
       from the page cache (``warm``) a read is CPU work beside the compute instead, and what is
       kept is the compute time per streamed byte (``stream_compute_per_byte``) that does;
-    * ``tail_ratio``: 95th percentile / median latency of the streamed requests, the largest
-      over the lengths. A deadline T is planned as a median bound T / tail_ratio;
+    * ``tail_ratio``: the 95th percentile of the streamed requests' latencies, each over its
+      length's median, all lengths pooled (with ~20 requests per length, one length's own
+      95th percentile is its second-slowest request: a single slow burst of this machine made
+      it 1.75 against 1.16-1.20 at the other lengths). A deadline T is planned as a median
+      bound T / tail_ratio;
     * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
       products, in rounds alternating with the one without and nothing else between them (a cold
       streamed request in between slowed the int8 engine's next request by a third, and would
       be charged to int8): medians ``int8_ms`` and ``int8_dequant_ms``.
       ``int8_max_tokens`` is the longest length up to which they are faster at every measured
-      length, and ``int8_delta`` the per-shard, per-token change they make there (least squares
-      through the origin).
+      length. Their own cost per shard is fitted on ``int8_ms`` as ``const + int8_per_token * n``
+      (beside the layer constant ``c0`` and attention's ``c2 * n^2``); each other bitwidth's
+      constant is the 4-bit one plus the difference its preloaded int8 engine makes, timed in
+      alternating rounds with the 4-bit one at one length (``int8_bits``): unpacking 8-bit codes
+      costs more than 4-bit ones (MiniLM, 32 tokens, every shard: 9.5 vs 7.8 ms measured here).
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -1013,7 +1019,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
                                 cold=throttle is None and not warm)
     shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
-    rows = []
+    rows, relative = [], []  # relative: every streamed request's latency / its length's median
     for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):
         ids = rng.integers(0, store.config.vocab_size, (1, n))
         mask = np.ones_like(ids)
@@ -1029,6 +1035,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 pair.append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
+        relative += [t / med for t in t_str]
         rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
@@ -1072,16 +1079,17 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         knobs.append(v)
     tuned = with_knob(float(np.median(knobs)))
     k = 1.0 if warm else float(np.median(knobs))
-    tail = max(1.0, max(r["tail_ratio"] for r in rows))
-    int8_max, int8_delta, int8_const = _int8_fit(rows, L * w)
-    # the constant is against a shard that dequantizes at ``bits``: int8 products dequantize nothing
-    int8_shard = int8_const + fixed.dequant_time(bits, shard_bytes) if int8_max else 0.0
+    tail = max(1.0, round(float(np.percentile(relative, 95)), 4))
+    int8_max = _int8_max(rows)
+    int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2) if int8_max else (0.0, 0.0)
+    int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng) if int8_max else {}
+    int8_shard = {b: int8_const + d / (L * w) for b, d in {bits: 0.0, **int8_bits}.items()} if int8_max else {}
     out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail, "int8_max_tokens": int8_max,
-                           "int8_delta": int8_delta, "int8_shard": int8_shard})
+                           "int8_per_token": int8_per_token, "int8_shard": int8_shard})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
-                 "int8_max_tokens": int8_max, "int8_delta": int8_delta, "int8_shard": int8_shard,
-                 "stream_compute_per_byte": out.stream_compute_per_byte}
+                 "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
+                 "int8_bits_minus_4bit_s": int8_bits, "stream_compute_per_byte": out.stream_compute_per_byte}
 
 
 def _bisect(f, lo: float, hi: float, target: float) -> float:
@@ -1097,25 +1105,61 @@ def _bisect(f, lo: float, hi: float, target: float) -> float:
     return (lo + hi) / 2
 
 
-def _int8_fit(rows: list[dict], shards: int) -> tuple[int, float, float]:
-    """(int8_max_tokens, delta, const) from calibration rows (sorted by length) holding the
-    preloaded engine's median with (``int8_ms``) and without (``int8_dequant_ms``) int8 products,
-    ``shards`` active shards per request: the longest length up to which int8 is faster at every
-    measured length, and the per-shard difference there as ``const + delta * n`` (least squares;
-    the constant is the dequantization int8 skips, the slope the products' own difference)."""
-    faster = []
+def _int8_max(rows: list[dict]) -> int:
+    """The longest calibration length (rows sorted by length) up to which the preloaded engine
+    with int8 products (``int8_ms``) was faster than without (``int8_dequant_ms``) at every
+    measured length; 0 where it never was or was not measured."""
+    best = 0
     for r in rows:
         if "int8_ms" not in r or r["int8_ms"] >= r["int8_dequant_ms"]:
             break
-        faster.append(r)
-    if not faster:
-        return 0, 0.0, 0.0
-    n = np.array([r["seq_len"] for r in faster], float)
-    d = np.array([(r["int8_ms"] - r["int8_dequant_ms"]) / 1e3 / shards for r in faster])
-    if len(faster) == 1:
-        return int(n[-1]), 0.0, float(d[0])
-    delta, const = np.polyfit(n, d, 1)
-    return int(n[-1]), float(delta), float(const)
+        best = r["seq_len"]
+    return best
+
+
+def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float) -> tuple[float, float]:
+    """(const, per_token): one shard's cost with int8 products, ``const + per_token * n``, fitted
+    by least squares on the preloaded int8 engine's medians (``int8_ms``, ``layers`` x ``width``
+    shards) after the layer constant ``c0`` and attention's ``c2 * n^2``; both kept >= 0."""
+    n = np.array([r["seq_len"] for r in rows if "int8_ms" in r], float)
+    y = np.array([(r["int8_ms"] / 1e3 - layers * c0) / (layers * width) for r in rows if "int8_ms" in r]) - c2 * n * n
+    if len(n) >= 2:
+        per_token, const = np.polyfit(n, y, 1)
+    else:
+        per_token, const = 0.0, float(y[0])
+    if const < 0:  # refit through the origin
+        const, per_token = 0.0, float(n @ y / (n @ n))
+    if per_token < 0:
+        const, per_token = float(y.mean()), 0.0
+    return max(0.0, float(const)), float(per_token)
+
+
+def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng) -> dict[int, float]:
+    """Seconds per request that int8 products at each other quantized bitwidth take beyond
+    ``bits`` (the preloaded engine ``pre8``), every shard preloaded at one length (32 tokens
+    where measured, else the middle calibration length), the two engines in alternating rounds."""
+    from sti.runtime import Schedule, StreamingEncoder
+
+    lens = [r["seq_len"] for r in rows]
+    n = 32 if 32 in lens else lens[len(lens) // 2]
+    ids = rng.integers(0, store.config.vocab_size, (1, n))
+    mask = np.ones_like(ids)
+    L = store.num_layers
+    preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
+    out = {}
+    for b in store.bits:
+        if b in (bits, FP32):
+            continue
+        layers = [{s: b for s in store.shard_indices(layer)} for layer in range(L)]
+        eng = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
+                                               int8_max_tokens=n))
+        eng.run(ids, mask)
+        t_ref, t_b = [], []
+        for _ in range(repeats):
+            t_ref.append(pre8.run(ids, mask)[1].latency)
+            t_b.append(eng.run(ids, mask)[1].latency)
+        out[int(b)] = float(np.median(t_b) - np.median(t_ref))
+    return out
 
 
 def _loadavg() -> float | None:

@@ -357,21 +357,26 @@ def test_synthetic_importance_and_input_checks():
 
 def test_int8_products_speed_up_quantized_shards_only_where_measured():
     """Where int8 products apply (lengths up to int8_max_tokens), a quantized shard costs
-    int8_shard + (c1 + int8_delta) n + c2 n^2 whatever its bitwidth (no dequantization); float32
-    shards keep their cost; plans carry the length to the runtime."""
+    int8_shard[bits] + int8_per_token n + c2 n^2 (no dequantization; a bitwidth not measured
+    costs as the dearest measured); float32 shards keep their cost; plans carry the length to
+    the runtime."""
     from dataclasses import replace
 
     from sti.plan import _Ctx
 
     shape, imp, dev, n, T, M = instance(3)
-    fast = replace(dev, int8_max_tokens=n, int8_delta=-0.5 * dev.c1, int8_shard=1e-6)
+    quantized = sorted(b for b in shape.shard_bytes if b != 32)
+    consts = {b: 1e-6 * (i + 1) for i, b in enumerate(quantized[:-1])}  # the widest one not measured
+    fast = replace(dev, int8_max_tokens=n, int8_per_token=0.5 * dev.c1, int8_shard=consts)
     a, b = _Ctx(shape, dev, n), _Ctx(shape, fast, n)
-    int8 = dev.c1 * n * 0.5 + dev.c2 * n * n + 1e-6
     for bits in shape.shard_bytes:
+        int8 = dev.c1 * n * 0.5 + dev.c2 * n * n + consts.get(bits, max(consts.values()))
         assert b.shard_compute[bits] == pytest.approx(a.shard_compute[bits] if bits == 32 else int8)
     assert _Ctx(shape, replace(fast, int8_max_tokens=n - 1), n).shard_compute == a.shard_compute
-    assert _Ctx(shape, replace(fast, int8_shard=-1.0), n).shard_compute[min(shape.bits)] == 0.0  # never negative
-    q = plan(shape, imp, replace(fast, int8_shard=-dev.c1 * n), T, M, n, method="heuristic")
+    neg = replace(fast, int8_shard={b: -1.0 for b in quantized})
+    assert _Ctx(shape, neg, n).shard_compute[min(shape.bits)] == 0.0  # never negative
+    assert DeviceProfile.from_dict(json.loads(json.dumps(fast.__dict__))) == fast  # int keys survive JSON
+    q = plan(shape, imp, replace(fast, int8_per_token=0.0, int8_shard={}), T, M, n, method="heuristic")
     p = plan(shape, imp, dev, T, M, n, method="heuristic")
     assert (p.int8_max_tokens, q.int8_max_tokens) == (0, n)
     assert q.predicted_loss <= p.predicted_loss  # here the cheaper quantized shards lose no accuracy

@@ -139,7 +139,10 @@ def test_device_profile_fit(tiny_bert):
 
     if lowbit.has_int8_kernel():  # the engine with int8 products was timed beside the one without
         assert all(r["int8_ms"] > 0 and r["int8_dequant_ms"] > 0 for r in calib["rows"])
-    assert (dev.int8_max_tokens, dev.int8_delta) == (calib["int8_max_tokens"], calib["int8_delta"])
+    assert (dev.int8_max_tokens, dev.int8_per_token, dev.int8_shard) == \
+        (calib["int8_max_tokens"], calib["int8_per_token"], calib["int8_shard"])
+    if dev.int8_max_tokens:  # every quantized bitwidth's own constant, timed against 4 bits
+        assert set(dev.int8_shard) == {b for b in Store.open(path).bits if b != 32}
 
 
 def test_emulated_storage_profile(tiny_bert):
@@ -226,13 +229,22 @@ def test_bbc_task_refuses_a_store_of_another_model(tiny_bert):
             prof.calibration_set(st, "imdb", 4, 8)
 
 
-def test_int8_fit_takes_the_lengths_where_int8_is_faster_throughout():
+def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_own_times():
     rows = [{"seq_len": n, "int8_dequant_ms": a, "int8_ms": b} for n, a, b in
             ((16, 10.0, 7.0), (32, 20.0, 17.0), (64, 40.0, 41.0), (128, 80.0, 70.0))]
-    n, delta, const = prof._int8_fit(rows, shards=10)
-    assert n == 32  # 128 is faster again, but 64 is not: int8 stops at the first length it loses
-    assert (delta, const) == (pytest.approx(0.0, abs=1e-12), pytest.approx(-3e-3 / 10))  # 3 ms less at both
-    rows[1]["int8_ms"] = 15.0  # 3 ms less at 16 tokens, 5 at 32: -0.1 ms per shard, -12.5 us per shard-token
-    assert prof._int8_fit(rows, shards=10)[1:] == (pytest.approx(-2e-3 / 10 / 16), pytest.approx(-1e-4))
-    assert prof._int8_fit(rows[:1], shards=10) == (16, 0.0, pytest.approx(-3e-4))
-    assert prof._int8_fit([{"seq_len": 16, "measured_ms": 1.0}], shards=1) == (0, 0.0, 0.0)  # not measured
+    assert prof._int8_max(rows) == 32  # 128 is faster again, but 64 is not
+    assert prof._int8_max(rows[2:]) == 0 and prof._int8_max([{"seq_len": 16, "measured_ms": 1.0}]) == 0
+    # 2 layers x 5 shards, 1 ms per layer: per shard (int8_ms / 1e3 - 2 c0) / 10 = const + per_token n
+    rows = [{"seq_len": n, "int8_ms": (2 * 1e-3 + 10 * (50e-6 + 2e-6 * n)) * 1e3} for n in (16, 32, 64)]
+    const, per_token = prof._int8_cost(rows, layers=2, width=5, c0=1e-3, c2=0.0)
+    assert (const, per_token) == (pytest.approx(50e-6), pytest.approx(2e-6))
+    # attention's c2 n^2 is not the products' cost; a single length gives a constant only
+    rows_c2 = [{**r, "int8_ms": r["int8_ms"] + 10 * 1e-8 * r["seq_len"] ** 2 * 1e3} for r in rows]
+    assert prof._int8_cost(rows_c2, 2, 5, 1e-3, 1e-8) == (pytest.approx(50e-6), pytest.approx(2e-6))
+    assert prof._int8_cost(rows[:1], 2, 5, 1e-3, 0.0) == (pytest.approx(50e-6 + 32e-6), 0.0)
+    # never negative: a constant below 0 is refitted through the origin
+    neg = [{"seq_len": n, "int8_ms": (2e-3 + 10 * (-20e-6 + 2e-6 * n)) * 1e3} for n in (16, 32)]
+    const, per_token = prof._int8_cost(neg, 2, 5, 1e-3, 0.0)
+    assert const == 0.0 and per_token > 0
+
+
