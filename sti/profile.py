@@ -980,12 +980,15 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       the model, per shard, is fitted as ``overhead + delta * n`` (the IO handshake, decode
       calls and scratch traffic per shard; a per-token correction of ``c1``);
     * IO side: every shard streamed at 4 bits through the IO worker (with ``throttle``, as plans
-      run; without one, cold: the store evicted from the page cache before every request). On a 2-core machine the IO worker shares the cores with BLAS threads, so reads
+      run; without one, cold: the store evicted from the page cache before every request), by
+      the engine plans run at each length: with int8 products up to ``int8_max_tokens`` (on one
+      thread, they leave the IO worker a core: warm MiniLM, 32 tokens, the streaming cost per
+      byte fitted on the dequantizing engine overpriced such plans by 10-27%), without beyond. On a 2-core machine the IO worker shares the cores with BLAS threads, so reads
       finish later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
       that makes the model's timeline match the measured median is kept (median over lengths);
       from the page cache (``warm``) a read is CPU work beside the compute instead, and what is
       kept is the compute time per streamed byte (``stream_compute_per_byte``) that does;
-    * ``tail_ratio``: the 95th percentile of the streamed requests' latencies, each over its
+    * ``tail_ratio``: the 95th percentile of those streamed requests' latencies, each over its
       length's median, all lengths pooled (with ~20 requests per length, one length's own
       95th percentile is its second-slowest request: a single slow burst of this machine made
       it 1.75 against 1.16-1.20 at the other lengths). A deadline T is planned as a median
@@ -1018,28 +1021,36 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     # as the device profile models reads: cold (page cache evicted per request), warm or emulated
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
                                 cold=throttle is None and not warm)
+    # and with int8 products, which leave the IO worker a core of its own (they run on one thread)
+    streamed8 = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards, int8_max_tokens=store.config.max_position),
+                                 throttle=throttle, cold=throttle is None and not warm) if pre8 is not None else None
     shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
-    rows, relative = [], []  # relative: every streamed request's latency / its length's median
+    rows, relative = [], []  # relative: per length, the streamed requests' latencies / their median
     for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):
         ids = rng.integers(0, store.config.vocab_size, (1, n))
         mask = np.ones_like(ids)
         pre.run(ids, mask)  # warm-up
         streamed.run(ids, mask)
-        t_pre, t_str, pair = [], [], []
+        t_pre, t_str, t_str8, pair = [], [], [], []
         for _ in range(repeats):
             t_pre.append(pre.run(ids, mask)[1].latency)
             t_str.append(streamed.run(ids, mask)[1].latency)
+            if streamed8 is not None:
+                t_str8.append(streamed8.run(ids, mask)[1].latency)
         if pre8 is not None:  # with and without int8 products in alternating rounds, nothing else between
             pre8.run(ids, mask)
             for _ in range(repeats):
                 pair.append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
-        relative += [t / med for t in t_str]
+        relative.append(([t / med for t in t_str], [t / float(np.median(t_str8)) for t in t_str8]))
         rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
                      "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4),
+                     **({"streamed_int8_median_ms": round(float(np.median(t_str8)) * 1e3, 3),
+                         "streamed_int8_tail_ratio": round(float(np.percentile(t_str8, 95) / np.median(t_str8)), 4)}
+                        if t_str8 else {}),
                      **({"int8_ms": round(float(np.median([b for _, b in pair])) * 1e3, 3),
                          "int8_dequant_ms": round(float(np.median([a for a, _ in pair])) * 1e3, 3)} if pair else {})})
     # compute side: excess per shard = overhead + delta * n (least squares; overhead >= 0, c1 + delta >= 0)
@@ -1055,9 +1066,17 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     per_byte = {b: v + overhead / store.shard_nbytes(0, min(store.shard_indices(0)), b)
                 for b, v in dev.dequant_per_byte.items()}
     fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte})
-    # IO side: what makes the streamed plan's timeline match its median. From a device, reads run
-    # slower beside the compute: a factor on read times. From the page cache (warm) a read is CPU
-    # work beside the compute, not a wait: compute time per streamed byte.
+    # int8 products: where they win, and their own cost (against the layer model just corrected)
+    int8_max = _int8_max(rows)
+    int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2) if int8_max else (0.0, 0.0)
+    int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng) if int8_max else {}
+    int8_shard = {b: int8_const + d / (L * w) for b, d in {bits: 0.0, **int8_bits}.items()} if int8_max else {}
+    fixed = DeviceProfile(**{**fixed.__dict__, "int8_max_tokens": int8_max, "int8_per_token": int8_per_token,
+                             "int8_shard": int8_shard})
+    # IO side: what makes the streamed plan's timeline match its median (the engine with int8
+    # products at the lengths where plans run them). From a device, reads run slower beside the
+    # compute: a factor on read times. From the page cache (warm) a read is CPU work beside the
+    # compute, not a wait: compute time per streamed byte.
     shape = model_shape(store, chunk_shards=chunk_shards)
     matrix = [[bits] * w for _ in range(L)]
 
@@ -1070,22 +1089,19 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         return simulate(matrix, shape, with_knob(v), n).latency
 
     lo0, hi0 = (0.0, 1e-7) if warm else (1.0, 4.0)  # up to 10 MB/s of copying; up to 4x slower reads
-    knobs = []
-    for r in rows:
-        target = r["streamed_median_ms"] / 1e3
+    knobs, pooled = [], []
+    for r, (rel, rel8) in zip(rows, relative):
+        int8 = fixed.int8_applies(r["seq_len"]) and "streamed_int8_median_ms" in r
+        target = r["streamed_int8_median_ms" if int8 else "streamed_median_ms"] / 1e3
+        pooled += rel8 if int8 else rel
         v = _bisect(lambda x: predicted_streamed(x, r["seq_len"]), lo0, hi0, target)
         r["stream_compute_ns_per_byte" if warm else "io_slowdown"] = round(v * 1e9 if warm else v, 4)
         r["streamed_predicted_ms"] = round(predicted_streamed(v, r["seq_len"]) * 1e3, 3)
         knobs.append(v)
     tuned = with_knob(float(np.median(knobs)))
     k = 1.0 if warm else float(np.median(knobs))
-    tail = max(1.0, round(float(np.percentile(relative, 95)), 4))
-    int8_max = _int8_max(rows)
-    int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2) if int8_max else (0.0, 0.0)
-    int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng) if int8_max else {}
-    int8_shard = {b: int8_const + d / (L * w) for b, d in {bits: 0.0, **int8_bits}.items()} if int8_max else {}
-    out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail, "int8_max_tokens": int8_max,
-                           "int8_per_token": int8_per_token, "int8_shard": int8_shard})
+    tail = max(1.0, round(float(np.percentile(pooled, 95)), 4))
+    out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
                  "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
