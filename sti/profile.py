@@ -91,7 +91,10 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-PROFILE_VERSION = 6  # 6: int8 products cost int8_shard[bits] + int8_per_token n, tail_ratio pooled over lengths (5: int8_shard + (c1 + int8_delta) n; 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of)
+# 6: int8 products cost int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
+# (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
+# 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
+PROFILE_VERSION = 6
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -983,8 +986,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       run; without one, cold: the store evicted from the page cache before every request), by
       the engine plans run at each length: with int8 products up to ``int8_max_tokens`` (on one
       thread, they leave the IO worker a core: warm MiniLM, 32 tokens, the streaming cost per
-      byte fitted on the dequantizing engine overpriced such plans by 10-27%), without beyond. On a 2-core machine the IO worker shares the cores with BLAS threads, so reads
-      finish later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
+      byte fitted on the dequantizing engine overpriced such plans by 10-27%), without beyond.
+      On a 2-core machine the IO worker shares the cores with BLAS threads, so reads finish
+      later than the device alone would; the factor ``io_slowdown`` >= 1 on read times
       that makes the model's timeline match the measured median is kept (median over lengths);
       from the page cache (``warm``) a read is CPU work beside the compute instead, and what is
       kept is the compute time per streamed byte (``stream_compute_per_byte``) that does;
@@ -1022,8 +1026,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
                                 cold=throttle is None and not warm)
     # and with int8 products, which leave the IO worker a core of its own (they run on one thread)
-    streamed8 = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards, int8_max_tokens=store.config.max_position),
-                                 throttle=throttle, cold=throttle is None and not warm) if pre8 is not None else None
+    streamed8 = None if pre8 is None else StreamingEncoder(
+        store, Schedule(layers, chunk_shards=chunk_shards, int8_max_tokens=store.config.max_position),
+        throttle=throttle, cold=throttle is None and not warm)
     shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
     rows, relative = [], []  # relative: per length, the streamed requests' latencies / their median
     for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):

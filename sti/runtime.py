@@ -14,8 +14,9 @@ dequantization + BLAS at 32 tokens.
 The IO worker reads into buffers it keeps and reuses (``Residency.take_buffer``), and checks a
 shard version's checksum on the engine's first read of it, or on every read for a cold engine
 (``VERIFY_MODES``). Both matter because on a small machine the worker's reads take CPU from the
-compute: MiniLM's 2-8-bit and float32 shards streamed from the page cache, 32 tokens, ran 3-18%
-faster per request than with a new buffer and a checksum per read (measured here, alternating).
+compute: MiniLM's 2-8-bit and float32 shards streamed from the page cache, 32 tokens, ran 3-22%
+faster per request than with a new buffer and a checksum per read (measured here, alternating
+engines in one process; reuse alone 2-14%).
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, the read buffers (in flight
@@ -153,9 +154,11 @@ class Residency:
             self._cv.notify_all()
 
     # Read buffers. A buffer stays held from its first use to the engine's end and is reused by
-    # later reads of its size: reading into pages already mapped in costs about half of reading
-    # into new ones (MiniLM's float32 shards, 594 KB: 5.6 vs 7.6 GB/s per core here), and the
-    # IO worker's reads share the cores with the compute.
+    # later reads of its size. Alone, a read into a new buffer costs no more; beside the compute
+    # it does: MiniLM's warm requests (32 tokens, uniform 2/4/8/32-bit at a 10 MB budget, every
+    # read checksummed) ran 2-14% faster with reused buffers, alternating engines in one process
+    # (a new large buffer is faulted in page by page, and freeing it unmaps its pages, which
+    # interrupts the compute's core for a TLB shootdown).
 
     def take_buffer(self, n: int, stop: threading.Event) -> bytearray | None:
         """A read buffer of ``n`` bytes: a spare one of that size, else a new one once ``n`` more

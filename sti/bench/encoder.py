@@ -49,9 +49,9 @@ bottleneck, so that every request is >= its bound.
 Targets (``evaluate_targets``), per STI planner:
   (a) at T = 1x and M = 5% of the fp32 weight bytes: meets T and M, accuracy >= 99% of the
       in-memory fp32 accuracy, at every length and storage condition;
-  (b) median latency within 10% of the plan's prediction and T met, at every grid point on the
-      storage the profile models (real cold, emulated); warm page-cache points are listed but
-      not judged (the profile predicts cold reads there);
+  (b) median latency within 10% of the plan's prediction and T met, at every grid point on a
+      storage STI has a profile of (real cold, real warm with ``sti profile --storage warm``,
+      emulated; a condition whose ``Storage.models_latency`` is off is listed, not judged);
   (c) at every grid point, accuracy >= that of every baseline meeting the same T and M (STI
       must meet T and M itself; points where no baseline does are counted as vacuous);
   (d) median over requests of latency / lower bound <= 1.1 at every grid point.
