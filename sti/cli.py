@@ -353,7 +353,9 @@ def cmd_profile(a) -> int:
     if a.json:
         _print_json(res)
     else:
-        print(json.dumps(res, indent=2)[:4000])
+        from sti.profile import format_summary
+
+        print(format_summary(res))
     return 0
 
 

@@ -1408,6 +1408,51 @@ def _summary_importance(imp: Importance, versions) -> dict:
     }
 
 
+def format_summary(summary: dict) -> str:
+    """:func:`run_profile`'s summary as a few lines for the terminal (``--json`` prints it whole)."""
+    d, sec, cal, imp = summary["device"], summary["seconds"], summary["calibration"], summary["importance"]
+    pct = lambda x: f"{x * 100:.0f}%"  # noqa: E731
+    lines = [f"encoder profile: {summary['profile']}",
+             f"task {summary['task']}, storage {summary['storage'] or 'real (cold reads)'}; took {sec['total']:.0f} s "
+             f"(importance {sec['importance']:.0f} s, device {sec['device']:.0f} s)",
+             "",
+             f"device: {d['label']}",
+             f"  reads, as plans are priced: {d['io_bandwidth_MBps']:.0f} MB/s + {d['io_latency_ms']:.3f} ms per read "
+             f"(plan-like sequences: median error {pct(d['io_fit']['median_rel_error'])})",
+             f"  compute per layer: {d['c0_ms']:.3f} ms + {d['c1_us']:.2f} us per shard-token "
+             f"+ {d['c2_ns']:.2f} ns per shard-token^2; full width at 128 tokens {d['layer_ms_full_width_128']:.2f} ms "
+             f"(median error {pct(d['compute_fit']['median_rel_error'])})",
+             "  dequantization, ns per stored byte: " + ", ".join(f"{_bits_label(b)} {v:.2f}"
+                                                                 for b, v in d["dequant_ns_per_byte"].items())]
+    if d["int8_max_tokens"]:
+        lines.append(f"  int8 products up to {d['int8_max_tokens']} tokens, per shard (us): "
+                     + ", ".join(f"{_bits_label(b)} {v:.1f}" for b, v in d["int8_shard_us"].items())
+                     + f", + {d['int8_per_token_us']:.2f} us per token")
+    else:
+        lines.append("  int8 products: never faster here (or not built), quantized shards are dequantized")
+    beside = (f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte" if summary["storage"] == WARM
+              else f"reads {d['io_slowdown']:.2f}x slower beside the compute")
+    lines.append(f"  streaming: {beside}; p95 / median latency {d['tail_ratio']:.2f} "
+                 f"(a deadline T is planned as a median of T / {d['tail_ratio']:.2f})")
+    lines += ["",
+              f"importance: KL of the {cal.get('head', summary['task'])} head's probabilities on {cal['n_texts']} "
+              f"calibration texts x {cal['seq_len']} tokens (full model's accuracy there "
+              f"{summary['full_accuracy']:.3f})" if summary.get("full_accuracy") is not None else
+              f"importance: KL on {cal['n_texts']} calibration texts x {cal['seq_len']} tokens",
+              "  mean per shard: " + ", ".join(f"{k} {v:.2g}" for k, v in imp["mean_kl_by_bits"].items()),
+              "  dropped, mean by layer: " + " ".join(f"{v:.2g}" for v in imp["mean_kl_dropped_by_layer"]),
+              "  most important to keep: " + ", ".join(f"layer {r['layer']} shard {r['shard']} ({r['kl']:.2g})"
+                                                       for r in imp["most_important_dropped"][:3])]
+    add = summary.get("additivity")
+    if add and add.get("spearman") is not None:
+        lines.append(f"  additivity (summed single-shard KLs vs measured, random plans): Spearman {add['spearman']:.2f}")
+    return "\n".join(lines)
+
+
+def _bits_label(b) -> str:
+    return "fp32" if int(b) == FP32 else f"{int(b)}-bit"
+
+
 def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None, progress: bool = True, *,
                 n_calib: int = DEFAULT_N_CALIB, seq_len: int = DEFAULT_SEQ_LEN, chunk_shards: int = 4,
                 additivity_checks: int = 16, reuse: bool = True, repeats: int = 15) -> dict:
@@ -1471,7 +1516,13 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "compute_fit": dev_meta["compute"]["fit"], "io_fit": dev_meta["io_measured"]["fit"],
                    "io_by_plan": {q["plan"]: {"MBps": q["MBps"], "predicted_over_actual": q["predicted_over_actual"]}
                                   for q in dev_meta["io_measured"]["by_sequence"]},
-                   "dequant_ns_per_byte": {str(b): v * 1e9 for b, v in dev.dequant_per_byte.items()}},
+                   "dequant_ns_per_byte": {str(b): v * 1e9 for b, v in dev.dequant_per_byte.items()},
+                   "int8_max_tokens": dev.int8_max_tokens,
+                   "int8_shard_us": {str(b): v * 1e6 for b, v in dev.int8_shard.items()},
+                   "int8_per_token_us": dev.int8_per_token * 1e6,
+                   "tail_ratio": dev.tail_ratio,
+                   "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
+                   "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"]},
         "calibration": calib,
         "full_accuracy": imp_info.get("full_accuracy"),
         "importance": _summary_importance(imp, list(versions)),

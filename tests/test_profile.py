@@ -248,3 +248,30 @@ def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_o
     assert const == 0.0 and per_token > 0
 
 
+
+
+def test_the_terminal_summary_states_the_device_model_and_the_importance():
+    """``sti profile`` without --json prints format_summary: the numbers the planner uses, in
+    words (it printed the first 4000 characters of the JSON before)."""
+    device = {"label": "warm (page cache) reads", "io_bandwidth_MBps": 7794.0, "io_latency_ms": 0.0,
+              "io_fit": {"median_rel_error": 0.16}, "c0_ms": 0.138, "c1_us": 2.91, "c2_ns": 0.0,
+              "layer_ms_full_width_128": 4.61, "compute_fit": {"median_rel_error": 0.13},
+              "dequant_ns_per_byte": {"2": 2.9, "32": 0.31}, "int8_max_tokens": 64,
+              "int8_shard_us": {"2": 22.6, "8": 52.5}, "int8_per_token_us": 2.6, "tail_ratio": 1.16,
+              "stream_compute_ns_per_byte": 0.23, "io_slowdown": 1.0}
+    summary = {"profile": "STORE/profile-warm.json", "task": "bbc-news", "storage": "warm",
+               "seconds": {"total": 13.0, "importance": 0.0, "device": 13.0},
+               "calibration": {"head": "bbc-news", "n_texts": 48, "seq_len": 64}, "full_accuracy": 0.9375,
+               "importance": {"mean_kl_by_bits": {"dropped": 0.0068, "2-bit": 0.0019},
+                              "mean_kl_dropped_by_layer": [0.009, 0.013],
+                              "most_important_dropped": [{"layer": 1, "shard": 10, "kl": 0.059}]},
+               "additivity": {"spearman": 0.95}, "device": device}
+    text = prof.format_summary(summary)
+    for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
+                 "8-bit 52.5", "0.23 ns of compute per streamed byte", "T / 1.16", "accuracy there 0.938",
+                 "layer 1 shard 10 (0.059)", "Spearman 0.95"):
+        assert part in text, part
+    cold = prof.format_summary({**summary, "storage": None, "full_accuracy": None, "additivity": None,
+                                "device": {**device, "int8_max_tokens": 0, "io_slowdown": 1.68}})
+    assert "reads 1.68x slower beside the compute" in cold and "never faster here" in cold
+    assert "storage real (cold reads)" in cold and "accuracy there" not in cold
