@@ -1048,13 +1048,14 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 pair.append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
         predicted = L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
-        relative.append(([t / med for t in t_str], [t / float(np.median(t_str8)) for t in t_str8]))
+        med8 = float(np.median(t_str8)) if t_str8 else 0.0
+        relative.append(([t / med for t in t_str], [t / med8 for t in t_str8]))
         rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
                      "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4),
-                     **({"streamed_int8_median_ms": round(float(np.median(t_str8)) * 1e3, 3),
-                         "streamed_int8_tail_ratio": round(float(np.percentile(t_str8, 95) / np.median(t_str8)), 4)}
+                     **({"streamed_int8_median_ms": round(med8 * 1e3, 3),
+                         "streamed_int8_tail_ratio": round(float(np.percentile(t_str8, 95)) / med8, 4)}
                         if t_str8 else {}),
                      **({"int8_ms": round(float(np.median([b for _, b in pair])) * 1e3, 3),
                          "int8_dequant_ms": round(float(np.median([a for a, _ in pair])) * 1e3, 3)} if pair else {})})
