@@ -292,10 +292,13 @@ class StreamingEncoder:
         self._shapes = self._shard_rows()
         self.scratch_bytes = self._scratch_need()
         self._arena = np.empty(self.scratch_bytes // 4, np.float32)
-        self._views = self._make_views()
+        self._views: dict = {}
         self._programs: dict = {}
         self._calls: dict = {}
         self._int8_threads = self._int8_support()
+        # every shard's rows of the transposed products' matrices come four at a time (equal shards)
+        self._int8_whole = all(self._shapes[t][0] % 4 == 0 for part, (array, transposed) in INT8_PARTS.items()
+                               if transposed for t in bert.STREAM_PARTS[part][array])
         self._int8_ops: list[_Int8Stack] = []
         self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
         self._check_fits()
@@ -322,34 +325,41 @@ class StreamingEncoder:
                                        "the streaming encoder needs equal shards; re-pack the store with sti pack")
         return shapes
 
-    def _part_floats(self, part: str) -> int:
-        """float32 elements one shard needs in the scratch arena for ``part``."""
-        return sum(int(np.prod(self._shapes[t])) for ts in bert.STREAM_PARTS[part].values() for t in ts)
+    def _part_floats(self, part: str, skip: str | None = None) -> int:
+        """float32 elements one shard needs in the scratch arena for ``part`` (without the array ``skip``)."""
+        return sum(int(np.prod(self._shapes[t])) for name, ts in bert.STREAM_PARTS[part].items() if name != skip
+                   for t in ts)
 
     def _scratch_need(self) -> int:
-        return 4 * self.schedule.chunk_shards * max(self._part_floats(p) for p in bert.STREAM_PARTS)
+        """The arena: a chunk's part decoded (``chunk_shards`` shards), or the small arrays that int8
+        products leave to decode (the biases) of a whole layer's shards, whichever is larger."""
+        most = max(len(self.store.shard_indices(layer)) for layer in range(self.store.num_layers))
+        return 4 * max(max(self.schedule.chunk_shards * self._part_floats(p),
+                           most * self._part_floats(p, skip=INT8_PARTS[p][0])) for p in bert.STREAM_PARTS)
 
-    def _make_views(self) -> dict:
-        """(chunk size m, part) -> (the arrays ``streamed_layer`` gets, and per position j in the
-        chunk the tuple of destinations of shard j's tensors, in ``_part_names(part)`` order).
-        All are views of the one arena, which is why only one part of one chunk exists at a time."""
-        views = {}
-        for m in range(1, self.schedule.chunk_shards + 1):
-            for part, arrays in bert.STREAM_PARTS.items():
-                at, full, dst = 0, {}, [[] for _ in range(m)]
-                for name, tensors in arrays.items():
-                    rows = [self._shapes[t][0] for t in tensors]
-                    tail = self._shapes[tensors[0]][1:]
-                    n = m * sum(rows) * int(np.prod(tail))
-                    a = full[name] = self._arena[at:at + n].reshape((m * sum(rows),) + tail)
-                    at += n
-                    base = 0
-                    for t, r in zip(tensors, rows):  # every shard's rows of t, then of the next tensor
-                        for j in range(m):
-                            dst[j].append(a[base + j * r: base + (j + 1) * r])
-                        base += m * r
-                views[(m, part)] = (full, [tuple(d) for d in dst])
-        return views
+    def _chunk_views(self, m: int, part: str, skip: str | None = None) -> tuple[dict, list[tuple]]:
+        """The arrays ``streamed_layer`` gets for a chunk of ``m`` shards and ``part`` (but
+        ``skip``, the matrix an int8 product reads in place), and per position j in the chunk the
+        tuple of destinations of shard j's tensors, in ``_part_names(part)`` order. All are views
+        of the one arena, which is why only one part of one chunk exists at a time."""
+        got = self._views.get((m, part, skip))
+        if got is None:
+            at, full, dst = 0, {}, [[] for _ in range(m)]
+            for name, tensors in bert.STREAM_PARTS[part].items():
+                if name == skip:
+                    continue
+                rows = [self._shapes[t][0] for t in tensors]
+                tail = self._shapes[tensors[0]][1:]
+                n = m * sum(rows) * int(np.prod(tail))
+                a = full[name] = self._arena[at:at + n].reshape((m * sum(rows),) + tail)
+                at += n
+                base = 0
+                for t, r in zip(tensors, rows):  # every shard's rows of t, then of the next tensor
+                    for j in range(m):
+                        dst[j].append(a[base + j * r: base + (j + 1) * r])
+                    base += m * r
+            got = self._views[(m, part, skip)] = (full, [tuple(d) for d in dst])
+        return got
 
     @staticmethod
     def _part_names(part: str) -> tuple[str, ...]:
@@ -485,20 +495,23 @@ class StreamingEncoder:
     def _layer_calls(self, layer: int, int8: bool = False) -> tuple[list[tuple[int, ...]], dict]:
         """The chunks of ``layer`` and, per (chunk, part), the arrays ``streamed_layer`` gets
         and the decode calls that fill them: (program, (layer, shard), destinations). With
-        ``int8``, the float32 shards are chunked apart from the quantized ones, and a chunk of
-        quantized shards gets each part's ``INT8_PARTS`` matrix as an :class:`_Int8Stack` (only
-        the biases are decoded). Built once per layer: the schedule never changes."""
+        ``int8``, the layer's quantized shards make one chunk and its float32 shards are chunked
+        after them; a chunk of quantized shards gets each part's ``INT8_PARTS`` matrix as an
+        :class:`_Int8Stack` (only the biases are decoded). Built once per layer: the schedule
+        never changes."""
         got = self._calls.get((layer, int8))
         if got is None:
             shards = self.schedule.layers[layer]
             n = self.schedule.chunk_shards
             idx = sorted(shards, key=lambda s: (int8 and shards[s] == 32, s))
-            chunks = [tuple(idx[i:i + n]) for i in range(0, len(idx), n)]
+            # int8 products need no dequantized copy, so a layer's quantized shards make one chunk:
+            # each product is then one call per layer (a call costs ~10-17 us beyond its work)
+            whole = sum(shards[s] != 32 for s in idx) if int8 and self._int8_whole else 0
+            chunks = [tuple(idx[:whole])] * bool(whole) + [tuple(idx[i:i + n]) for i in range(whole, len(idx), n)]
             calls = {}
             for chunk in chunks:
                 quantized = int8 and all(shards[s] != 32 for s in chunk)
                 for part in bert.STREAM_PARTS:
-                    views, dst = self._views[(len(chunk), part)]
                     names = self._part_names(part)
                     array, transposed = INT8_PARTS[part]
                     mats = bert.STREAM_PARTS[part][array]
@@ -506,13 +519,15 @@ class StreamingEncoder:
                     rows = [progs[s].prog[names.index(t)] for t in mats for s in chunk] if quantized else []
                     # the transposed product reads a shard's rows four at a time
                     if not quantized or (transposed and any(r[3] % 4 for r in rows)):
+                        views, dst = self._chunk_views(len(chunk), part)
                         calls[(chunk, part)] = (views, [(progs[s], (layer, s), dst[j]) for j, s in enumerate(chunk)])
                         continue
+                    views, dst = self._chunk_views(len(chunk), part, skip=array)
                     op = _Int8Stack(np.array(rows), [(layer, s) for t in mats for s in chunk], self._int8_threads)
                     self._int8_ops.append(op)
-                    rest = [i for i, t in enumerate(names) if t not in mats]
-                    decode = [(self._program(layer, s, shards[s], part, only=tuple(names[i] for i in rest)), (layer, s),
-                               tuple(dst[j][i] for i in rest)) for j, s in enumerate(chunk)]
+                    rest = tuple(t for t in names if t not in mats)
+                    decode = [(self._program(layer, s, shards[s], part, only=rest), (layer, s), dst[j])
+                              for j, s in enumerate(chunk)]
                     calls[(chunk, part)] = ({**views, array: op}, decode)
             got = self._calls[(layer, int8)] = (chunks, calls)
         return got

@@ -34,6 +34,19 @@ def tiny_bert(tmp_path_factory):
     return root / "tiny-bert", w, store
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_fours(tmp_path_factory):
+    """(HF dir, canonical weights, packed store dir) of ``tiny_models.CFG_FOURS``, packed once."""
+    from sti.store import pack
+    from tiny_models import CFG_FOURS, bert_weights, write_bert_dir
+
+    root = tmp_path_factory.mktemp("tiny-bert-fours")
+    w = bert_weights(np.random.default_rng(0), CFG_FOURS)
+    write_bert_dir(root / "tiny-bert", w, CFG_FOURS)
+    store = pack(root / "tiny-bert", root / "tiny.sti", progress=False)
+    return root / "tiny-bert", w, store
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -9,7 +9,7 @@ import pytest
 from sti import lowbit
 from sti.errors import STIError
 from sti.models import bert
-from sti.runtime import Schedule, StreamingEncoder, Throttle
+from sti.runtime import INT8_PARTS, Schedule, StreamingEncoder, Throttle
 from sti.store import Store
 from tiny_models import CFG
 
@@ -248,7 +248,8 @@ def test_int8_products_equal_their_numpy_reference_and_stay_near_dequantization(
     """Quantized chunks multiply every part by int8 products from the shard bytes: the engine's
     output equals the same engine with the NumPy reference of those products (to float rounding),
     and stays within the activation rounding of the dequantizing engine. Float32 shards are
-    chunked apart (shard 2 below) and keep BLAS."""
+    chunked apart (shard 2 below) and keep BLAS. The tiny model's shards do not have rows in fours,
+    so quantized shards keep chunks of ``chunk_shards`` too."""
     _, _, path = tiny_bert
     ids, mask = inputs()
     with Store.open(path) as st:
@@ -275,6 +276,41 @@ def test_int8_products_equal_their_numpy_reference_and_stay_near_dequantization(
             assert close_on_mask(h8, h_ref, mask, 1e-4), bits
             rel = np.abs(np.where(mask[..., None] > 0, h8 - h, 0)).max() / np.abs(h).max()
             assert 0 < rel < 0.05, (bits, rel)
+
+
+@needs_int8
+def test_int8_products_take_a_layers_quantized_shards_in_one_chunk(tiny_bert_fours, monkeypatch):
+    """Where every shard's rows come in fours (real models), int8 products need no dequantized copy
+    of any part, so a layer's quantized shards make one chunk (one product call per part and layer)
+    and only its float32 shards are chunked by ``chunk_shards``. The output equals the engine with
+    the NumPy reference of the products and stays near dequantization, within a one-layer budget."""
+    _, _, path = tiny_bert_fours
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        layers = [{0: 4, 2: 32, 3: 2, 1: 8}, {1: 4, 3: 6, 0: 3, 2: 5}]
+        probe = StreamingEncoder(st, Schedule(layers, chunk_shards=1))
+        budget = (probe.res.now + probe._embed_bytes(st.config.max_position)
+                  + max(sum(st.shard_nbytes(i, s, b) for s, b in row.items()) for i, row in enumerate(layers)))
+        eng = StreamingEncoder(st, Schedule(layers, memory_budget=budget, chunk_shards=1, int8_max_tokens=ids.size))
+        assert eng.scratch_bytes == probe.scratch_bytes  # a layer's biases fit where one shard's part is decoded
+        chunks, calls = eng._layer_calls(0, True)
+        assert chunks == [(0, 1, 3), (2,)]
+        assert eng._layer_calls(1, True)[0] == [(0, 1, 2, 3)]
+        assert eng._layer_calls(0, False)[0] == [(0,), (1,), (2,), (3,)]  # longer requests dequantize
+        for part, (array, _) in INT8_PARTS.items():
+            assert type(calls[((0, 1, 3), part)][0][array]).__name__ == "_Int8Stack", part
+            assert isinstance(calls[((2,), part)][0][array], np.ndarray), part
+        for _ in range(2):
+            h8, trace = eng.run(ids, mask)
+            assert trace.int8 and trace.resident_peak <= budget
+        assert all(not op.bufs for op in eng._int8_ops)
+        h, _ = probe.run(ids, mask)
+        with monkeypatch.context() as m:
+            m.setattr(lowbit, "_lb", None)
+            h_ref, _ = eng.run(ids, mask)
+        assert close_on_mask(h8, h_ref, mask, 1e-4)
+        rel = np.abs(np.where(mask[..., None] > 0, h8 - h, 0)).max() / np.abs(h).max()
+        assert 0 < rel < 0.05, rel
 
 
 @needs_int8
