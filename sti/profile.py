@@ -91,12 +91,13 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 8: as 7, the runtime and the IO sequences reading runs of back-to-back shards in one request;
 # 7: as 6, measured on a runtime whose int8 products take a layer's quantized shards in one
 # call per part (13-15% faster than 6's chunks of four); 6: int8 products cost
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 7
+PROFILE_VERSION = 8
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -783,23 +784,32 @@ def _fsync_store(store) -> None:
 
 def _stream_reads(store, plan, warm: bool = False) -> tuple[float, int, int]:
     """Evict (``warm``: read once untimed instead), then read ``plan`` [(layer, shard, bits)] in
-    order as the runtime's IO worker does: into read buffers used before (one per size here),
-    each read checked against its checksum when cold (a warm engine checked them on its first
-    reads): (seconds, bytes, reads)."""
-    bufs = {}
-    for layer, s, b in plan:
-        n = store.shard_nbytes(layer, s, b)
-        bufs[n] = bufs.get(n) or bytearray(n)
-        if warm:
-            store.read_shard_bytes(layer, s, b, verify=True, out=bufs[n])
-    if not warm:
+    order as the runtime's IO worker does: by runs of shards lying back to back (``Store.runs``),
+    into read buffers used before, each shard checked against its checksum when cold (a warm
+    engine checked them on its first reads): (seconds, bytes, shards read)."""
+    pool: dict[int, list[bytearray]] = {}  # per size, as many buffers as one run needs
+
+    def buffers(run):
+        out, used = [], {}
+        for r in run:
+            n = store.shard_nbytes(*r)
+            k = used[n] = used.get(n, -1) + 1
+            if len(have := pool.setdefault(n, [])) <= k:
+                have.append(bytearray(n))
+            out.append(have[k])
+        return out
+
+    runs = store.runs(plan)
+    bufs = [buffers(run) for run in runs]
+    if warm:
+        for run, b in zip(runs, bufs):
+            store.read_run(run, b, verify=True)
+    else:
         store.evict()
-    n = 0
     t0 = time.perf_counter()
-    for layer, s, b in plan:
-        buf = bufs[store.shard_nbytes(layer, s, b)]
-        n += len(store.read_shard_bytes(layer, s, b, verify=not warm, out=buf))
-    return time.perf_counter() - t0, n, len(plan)
+    for run, b in zip(runs, bufs):
+        store.read_run(run, b, verify=not warm)
+    return time.perf_counter() - t0, sum(store.shard_nbytes(*r) for r in plan), len(plan)
 
 
 def _io_plans(store, rng) -> list[tuple[str, list[tuple[int, int, int]]]]:
@@ -822,11 +832,13 @@ def _io_plans(store, rng) -> list[tuple[str, list[tuple[int, int, int]]]]:
 
 def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2, warm: bool = False) -> dict:
     """Cold IO in the runtime's access pattern: ``StreamingEncoder(cold=True)`` evicts the store
-    from the page cache, then its IO worker reads the plan's shards one request each in stream
-    order (``warm``: the same reads from the page cache, as a server that keeps the store warm sees them). Each plan-like sequence of :func:`_io_plans` is run that way (``repeats`` times,
-    median), and ``seconds = reads * io_latency + bytes / io_bandwidth`` is fitted over the
-    sequences (non-negative least squares of relative errors); each sequence's predicted /
-    actual is kept. The pattern matters: the kernel's read-ahead makes a uniform plan (every
+    from the page cache, then its IO worker reads the plan's shards in stream order, one request
+    per run of shards lying back to back (``warm``: the same reads from the page cache, as a
+    server that keeps the store warm sees them). Each plan-like sequence of :func:`_io_plans` is
+    run that way (``repeats`` times, median), and ``seconds = shards * io_latency + bytes /
+    io_bandwidth`` is fitted over the sequences (non-negative least squares of relative errors;
+    ``io_latency`` is what a shard costs beyond its bytes, its share of its run's request); each
+    sequence's predicted / actual is kept. The pattern matters: the kernel's read-ahead makes a uniform plan (every
     read follows the previous one in the same file) much faster than a mixed one (reads hop
     between the bitwidth files and read-ahead fetches bytes never used), and one linear model
     is a compromise between them -- see ``by_sequence``. Also measured, for reference: isolated

@@ -265,6 +265,43 @@ class Store:
             self.check_shard(layer, index, bits, raw)
         return raw
 
+    def runs(self, order, most: int = 64) -> list[list[tuple[int, int, int]]]:
+        """``order`` [(layer, index, bits)] cut, keeping its order, into runs of at most ``most``
+        versions of one layer that lie back to back in one file: each is one read for
+        :meth:`read_run` (a store writes a bitwidth's shards in (layer, index) order, so a layer's
+        shards at one bitwidth are one run)."""
+        out: list[list[tuple[int, int, int]]] = []
+        end = None  # (layer, file, offset) where the last run ends
+        for layer, index, bits in order:
+            v = self._version(layer, index, bits)
+            if out and end == (layer, v.file, v.offset) and len(out[-1]) < most:
+                out[-1].append((layer, index, bits))
+            else:
+                out.append([(layer, index, bits)])
+            end = (layer, v.file, v.offset + v.length)
+        return out
+
+    def read_run(self, run, bufs, verify=False) -> None:
+        """The versions of ``run`` (one of :meth:`runs`, or a stretch of one) by one read, each into
+        its buffer of ``bufs`` (writable, at least the version's length); ``verify``: whether to
+        check each one's checksum (one bool, or one per version)."""
+        vs = [self._version(*r) for r in run]
+        for a, b in zip(vs, vs[1:]):
+            if a.file != b.file or a.offset + a.length != b.offset:
+                raise ValueError(f"{run} do not lie back to back in one file")
+        fd = self._fds.get(vs[0].file)
+        if fd is None:
+            raise STIError(f"store {self.path} is closed", "open it again with Store.open")
+        total = sum(v.length for v in vs)
+        got = os.preadv(fd, [memoryview(buf).cast("B")[:v.length] for buf, v in zip(bufs, vs)], vs[0].offset)
+        if got != total:
+            raise STIError(f"store file {self.path / vs[0].file} is truncated: reading {total} bytes at offset "
+                           f"{vs[0].offset} returned {got}", _REPACK)
+        checks = [verify] * len(run) if isinstance(verify, bool) else verify
+        for r, buf, check in zip(run, bufs, checks):
+            if check:
+                self.check_shard(*r, buf)
+
     def check_shard(self, layer: int, index: int, bits: int, raw) -> None:
         """Raise STIError if ``raw`` does not match the shard version's checksum."""
         v = self._version(layer, index, bits)

@@ -149,6 +149,34 @@ def test_io_and_decode_are_separable_and_aligned(model):
             s.read_shard(0, 0, 7)
 
 
+def test_runs_are_back_to_back_stretches_of_one_layer_read_in_one_call(model):
+    _, _, path = model
+    with Store.open(path) as s:
+        order = [(0, 0, 4), (0, 1, 4), (0, 3, 4), (0, 2, 8), (1, 0, 8), (1, 1, 8), (1, 2, 2), (1, 3, 2)]
+        runs = s.runs(order)
+        # shard 2 is missing between 1 and 3; layer 1 starts a run even where its bytes follow layer 0's
+        assert runs == [order[:2], [order[2]], [order[3]], order[4:6], order[6:]]
+        assert s.runs(order, most=1) == [[r] for r in order]
+        for run in runs:
+            bufs = [bytearray(s.shard_nbytes(*r)) for r in run]
+            s.read_run(run, bufs, verify=True)
+            assert [bytes(b) for b in bufs] == [s.read_shard_bytes(*r) for r in run]
+        with pytest.raises(ValueError, match="back to back"):
+            s.read_run([(0, 0, 4), (0, 2, 4)], [bytearray(s.shard_nbytes(0, 0, 4))] * 2)
+
+
+def test_a_damaged_shard_in_a_run_is_named(store_copy):
+    with Store.open(store_copy) as s:
+        f, off, length = s.shard_location(1, 2, 4)
+    _flip(f, off + length // 3)
+    with Store.open(store_copy) as s:
+        run = [(1, s_, 4) for s_ in s.shard_indices(1)]
+        bufs = [bytearray(s.shard_nbytes(*r)) for r in run]
+        s.read_run(run, bufs, verify=[True, True, False, True])  # the damaged one not checked
+        with pytest.raises(STIError, match=r"shard \(layer 1, index 2\) 4-bit version is damaged.*shards-4bit\.bin"):
+            s.read_run(run, bufs, verify=True)
+
+
 def test_embedding_rows_and_globals(model):
     _, w, path = model
     table = w["embed.word"]
