@@ -419,7 +419,95 @@ static PyObject *py_advise(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* pread_many(fds, offsets, bufs): item i fills the writable buffer bufs[i] with len(bufs[i]) bytes
+ * of file descriptor fds[i] from offsets[i], one item after another with the GIL released (an IO
+ * thread's reads of many shards cost the compute thread one GIL hand-over, not one per shard).
+ * Returns -1 when every item was read in full, else the index of the first one the file ended
+ * within (the items after it are not read); OSError on a read error. */
+static PyObject *py_pread_many(PyObject *self, PyObject *args) {
+#ifdef STI_HAVE_MADVISE
+    PyObject *fo, *oo, *bo;
+    if (!PyArg_ParseTuple(args, "OOO", &fo, &oo, &bo)) return NULL;
+    PyObject *fs = PySequence_Fast(fo, "fds must be a sequence"), *os_ = NULL, *bs = NULL;
+    Py_buffer *views = NULL;
+    int *fd = NULL;
+    long long *off = NULL;
+    Py_ssize_t n = 0, got = 0, result = -1;
+    int err = 0;
+    PyObject *ret = NULL;
+    if (!fs) goto done;
+    if (!(os_ = PySequence_Fast(oo, "offsets must be a sequence")) || !(bs = PySequence_Fast(bo, "bufs must be a sequence")))
+        goto done;
+    n = PySequence_Fast_GET_SIZE(fs);
+    if (PySequence_Fast_GET_SIZE(os_) != n || PySequence_Fast_GET_SIZE(bs) != n) {
+        PyErr_SetString(PyExc_ValueError, "pread_many: fds, offsets and bufs must have one item each");
+        goto done;
+    }
+    views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    fd = PyMem_Calloc(n ? (size_t)n : 1, sizeof(int));
+    off = PyMem_Calloc(n ? (size_t)n : 1, sizeof(long long));
+    if (!views || !fd || !off) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        fd[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(fs, i));
+        off[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(os_, i));
+        if (PyErr_Occurred()) goto done;
+        if (off[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "pread_many: offset %zd is negative", i);
+            goto done;
+        }
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(bs, i), &views[i], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto done;
+        got = i + 1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && result < 0 && !err; i++) {
+        char *p = views[i].buf;
+        size_t left = (size_t)views[i].len;
+        off_t at = (off_t)off[i];
+        while (left) {
+            ssize_t r = pread(fd[i], p, left, at);
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                err = errno;
+                break;
+            }
+            if (r == 0) {
+                result = i;
+                break;
+            }
+            p += r, left -= (size_t)r, at += r;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (err) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    ret = PyLong_FromSsize_t(result);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(fd);
+    PyMem_Free(off);
+    Py_XDECREF(fs);
+    Py_XDECREF(os_);
+    Py_XDECREF(bs);
+    return ret;
+#else
+    (void)args;
+    PyErr_SetString(PyExc_OSError, "pread_many: pread is not available on this platform");
+    return NULL;
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"pread_many", py_pread_many, METH_VARARGS,
+     "pread_many(fds, offsets, bufs): fill each writable buffer from its fd at its offset, with the GIL\n"
+     "released; -1 when all were read in full, else the index of the first one the file ended within."},
     {"advise", py_advise, METH_VARARGS,
      "advise(buf, advice): madvise(2) over buf's pages with the GIL released (buf page-aligned)."},
     {"dequant", py_dequant, METH_VARARGS,

@@ -10,9 +10,7 @@ Inputs
                    (the fp32 buffer that dequantizes one shard). Both count against M.
 ``Importance``     ``loss[l][s][b]``: predicted accuracy loss of shard (l, s) at b bits, b = 0
                    meaning dropped, 32 meaning full precision (loss 0). Losses add up.
-``DeviceProfile``  IO: reading a shard of ``nbytes`` costs ``io_latency + nbytes / io_bandwidth``
-                   (the runtime reads a run of shards lying back to back in one request; the
-                   profile fits ``io_latency`` on such runs, as a shard's share of one).
+``DeviceProfile``  IO: one read of ``nbytes`` costs ``io_latency + nbytes / io_bandwidth``.
                    Compute: layer at width w (active shards) and sequence length n costs
                    ``c0 + c1*w*n + c2*w*n*n``, plus ``dequant_per_byte[b] * bytes`` per shard.
                    These predict the *median* request; ``tail_ratio`` (its 95th percentile /

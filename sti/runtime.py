@@ -11,13 +11,14 @@ k-bit codes straight from the shard bytes (``sti.lowbit.qmm_stack`` for q/k/v an
 ``qmmt_stack`` for the output and down projections, stored input-major), one call per part for
 all of them, 1.3-3x faster than dequantization + BLAS at 32 tokens.
 
-The IO worker reads shards that lie back to back in a file by one call (``Store.runs``), into
-buffers it keeps and reuses (``Residency.take_buffer``), and checks a shard version's checksum on
-the engine's first read of it, or on every read for a cold engine (``VERIFY_MODES``). All three
-matter because on a small machine the worker takes CPU, and the GIL, from the compute: MiniLM's
-2-8-bit and float32 shards streamed from the page cache, 32 tokens, ran 3-22% faster per request
-than with a new buffer and a checksum per read (measured here, alternating engines in one
-process; reuse alone 2-14%), and reading by runs took 6-10% more off 2-8-bit requests.
+The IO worker reads a layer's shards by one call (``Store.read_many``: the C kernels read them
+one after another with the GIL released), into buffers it keeps and reuses
+(``Residency.take_buffers``), and checks a shard version's checksum on the engine's first read of
+it, or on every read for a cold engine (``VERIFY_MODES``). All three matter because on a small
+machine the worker takes CPU, and the GIL, from the compute: MiniLM's 2-8-bit and float32 shards
+streamed from the page cache, 32 tokens, ran 3-22% faster per request than with a new buffer and
+a checksum per read (measured here, alternating engines in one process; reuse alone 2-14%), and
+one read call per layer instead of per shard took 6-10% more off 2-8-bit requests.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, the read buffers (in flight
@@ -28,6 +29,7 @@ before it runs.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -161,27 +163,42 @@ class Residency:
     # (a new large buffer is faulted in page by page, and freeing it unmaps its pages, which
     # interrupts the compute's core for a TLB shootdown).
 
-    def take_buffer(self, n: int, stop: threading.Event | None = None) -> bytearray | None:
-        """A read buffer of ``n`` bytes: a spare one of that size, else a new one once ``n`` more
-        bytes fit the budget (spare buffers of other sizes are freed to make room). None when
-        ``stop`` is set while waiting; without ``stop``, None at once when there is no room."""
+    def take_buffers(self, sizes: list[int], stop: threading.Event) -> list[bytearray] | None:
+        """Read buffers for the first of ``sizes`` and as many of the next ones as the budget has
+        room for now, in order: spare ones of their sizes, else new ones (spare buffers of other
+        sizes are freed to make room). Waits for room for the first; None when ``stop`` is set
+        while waiting."""
+        got: list = []
         with self._cv:
-            while True:
-                spare = self._spare.get(n)
-                if spare:
-                    return spare.pop()
-                if self.now + n <= self.budget or self._free_spares(self.now + n - self.budget, keep=n):
-                    self._add(n)
-                    break
-                if stop is None or stop.is_set():
+            while not self._reserve(sizes[0], got):
+                if stop.is_set():
                     return None
                 self._cv.wait(0.05)
-        return bytearray(n)
+            for n in sizes[1:]:
+                if not self._reserve(n, got):
+                    break
+        return [bytearray(n) if b is None else b for b, n in zip(got, sizes)]
 
-    def give_buffer(self, buf: bytearray) -> None:
-        """Hand a read buffer back for reuse; its bytes stay held."""
+    def _reserve(self, n: int, got: list) -> bool:
+        """Append a spare buffer of ``n`` bytes to ``got``, or None once ``n`` new bytes are counted
+        within the budget (the caller allocates them, outside the lock); whether there was room.
+        Called with the lock held."""
+        spare = self._spare.get(n)
+        if spare:
+            got.append(spare.pop())
+            return True
+        if self.now + n <= self.budget or self._free_spares(self.now + n - self.budget, keep=n):
+            self._add(n)
+            got.append(None)
+            return True
+        return False
+
+    def give_buffers(self, bufs) -> None:
+        """Hand read buffers back for reuse, all at once (a waiting reader wakes once, to room for
+        all of them); their bytes stay held."""
         with self._cv:
-            self._spare.setdefault(len(buf), []).append(buf)
+            for buf in bufs:
+                self._spare.setdefault(len(buf), []).append(buf)
             self._cv.notify_all()
 
     @property
@@ -221,9 +238,10 @@ class Throttle:
         self._late = 0.0  # how late the last sleeping reader woke
         self._lock = threading.Lock()
 
-    def pace(self, t_start: float, nbytes: int) -> None:
+    def pace(self, t_start: float, nbytes: int, reads: int = 1) -> None:
+        """Sleep until ``reads`` reads of ``nbytes`` in all, issued at ``t_start``, complete."""
         with self._lock:
-            due = max(t_start - self._late, self._free_at) + self.latency + nbytes / self.bandwidth
+            due = max(t_start - self._late, self._free_at) + self.latency * reads + nbytes / self.bandwidth
             self._free_at = due
         slept = False
         while (left := due - time.perf_counter()) > 0:
@@ -296,7 +314,8 @@ class StreamingEncoder:
         self._views: dict = {}
         self._programs: dict = {}
         self._calls: dict = {}
-        self._runs = store.runs(schedule.stream_order())  # the IO worker's reads
+        # the IO worker's reads: the stream order, layer by layer
+        self._reads = [list(g) for _, g in itertools.groupby(schedule.stream_order(), key=lambda r: r[0])]
         self._int8_threads = self._int8_support()
         # every shard's rows of the transposed products' matrices come four at a time (equal shards)
         self._int8_whole = all(self._shapes[t][0] % 4 == 0 for part, (array, transposed) in INT8_PARTS.items()
@@ -442,31 +461,28 @@ class StreamingEncoder:
         t_start = time.perf_counter()
 
         def io_worker():
-            # a run of shards lying back to back is read by one call: per shard, the worker's
-            # Python holds the GIL the compute thread needs between its kernels (warm MiniLM, 32
-            # tokens, 3 bits: 7.38 ms a request with a read per shard, 6.75 by runs, 6.43 preloaded)
+            # a layer's shards are read by one call: per shard, the worker's Python took the GIL
+            # the compute thread needs between its kernels (warm MiniLM, 32 tokens, 3 bits: 7.38 ms
+            # a request with a call per shard, 6.75 with one per layer, 6.43 with no reads)
             try:
-                for run in self._runs:
+                for group in self._reads:
                     i = 0
-                    while i < len(run):  # as much of the run as the budget has room for, at least one shard
-                        sizes = [self.store.shard_nbytes(*r) for r in run[i:]]
-                        bufs = [self.res.take_buffer(sizes[0], stop)]
-                        if bufs[0] is None:
+                    while i < len(group):  # as much of the layer as the budget has room for, at least one shard
+                        sizes = [self.store.shard_nbytes(*r) for r in group[i:]]
+                        bufs = self.res.take_buffers(sizes, stop)
+                        if bufs is None:
                             return
-                        while len(bufs) < len(sizes) and (b := self.res.take_buffer(sizes[len(bufs)])) is not None:
-                            bufs.append(b)
-                        part = run[i:i + len(bufs)]
+                        part = group[i:i + len(bufs)]
                         t0 = time.perf_counter()
                         try:  # the checksums run here, beside the compute thread (the C checksums release the GIL)
-                            self.store.read_run(part, bufs, [self.verify_always or v not in self.verified for v in part])
+                            self.store.read_many(part, bufs, [self.verify_always or v not in self.verified for v in part])
                         except BaseException:
-                            for b in bufs:
-                                self.res.give_buffer(b)
+                            self.res.give_buffers(bufs)
                             raise
                         self.verified.update(part)
                         n = sum(sizes[:len(bufs)])
-                        if self.throttle:
-                            self.throttle.pace(t0, n)
+                        if self.throttle:  # one device request per shard
+                            self.throttle.pace(t0, n, len(bufs))
                         t1 = time.perf_counter()
                         at = t0 - t_start  # the read's time shared out over its shards by their bytes
                         for (layer, s, bits), nb in zip(part, sizes):
@@ -500,8 +516,7 @@ class StreamingEncoder:
             for op in self._int8_ops:  # after a failure: hold no shard bytes
                 op.bufs = []
             self.res.release(held_embed)
-            for raw in arrived.values():
-                self.res.give_buffer(raw)
+            self.res.give_buffers(arrived.values())
             arrived.clear()
         trace.latency = time.perf_counter() - t_start
         trace.bytes_read = sum(e[5] for e in trace.io)
@@ -566,8 +581,7 @@ class StreamingEncoder:
                     op.bufs = []
             with cv:
                 done = [arrived.pop((layer, s)) for s in chunk if (layer, s) not in preloaded]
-            for raw in done:
-                self.res.give_buffer(raw)
+            self.res.give_buffers(done)
 
         def load(chunk, part):
             while pending:

@@ -137,8 +137,10 @@ def test_device_profile_fit(tiny_bert):
     assert all(r["streamed_p95_ms"] >= r["streamed_median_ms"] > 0 for r in calib["rows"])
     from sti import lowbit
 
-    if lowbit.has_int8_kernel():  # the engine with int8 products was timed beside the one without
-        assert all(r["int8_ms"] > 0 and r["int8_dequant_ms"] > 0 for r in calib["rows"])
+    if lowbit.has_int8_kernel():  # the engine with int8 products was timed beside the one without, and alone
+        assert all(r["int8_ms"] > 0 and r["int8_alternating_ms"] > 0 and r["int8_dequant_ms"] > 0
+                   for r in calib["rows"])
+        assert all(r["streamed_int8_median_ms"] > 0 for r in calib["rows"])
     assert (dev.int8_max_tokens, dev.int8_per_token, dev.int8_shard) == \
         (calib["int8_max_tokens"], calib["int8_per_token"], calib["int8_shard"])
     if dev.int8_max_tokens:  # every quantized bitwidth's own constant, timed against 4 bits
@@ -230,7 +232,7 @@ def test_bbc_task_refuses_a_store_of_another_model(tiny_bert):
 
 
 def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_own_times():
-    rows = [{"seq_len": n, "int8_dequant_ms": a, "int8_ms": b} for n, a, b in
+    rows = [{"seq_len": n, "int8_dequant_ms": a, "int8_alternating_ms": b} for n, a, b in
             ((16, 10.0, 7.0), (32, 20.0, 17.0), (64, 40.0, 41.0), (128, 80.0, 70.0))]
     assert prof._int8_max(rows) == 32  # 128 is faster again, but 64 is not
     assert prof._int8_max(rows[2:]) == 0 and prof._int8_max([{"seq_len": 16, "measured_ms": 1.0}]) == 0

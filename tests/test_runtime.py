@@ -225,15 +225,15 @@ def test_trace_exports_and_throttle_is_labelled(tiny_bert, tmp_path):
     with Store.open(path) as st:
         eng = StreamingEncoder(st, Schedule.full(st, 4), throttle=Throttle(50e6, 1e-4))
         _, trace = eng.run(*inputs())
-    # shards lying back to back (a layer's, at one bitwidth) are one read, and the emulated device
-    # serves one read after another: read i completes no earlier than the first read's start +
-    # the device time (latency + bytes / bandwidth) of reads 0..i
-    assert [len(run) for run in eng._runs] == [4, 4]
+    # the IO worker reads a layer's shards by one call, which the emulated device serves as one
+    # read per shard, one after another: a layer's reads complete no earlier than the first
+    # read's start + the device time (latency + bytes / bandwidth) of every read up to theirs
+    assert [len(group) for group in eng._reads] == [4, 4]
     io = {(layer, s): (t0, t1, n) for layer, s, _, t0, t1, n in trace.io}
     start, device = min(t0 for t0, _, _ in io.values()), 0.0
-    for run in eng._runs:
-        device += 1e-4 + sum(io[(layer, s)][2] for layer, s, _ in run) / 50e6
-        assert max(io[(layer, s)][1] for layer, s, _ in run) >= start + device - 1e-6
+    for group in eng._reads:
+        device += 1e-4 * len(group) + sum(io[(layer, s)][2] for layer, s, _ in group) / 50e6
+        assert max(io[(layer, s)][1] for layer, s, _ in group) >= start + device - 1e-6
     doc = json.loads(json.dumps(trace.to_chrome()))
     assert {e["tid"] for e in doc["traceEvents"]} >= {"io", "compute"}
     assert doc["otherData"]["storage"] == "emulated 50 MB/s"

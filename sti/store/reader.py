@@ -97,6 +97,24 @@ class EmbeddingTable:
         return self._store.embedding_rows(ids.reshape(-1)).reshape(ids.shape + (self.shape[1],))
 
 
+def _pread_many_py(fds, offsets, bufs) -> int:
+    """``sti._kernels.pread_many`` without the C kernels: the same reads, one os.preadv each."""
+    for i, (fd, at, buf) in enumerate(zip(fds, offsets, bufs)):
+        mv, done = memoryview(buf).cast("B"), 0
+        while done < len(mv):
+            got = os.preadv(fd, [mv[done:]], at + done)
+            if got == 0:
+                return i
+            done += got
+    return -1
+
+
+try:
+    from sti._kernels import pread_many as _pread_many
+except ImportError:  # pragma: no cover - the C kernels are built by the package's own build step
+    _pread_many = _pread_many_py
+
+
 class Store:
     """An open shard store. Create with :meth:`Store.open`; close with :meth:`close` (or ``with``)."""
 
@@ -265,40 +283,26 @@ class Store:
             self.check_shard(layer, index, bits, raw)
         return raw
 
-    def runs(self, order, most: int = 64) -> list[list[tuple[int, int, int]]]:
-        """``order`` [(layer, index, bits)] cut, keeping its order, into runs of at most ``most``
-        versions of one layer that lie back to back in one file: each is one read for
-        :meth:`read_run` (a store writes a bitwidth's shards in (layer, index) order, so a layer's
-        shards at one bitwidth are one run)."""
-        out: list[list[tuple[int, int, int]]] = []
-        end = None  # (layer, file, offset) where the last run ends
-        for layer, index, bits in order:
-            v = self._version(layer, index, bits)
-            if out and end == (layer, v.file, v.offset) and len(out[-1]) < most:
-                out[-1].append((layer, index, bits))
-            else:
-                out.append([(layer, index, bits)])
-            end = (layer, v.file, v.offset + v.length)
-        return out
-
-    def read_run(self, run, bufs, verify=False) -> None:
-        """The versions of ``run`` (one of :meth:`runs`, or a stretch of one) by one read, each into
-        its buffer of ``bufs`` (writable, at least the version's length); ``verify``: whether to
-        check each one's checksum (one bool, or one per version)."""
-        vs = [self._version(*r) for r in run]
-        for a, b in zip(vs, vs[1:]):
-            if a.file != b.file or a.offset + a.length != b.offset:
-                raise ValueError(f"{run} do not lie back to back in one file")
-        fd = self._fds.get(vs[0].file)
-        if fd is None:
-            raise STIError(f"store {self.path} is closed", "open it again with Store.open")
-        total = sum(v.length for v in vs)
-        got = os.preadv(fd, [memoryview(buf).cast("B")[:v.length] for buf, v in zip(bufs, vs)], vs[0].offset)
-        if got != total:
-            raise STIError(f"store file {self.path / vs[0].file} is truncated: reading {total} bytes at offset "
-                           f"{vs[0].offset} returned {got}", _REPACK)
-        checks = [verify] * len(run) if isinstance(verify, bool) else verify
-        for r, buf, check in zip(run, bufs, checks):
+    def read_many(self, versions, bufs, verify=False) -> None:
+        """Shard versions [(layer, index, bits)], each into its buffer of ``bufs`` (writable, at
+        least the version's length), by one call: the C kernels read them one after another with
+        the GIL released, so a thread reading a layer's shards hands the GIL to the others once,
+        not once per shard. ``verify``: whether to check each one's checksum (one bool, or one
+        per version)."""
+        vs = [self._version(*r) for r in versions]
+        fds = []
+        for v in vs:
+            fd = self._fds.get(v.file)
+            if fd is None:
+                raise STIError(f"store {self.path} is closed", "open it again with Store.open")
+            fds.append(fd)
+        short = _pread_many(fds, [v.offset for v in vs], [memoryview(b).cast("B")[:v.length] for b, v in zip(bufs, vs)])
+        if short >= 0:
+            v = vs[short]
+            raise STIError(f"store file {self.path / v.file} is truncated: the {v.length} bytes of "
+                           f"{_where(*versions[short][:2])} at offset {v.offset} run past its end", _REPACK)
+        checks = [verify] * len(vs) if isinstance(verify, bool) else verify
+        for r, buf, check in zip(versions, bufs, checks):
             if check:
                 self.check_shard(*r, buf)
 

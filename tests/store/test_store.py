@@ -149,32 +149,38 @@ def test_io_and_decode_are_separable_and_aligned(model):
             s.read_shard(0, 0, 7)
 
 
-def test_runs_are_back_to_back_stretches_of_one_layer_read_in_one_call(model):
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["C", "Python"])
+def test_read_many_reads_versions_of_any_files_in_one_call(model, monkeypatch, c_kernels):
+    from sti.store import reader
+
+    if not c_kernels:
+        monkeypatch.setattr(reader, "_pread_many", reader._pread_many_py)
     _, _, path = model
     with Store.open(path) as s:
-        order = [(0, 0, 4), (0, 1, 4), (0, 3, 4), (0, 2, 8), (1, 0, 8), (1, 1, 8), (1, 2, 2), (1, 3, 2)]
-        runs = s.runs(order)
-        # shard 2 is missing between 1 and 3; layer 1 starts a run even where its bytes follow layer 0's
-        assert runs == [order[:2], [order[2]], [order[3]], order[4:6], order[6:]]
-        assert s.runs(order, most=1) == [[r] for r in order]
-        for run in runs:
-            bufs = [bytearray(s.shard_nbytes(*r)) for r in run]
-            s.read_run(run, bufs, verify=True)
-            assert [bytes(b) for b in bufs] == [s.read_shard_bytes(*r) for r in run]
-        with pytest.raises(ValueError, match="back to back"):
-            s.read_run([(0, 0, 4), (0, 2, 4)], [bytearray(s.shard_nbytes(0, 0, 4))] * 2)
+        versions = [(0, 3, 4), (0, 1, 8), (1, 0, 32), (0, 2, 2), (1, 2, 2)]
+        bufs = [bytearray(s.shard_nbytes(*v) + 64) for v in versions]  # larger buffers keep their tail
+        s.read_many(versions, bufs, verify=True)
+        for v, b in zip(versions, bufs):
+            n = s.shard_nbytes(*v)
+            assert bytes(b[:n]) == s.read_shard_bytes(*v) and not any(b[n:])
+        s.read_many([], [])
 
 
-def test_a_damaged_shard_in_a_run_is_named(store_copy):
+def test_a_damaged_or_cut_shard_in_a_read_many_is_named(store_copy):
     with Store.open(store_copy) as s:
         f, off, length = s.shard_location(1, 2, 4)
+        versions = [(1, i, 4) for i in s.shard_indices(1)]
+        last = max(versions, key=lambda v: s.shard_location(*v)[1])
     _flip(f, off + length // 3)
     with Store.open(store_copy) as s:
-        run = [(1, s_, 4) for s_ in s.shard_indices(1)]
-        bufs = [bytearray(s.shard_nbytes(*r)) for r in run]
-        s.read_run(run, bufs, verify=[True, True, False, True])  # the damaged one not checked
+        bufs = [bytearray(s.shard_nbytes(*v)) for v in versions]
+        s.read_many(versions, bufs, verify=[True, True, False, True])  # the damaged one not checked
         with pytest.raises(STIError, match=r"shard \(layer 1, index 2\) 4-bit version is damaged.*shards-4bit\.bin"):
-            s.read_run(run, bufs, verify=True)
+            s.read_many(versions, bufs, verify=True)
+        # a file cut short after the store was opened: the read that runs past its end is named
+        os.truncate(f, s.shard_location(*last)[1] + 10)
+        with pytest.raises(STIError, match=rf"shards-4bit\.bin is truncated: .* shard \(layer 1, index {last[1]}\)"):
+            s.read_many(versions, bufs)
 
 
 def test_embedding_rows_and_globals(model):
