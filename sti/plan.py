@@ -229,13 +229,17 @@ class DeviceProfile:
     int8_per_token: float = 0.0  # s per shard per token
     int8_shard: dict[int, float] = field(default_factory=dict)  # bits -> s per shard
     # compute time per streamed byte: where reads come from the page cache, the IO worker's
-    # copying and checksumming slows the compute beside it (measured on the streaming runtime)
+    # copying and checksumming slows the compute beside it (measured on the streaming runtime);
+    # of a shard whose products run on dequantized weights (BLAS on every core), and of one that
+    # int8 products read (on one thread, leaving the IO worker a core)
     stream_compute_per_byte: float = 0.0
+    stream_compute_per_byte_int8: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
         self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
-        if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2) < 0 \
+        if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
+                                            self.stream_compute_per_byte_int8) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
         if not self.tail_ratio >= 1.0:
@@ -414,7 +418,8 @@ class _Ctx:
                               else per_shard + dev.dequant_time(b, nb) for b, nb in shape.shard_bytes.items()}
         self.c0 = dev.c0
         # what streaming a shard (not preloading it) adds to its layer's compute
-        self.stream_compute = {b: dev.stream_compute_per_byte * nb for b, nb in shape.shard_bytes.items()}
+        self.stream_compute = {b: nb * (dev.stream_compute_per_byte_int8 if b != 32 and dev.int8_applies(seq_len)
+                                        else dev.stream_compute_per_byte) for b, nb in shape.shard_bytes.items()}
 
     def layer_compute(self, row: Sequence[int], layer: int, preload) -> float:
         """Compute of layer ``layer`` with bitwidths ``row``, with the cost streaming its shards

@@ -92,13 +92,14 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-# 8: as 7, the runtime and the IO sequences reading a layer's shards by one call;
+# 9: warm streaming priced per byte apart for int8 and dequantized shards; 8: as 7, the
+# runtime and the IO sequences reading a layer's shards by one call, int8 timed back to back;
 # 7: as 6, measured on a runtime whose int8 products take a layer's quantized shards in one
 # call per part (13-15% faster than 6's chunks of four); 6: int8 products cost
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 8
+PROFILE_VERSION = 9
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -1115,32 +1116,43 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     shape = model_shape(store, chunk_shards=chunk_shards)
     matrix = [[bits] * w for _ in range(L)]
 
-    def with_knob(v: float) -> DeviceProfile:  # warm: v s of compute per streamed byte; else v x read times
+    def with_knob(v: float, int8: bool) -> DeviceProfile:
+        """warm: v s of compute per streamed byte (of the int8 engine, or of the dequantizing one,
+        int8 products then off); else v x read times."""
         if warm:
-            return DeviceProfile(**{**fixed.__dict__, "stream_compute_per_byte": v})
+            key = "stream_compute_per_byte_int8" if int8 else "stream_compute_per_byte"
+            return DeviceProfile(**{**fixed.__dict__, key: v, **({} if int8 else {"int8_max_tokens": 0})})
         return DeviceProfile(**{**fixed.__dict__, "io_bandwidth": fixed.io_bandwidth / v, "io_latency": fixed.io_latency * v})
 
-    def predicted_streamed(v, n):
-        return simulate(matrix, shape, with_knob(v), n).latency
+    def predicted_streamed(v, n, int8):
+        return simulate(matrix, shape, with_knob(v, int8), n).latency
 
     lo0, hi0 = (0.0, 1e-7) if warm else (1.0, 4.0)  # up to 10 MB/s of copying; up to 4x slower reads
-    knobs, pooled = [], []
+    knobs, knobs8, pooled = [], [], []
     for r, (rel, rel8) in zip(rows, relative):
         int8 = fixed.int8_applies(r["seq_len"]) and "streamed_int8_median_ms" in r
-        target = r["streamed_int8_median_ms" if int8 else "streamed_median_ms"] / 1e3
         pooled += rel8 if int8 else rel
-        v = _bisect(lambda x: predicted_streamed(x, r["seq_len"]), lo0, hi0, target)
-        r["stream_compute_ns_per_byte" if warm else "io_slowdown"] = round(v * 1e9 if warm else v, 4)
-        r["streamed_predicted_ms"] = round(predicted_streamed(v, r["seq_len"]) * 1e3, 3)
-        knobs.append(v)
-    tuned = with_knob(float(np.median(knobs)))
+        # from the page cache both engines are priced; else the one plans run at this length
+        for eng8 in ([False, True] if warm and int8 else [int8]):
+            target = r["streamed_int8_median_ms" if eng8 else "streamed_median_ms"] / 1e3
+            v = _bisect(lambda x: predicted_streamed(x, r["seq_len"], eng8), lo0, hi0, target)
+            tag = "_int8" if eng8 and warm else ""
+            r[("stream_compute_ns_per_byte" if warm else "io_slowdown") + tag] = round(v * 1e9 if warm else v, 4)
+            r["streamed_predicted_ms" + tag] = round(predicted_streamed(v, r["seq_len"], eng8) * 1e3, 3)
+            (knobs8 if eng8 and warm else knobs).append(v)
+    if warm:
+        tuned = DeviceProfile(**{**fixed.__dict__, "stream_compute_per_byte": float(np.median(knobs)),
+                                 "stream_compute_per_byte_int8": float(np.median(knobs8)) if knobs8 else 0.0})
+    else:
+        tuned = with_knob(float(np.median(knobs)), False)
     k = 1.0 if warm else float(np.median(knobs))
     tail = max(1.0, round(float(np.percentile(pooled, 95)), 4))
     out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
                  "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
-                 "int8_bits_minus_4bit_s": int8_bits, "stream_compute_per_byte": out.stream_compute_per_byte}
+                 "int8_bits_minus_4bit_s": int8_bits, "stream_compute_per_byte": out.stream_compute_per_byte,
+                 "stream_compute_per_byte_int8": out.stream_compute_per_byte_int8}
 
 
 def _bisect(f, lo: float, hi: float, target: float) -> float:
@@ -1460,8 +1472,9 @@ def format_summary(summary: dict) -> str:
                      + f", + {d['int8_per_token_us']:.2f} us per token")
     else:
         lines.append("  int8 products: never faster here (or not built), quantized shards are dequantized")
-    beside = (f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte" if summary["storage"] == WARM
-              else f"reads {d['io_slowdown']:.2f}x slower beside the compute")
+    beside = (f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte"
+              + (f" ({d['stream_compute_ns_per_byte_int8']:.2f} where int8 products read it)" if d["int8_max_tokens"] else "")
+              if summary["storage"] == WARM else f"reads {d['io_slowdown']:.2f}x slower beside the compute")
     lines.append(f"  streaming: {beside}; p95 / median latency {d['tail_ratio']:.2f} "
                  f"(a deadline T is planned as a median of T / {d['tail_ratio']:.2f})")
     lines += ["",
@@ -1552,6 +1565,7 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "int8_per_token_us": dev.int8_per_token * 1e6,
                    "tail_ratio": dev.tail_ratio,
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
+                   "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
                    "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"]},
         "calibration": calib,
         "full_accuracy": imp_info.get("full_accuracy"),

@@ -393,3 +393,12 @@ def test_streaming_a_shard_adds_its_compute_cost_preloading_does_not():
     assert [round(x.end - x.start, 9) for x in tl.layers] == [4, 4]  # 2 shards x (1 s compute + 1 s streaming)
     tl = simulate(bits, shape, dev, 1, preload={(0, 0), (1, 1)})
     assert [round(x.end - x.start, 9) for x in tl.layers] == [3, 3]
+    # where int8 products read the quantized shards, their bytes cost stream_compute_per_byte_int8
+    shape32 = ModelShape(2, 2, {4: 100, 32: 800}, fixed_bytes=10, scratch_bytes=5)
+    dev8 = DeviceProfile(io_bandwidth=1e9, c1=1.0, stream_compute_per_byte=0.01, stream_compute_per_byte_int8=0.002,
+                         int8_max_tokens=4, int8_shard={4: 1.0})
+    tl = simulate([[4, 32], [4, 4]], shape32, dev8, 1)
+    # layer 0: int8 shard 1 s + 0.2 s streaming, fp32 shard 1 s + 8 s; layer 1: 2 x 1.2 s
+    assert [round(x.end - x.start, 9) for x in tl.layers] == [10.2, 2.4]
+    tl = simulate([[4, 32], [4, 4]], shape32, dev8, 5)  # beyond int8_max_tokens: dequantized, 0.01 s per byte
+    assert [round(x.end - x.start, 9) for x in tl.layers] == [5 + 1 + 5 + 8, 2 * (5 + 1)]

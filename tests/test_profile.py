@@ -260,7 +260,7 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
               "layer_ms_full_width_128": 4.61, "compute_fit": {"median_rel_error": 0.13},
               "dequant_ns_per_byte": {"2": 2.9, "32": 0.31}, "int8_max_tokens": 64,
               "int8_shard_us": {"2": 22.6, "8": 52.5}, "int8_per_token_us": 2.6, "tail_ratio": 1.16,
-              "stream_compute_ns_per_byte": 0.23, "io_slowdown": 1.0}
+              "stream_compute_ns_per_byte": 0.23, "stream_compute_ns_per_byte_int8": 0.07, "io_slowdown": 1.0}
     summary = {"profile": "STORE/profile-warm.json", "task": "bbc-news", "storage": "warm",
                "seconds": {"total": 13.0, "importance": 0.0, "device": 13.0},
                "calibration": {"head": "bbc-news", "n_texts": 48, "seq_len": 64}, "full_accuracy": 0.9375,
@@ -270,7 +270,7 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
                "additivity": {"spearman": 0.95}, "device": device}
     text = prof.format_summary(summary)
     for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
-                 "8-bit 52.5", "0.23 ns of compute per streamed byte", "T / 1.16", "accuracy there 0.938",
+                 "8-bit 52.5", "0.23 ns of compute per streamed byte (0.07 where int8 products read it)", "T / 1.16", "accuracy there 0.938",
                  "layer 1 shard 10 (0.059)", "Spearman 0.95"):
         assert part in text, part
     cold = prof.format_summary({**summary, "storage": None, "full_accuracy": None, "additivity": None,
