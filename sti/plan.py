@@ -407,7 +407,14 @@ class _Ctx:
     def __init__(self, shape: ModelShape, dev: DeviceProfile, seq_len: int):
         self.shape, self.dev, self.n = shape, dev, seq_len
         self.L, self.S = shape.num_layers, shape.shards_per_layer
-        self.bits = shape.bits
+        # where int8 products run, float32 versions are not offered: a float32 shard among them
+        # runs dequantization + BLAS on both cores beside the IO worker and the int8 products,
+        # which the model underprices (MiniLM, 32 tokens: benchmark plans with 22-72 float32
+        # shards ran 13-66% over their predictions; 4 float32 shards a layer among 8-bit ones,
+        # streamed, 14.0-18.6 ms against 13.7 predicted and 9.3-9.9 all 8-bit), for accuracy
+        # the 8-bit version keeps (KL 5e-7 per shard)
+        quantized = tuple(b for b in shape.bits if b != 32)
+        self.bits = quantized if dev.int8_applies(seq_len) and quantized else shape.bits
         self.base = shape.base_bytes
         self.nbytes = {DROP: 0, **shape.shard_bytes}
         self.read = {b: dev.read_time(nb) for b, nb in shape.shard_bytes.items()}

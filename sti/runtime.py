@@ -18,7 +18,8 @@ it, or on every read for a cold engine (``VERIFY_MODES``). All three matter beca
 machine the worker takes CPU, and the GIL, from the compute: MiniLM's 2-8-bit and float32 shards
 streamed from the page cache, 32 tokens, ran 3-22% faster per request than with a new buffer and
 a checksum per read (measured here, alternating engines in one process; reuse alone 2-14%), and
-one read call per layer instead of per shard took 6-10% more off 2-8-bit requests.
+one read call per layer instead of per shard took 3-9% more off warm 3-8-bit requests and 5-21%
+off cold ones.
 
 Every weight byte the engine holds is accounted in ``Residency``: the unsharded tensors
 (position/type embeddings, LayerNorms, biases), the preload buffer, the read buffers (in flight

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from sti import lowbit
 from sti.errors import STIError
 from sti.models import bert
-from sti.runtime import INT8_PARTS, Schedule, StreamingEncoder, Throttle
+from sti.runtime import INT8_PARTS, Residency, Schedule, StreamingEncoder, Throttle
 from sti.store import Store
 from tiny_models import CFG
 
@@ -70,6 +71,27 @@ def test_resident_bytes_never_exceed_the_budget_and_results_do_not_change(tiny_b
             h, trace = eng.run(ids, mask)
             assert trace.resident_peak <= budget
             np.testing.assert_array_equal(h, free)
+
+
+def test_take_buffers_reserves_what_fits_in_order_and_waits_only_for_the_first():
+    res = Residency(1000)
+    stop = threading.Event()
+    got = res.take_buffers([300, 300, 300, 300], stop)  # room for three: the read takes those
+    assert [len(b) for b in got] == [300] * 3 and res.now == 900
+    res.give_buffers(got[:2])  # spare, still held
+    assert res.now == 900 and res.spare_bytes == 600
+    again = res.take_buffers([300, 300, 500], stop)  # two spares; 500 more do not fit beside them
+    assert [len(b) for b in again] == [300, 300] and res.now == 900
+    late = []
+    t = threading.Thread(target=lambda: late.append(res.take_buffers([400], stop)))
+    t.start()  # no room for the first: it waits for a hand-back, which frees spares of other sizes
+    time.sleep(0.05)
+    assert not late
+    res.give_buffers(again)
+    t.join(2)
+    assert [len(b) for b in late[0]] == [400] and res.now <= 1000 and res.peak <= 1000
+    stop.set()  # a waiting reader gives up when the request ends
+    assert res.take_buffers([900], stop) is None
 
 
 def test_read_buffers_are_reused_across_requests_and_stay_held(tiny_bert):
