@@ -1472,8 +1472,9 @@ def format_summary(summary: dict) -> str:
                      + f", + {d['int8_per_token_us']:.2f} us per token")
     else:
         lines.append("  int8 products: never faster here (or not built), quantized shards are dequantized")
-    beside = (f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte"
-              + (f" ({d['stream_compute_ns_per_byte_int8']:.2f} where int8 products read it)" if d["int8_max_tokens"] else "")
+    int8_part = (f" ({d['stream_compute_ns_per_byte_int8']:.2f} where int8 products read it)"
+                 if d["int8_max_tokens"] else "")
+    beside = (f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte{int8_part}"
               if summary["storage"] == WARM else f"reads {d['io_slowdown']:.2f}x slower beside the compute")
     lines.append(f"  streaming: {beside}; p95 / median latency {d['tail_ratio']:.2f} "
                  f"(a deadline T is planned as a median of T / {d['tail_ratio']:.2f})")

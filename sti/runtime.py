@@ -473,25 +473,26 @@ class StreamingEncoder:
                         bufs = self.res.take_buffers(sizes, stop)
                         if bufs is None:
                             return
-                        part = group[i:i + len(bufs)]
+                        batch = group[i:i + len(bufs)]
                         t0 = time.perf_counter()
+                        check = [self.verify_always or v not in self.verified for v in batch]
                         try:  # the checksums run here, beside the compute thread (the C checksums release the GIL)
-                            self.store.read_many(part, bufs, [self.verify_always or v not in self.verified for v in part])
+                            self.store.read_many(batch, bufs, check)
                         except BaseException:
                             self.res.give_buffers(bufs)
                             raise
-                        self.verified.update(part)
+                        self.verified.update(batch)
                         n = sum(sizes[:len(bufs)])
                         if self.throttle:  # one device request per shard
                             self.throttle.pace(t0, n, len(bufs))
                         t1 = time.perf_counter()
                         at = t0 - t_start  # the read's time shared out over its shards by their bytes
-                        for (layer, s, bits), nb in zip(part, sizes):
+                        for (layer, s, bits), nb in zip(batch, sizes):
                             until = at + (t1 - t0) * nb / n
                             trace.io.append((layer, s, bits, at, until, nb))
                             at = until
                         with cv:
-                            for (layer, s, _), b in zip(part, bufs):
+                            for (layer, s, _), b in zip(batch, bufs):
                                 arrived[(layer, s)] = b
                             cv.notify_all()
                         i += len(bufs)
