@@ -207,10 +207,14 @@ class Store:
 
     # ------------------------------------------------------------------ low-level reads
 
-    def _pread(self, name: str, nbytes: int, offset: int, out=None):
+    def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is None:
             raise STIError(f"store {self.path} is closed", "open it again with Store.open")
+        return fd
+
+    def _pread(self, name: str, nbytes: int, offset: int, out=None):
+        fd = self._fd(name)
         if out is None:
             buf = os.pread(fd, nbytes, offset)
             got = len(buf)
@@ -290,12 +294,7 @@ class Store:
         not once per shard. ``verify``: whether to check each one's checksum (one bool, or one
         per version)."""
         vs = [self._version(*r) for r in versions]
-        fds = []
-        for v in vs:
-            fd = self._fds.get(v.file)
-            if fd is None:
-                raise STIError(f"store {self.path} is closed", "open it again with Store.open")
-            fds.append(fd)
+        fds = [self._fd(v.file) for v in vs]
         short = _pread_many(fds, [v.offset for v in vs], [memoryview(b).cast("B")[:v.length] for b, v in zip(bufs, vs)])
         if short >= 0:
             v = vs[short]
@@ -451,9 +450,7 @@ class Store:
         rows = np.empty((len(uniq), H), dtype=np.float32)
         breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
         starts, ends = np.r_[0, breaks], np.r_[breaks, len(uniq)]
-        fd = self._fds.get(e.file)
-        if fd is None:
-            raise STIError(f"store {self.path} is closed", "open it again with Store.open")
+        fd = self._fd(e.file)
         # every run of consecutive ids in one call (a request's rows are ~30 reads of 1.5 KB)
         short = _pread_many([fd] * len(starts), [e.offset + int(uniq[a]) * e.row_bytes for a in starts],
                             [rows[a:b] for a, b in zip(starts, ends)])
