@@ -16,12 +16,15 @@
  * vectorise them; only the buffer protocol is used (no NumPy C API), and the GIL is released
  * while computing. */
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* preadv2 and RWF_NOWAIT */
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__unix__) || defined(__APPLE__)
 #include <errno.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #define STI_HAVE_MADVISE 1
 #endif
@@ -423,7 +426,61 @@ static PyObject *py_advise(PyObject *self, PyObject *args) {
  * of file descriptor fds[i] from offsets[i], one item after another with the GIL released (an IO
  * thread's reads of many shards cost the compute thread one GIL hand-over, not one per shard).
  * Returns -1 when every item was read in full, else the index of the first one the file ended
- * within (the items after it are not read); OSError on a read error. */
+ * within (the items after it are not read); OSError on a read error.
+ *
+ * Items not in the page cache are read with all of them queued at the device: each item is first
+ * tried without blocking (preadv2 RWF_NOWAIT, which reads only cached pages); at the first that is
+ * not cached in full, every item from it on is announced (posix_fadvise WILLNEED starts their reads
+ * at once), then read. One blocking read after another keeps one request in flight: a cold MiniLM
+ * layer's twelve 3-bit shards took 1.6 ms that way and 1.0 ms announced, and the request's 32
+ * word-embedding rows 1.5 and 0.45 ms. Cached items cost no announcement. */
+#if defined(STI_HAVE_MADVISE) && defined(POSIX_FADV_WILLNEED)
+static void announce(const int *fd, const long long *off, const Py_buffer *views, Py_ssize_t from, Py_ssize_t n) {
+    for (Py_ssize_t i = from; i < n; i++)
+        if (views[i].len) (void)posix_fadvise(fd[i], (off_t)off[i], (off_t)views[i].len, POSIX_FADV_WILLNEED);
+}
+#endif
+
+#ifdef STI_HAVE_MADVISE
+/* One item's bytes [p, p + left) from fd at `at`: 0 when read in full, -1 at the end of the file,
+ * else an errno. While *probing, try without blocking first; at the first byte that is not in the
+ * page cache, *probing is cleared and items i..n-1 are announced. */
+static int read_item(int fd, char *p, size_t left, off_t at, int *probing, const int *fds, const long long *off,
+                     const Py_buffer *views, Py_ssize_t i, Py_ssize_t n) {
+    while (left) {
+        ssize_t r;
+#if defined(RWF_NOWAIT) && defined(POSIX_FADV_WILLNEED)
+        if (*probing) {
+            struct iovec v = {p, left};
+            r = preadv2(fd, &v, 1, at, RWF_NOWAIT);
+            if (r > 0) {
+                p += r, left -= (size_t)r, at += r;
+                if (!left) break;
+            } else if (r < 0 && errno == EINTR) {
+                continue;
+            }
+            /* not cached (EAGAIN), partly cached, at the end of the file (0; the blocking read
+             * below tells), or no RWF_NOWAIT here: read the rest blocking, announced */
+            *probing = 0;
+            if (r < 0 && errno != EAGAIN) continue; /* unsupported: plain reads from here on */
+            announce(fds, off, views, i, n);
+            continue;
+        }
+#else
+        (void)probing, (void)fds, (void)off, (void)views, (void)i, (void)n;
+#endif
+        r = pread(fd, p, left, at);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (r == 0) return -1;
+        p += r, left -= (size_t)r, at += r;
+    }
+    return 0;
+}
+#endif
+
 static PyObject *py_pread_many(PyObject *self, PyObject *args) {
 #ifdef STI_HAVE_MADVISE
     PyObject *fo, *oo, *bo;
@@ -463,23 +520,13 @@ static PyObject *py_pread_many(PyObject *self, PyObject *args) {
         got = i + 1;
     }
     Py_BEGIN_ALLOW_THREADS
+    int probing = n > 1;
     for (Py_ssize_t i = 0; i < n && result < 0 && !err; i++) {
-        char *p = views[i].buf;
-        size_t left = (size_t)views[i].len;
-        off_t at = (off_t)off[i];
-        while (left) {
-            ssize_t r = pread(fd[i], p, left, at);
-            if (r < 0) {
-                if (errno == EINTR) continue;
-                err = errno;
-                break;
-            }
-            if (r == 0) {
-                result = i;
-                break;
-            }
-            p += r, left -= (size_t)r, at += r;
-        }
+        int rc = read_item(fd[i], views[i].buf, (size_t)views[i].len, (off_t)off[i], &probing, fd, off, views, i, n);
+        if (rc < 0)
+            result = i;
+        else if (rc > 0)
+            err = rc;
     }
     Py_END_ALLOW_THREADS
     if (err) {

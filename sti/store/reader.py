@@ -98,10 +98,27 @@ class EmbeddingTable:
 
 
 def _pread_many_py(fds, offsets, bufs) -> int:
-    """``sti._kernels.pread_many`` without the C kernels: the same reads, one os.preadv each."""
+    """``sti._kernels.pread_many`` without the C kernels: the same reads, one os.preadv each, and
+    the same announcement of the items from the first one not in the page cache on."""
+    nowait = getattr(os, "RWF_NOWAIT", None) if len(bufs) > 1 and hasattr(os, "posix_fadvise") else None
     for i, (fd, at, buf) in enumerate(zip(fds, offsets, bufs)):
         mv, done = memoryview(buf).cast("B"), 0
         while done < len(mv):
+            if nowait is not None:
+                try:
+                    got = os.preadv(fd, [mv[done:]], at + done, nowait)
+                except BlockingIOError:
+                    got = 0
+                except OSError:  # no RWF_NOWAIT here: plain reads
+                    nowait = None
+                    continue
+                done += got
+                if done < len(mv):  # not all cached (or the end of the file): announce the rest
+                    nowait = None
+                    for f, o, b in zip(fds[i:], offsets[i:], bufs[i:]):
+                        if nb := memoryview(b).nbytes:
+                            os.posix_fadvise(f, o, nb, os.POSIX_FADV_WILLNEED)
+                continue
             got = os.preadv(fd, [mv[done:]], at + done)
             if got == 0:
                 return i

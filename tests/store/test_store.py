@@ -166,6 +166,63 @@ def test_read_many_reads_versions_of_any_files_in_one_call(model, monkeypatch, c
         s.read_many([], [])
 
 
+@pytest.mark.parametrize("c_kernels", [True, False], ids=["C", "Python"])
+def test_read_many_reads_evicted_versions_and_partly_cached_ones(model, monkeypatch, c_kernels):
+    # not in the page cache, the reads are announced before they are made (one path where the
+    # filesystem honours the eviction, the cached one where it does not): the same bytes either way
+    from sti.store import reader
+
+    if not c_kernels:
+        monkeypatch.setattr(reader, "_pread_many", reader._pread_many_py)
+    _, w, path = model
+    with Store.open(path) as s:
+        versions = [(1, i, b) for b in (3, 8) for i in s.shard_indices(1)]
+        want = [s.read_shard_bytes(*v) for v in versions]
+        for prime in ([], versions[:3], versions[::2]):  # none, a prefix, every other one cached
+            s.evict()
+            bufs = [bytearray(s.shard_nbytes(*v)) for v in prime]
+            s.read_many(prime, bufs)
+            bufs = [bytearray(s.shard_nbytes(*v)) for v in versions]
+            s.read_many(versions, bufs, verify=True)
+            assert [bytes(b) for b in bufs] == want
+        rows = np.array([5, 17, 3, 30, 31, 32, 0])
+        s.evict()
+        np.testing.assert_array_equal(s.embedding_rows(rows), w["embed.word"][rows])
+
+
+def test_the_python_reads_announce_every_item_from_the_first_uncached_one(model, monkeypatch):
+    # the C kernels' logic, observable in the fallback: items are tried without blocking, and at
+    # the first one not (fully) cached it and every later one are announced (WILLNEED), once
+    from sti.store import reader
+
+    if not hasattr(os, "RWF_NOWAIT") or not hasattr(os, "posix_fadvise"):
+        pytest.skip("this platform has no non-blocking reads or read announcements")
+    _, _, path = model
+    real_preadv, calls = os.preadv, []
+
+    def preadv(fd, bufs, at, flags=0):
+        if flags and len(calls) == 0 and at == miss_at:
+            raise BlockingIOError  # as a read of pages not in the page cache
+        return real_preadv(fd, bufs, at, flags) if flags else real_preadv(fd, bufs, at)
+
+    with Store.open(path) as s:
+        versions = [(0, i, 4) for i in s.shard_indices(0)]
+        where = [s.shard_location(*v) for v in versions]
+        want = [s.read_shard_bytes(*v) for v in versions]
+    miss_at = where[2][1]
+    bufs = [bytearray(n) for _, _, n in where]
+    fds = [os.open(f, os.O_RDONLY) for f, _, _ in where]
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: calls.append((at, n, advice)))
+    try:
+        assert reader._pread_many_py(fds, [o for _, o, _ in where], bufs) == -1
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert calls == [(o, n, os.POSIX_FADV_WILLNEED) for _, o, n in where[2:]]
+    assert [bytes(b) for b in bufs] == want
+
+
 def test_a_damaged_or_cut_shard_in_a_read_many_is_named(store_copy):
     with Store.open(store_copy) as s:
         f, off, length = s.shard_location(1, 2, 4)
