@@ -46,7 +46,8 @@ Accumulated IO budget. With an unbounded buffer the latency is
 ``sum_k C_k + max(0, max_k (IO_k - sum_{j<k} C_j))`` (IO_k: cumulative read time of layers
 0..k). So latency <= T iff every prefix keeps a non-negative accumulated IO budget
 ``AIB(k) = AIB(k-1) + C_{k-1} - io_k``, ``AIB(-1) = T - sum_k C_k`` (``accumulated_io_budget``).
-A bounded buffer can only add waits, so AIB >= 0 is necessary; the simulator decides.
+A bounded buffer can only add waits, and the input's embedding rows (``embed_per_token``) delay
+the first layer, so AIB >= 0 is necessary; the simulator decides.
 
 Planners
 --------
@@ -234,12 +235,15 @@ class DeviceProfile:
     # int8 products read (on one thread, leaving the IO worker a core)
     stream_compute_per_byte: float = 0.0
     stream_compute_per_byte_int8: float = 0.0
+    # s per input token before the first layer can start: reading its word-embedding row (from
+    # the device when the store is cold: 32 rows took 0.6 ms there and 0.15 from the page cache)
+    embed_per_token: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
         self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
-                                            self.stream_compute_per_byte_int8) < 0 \
+                                            self.stream_compute_per_byte_int8, self.embed_per_token) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
         if not self.tail_ratio >= 1.0:
@@ -424,6 +428,7 @@ class _Ctx:
         self.shard_compute = {b: dev.int8_time(b, seq_len) if b != 32 and dev.int8_applies(seq_len)
                               else per_shard + dev.dequant_time(b, nb) for b, nb in shape.shard_bytes.items()}
         self.c0 = dev.c0
+        self.start = dev.embed_per_token * seq_len  # the input's embedding rows, before layer 0
         # what streaming a shard (not preloading it) adds to its layer's compute
         self.stream_compute = {b: nb * (dev.stream_compute_per_byte_int8 if b != 32 and dev.int8_applies(seq_len)
                                         else dev.stream_compute_per_byte) for b, nb in shape.shard_bytes.items()}
@@ -468,7 +473,7 @@ def _sim(ctx: _Ctx, bits, preload, M, order=None, record=False):
     st = [0.0] * L
     ready = [0.0] * L  # end of the last read of each layer
     done = 0
-    prev_end = 0.0
+    prev_end = ctx.start
     io_free = 0.0
     occ = 0
     peak_occ = 0
@@ -515,7 +520,7 @@ def _sim(ctx: _Ctx, bits, preload, M, order=None, record=False):
         done += 1
     details = None
     if record:
-        stall = sum(st[k] - (E[k - 1] if k else 0.0) for k in range(L))
+        stall = sum(st[k] - (E[k - 1] if k else ctx.start) for k in range(L))
         widths = [sum(1 for b in row if b) for row in bits]
         details = (rec, [(widths[k], st[k], E[k]) for k in range(L)], stall, io_wait, reasons)
     return True, E[L - 1], ctx.base + P + peak_occ, P, details
@@ -569,7 +574,7 @@ def simulate(plan, shape: ModelShape, dev: DeviceProfile, seq_len: int | None = 
     if not ok:
         return Timeline([], [], math.inf, math.inf, math.inf, peak, P, False, reason)
     return Timeline([IORead(*r) for r in rec],
-                    [LayerTiming(k, w, a, e, a - (lay[k - 1][2] if k else 0.0)) for k, (w, a, e) in enumerate(lay)],
+                    [LayerTiming(k, w, a, e, a - (lay[k - 1][2] if k else ctx.start)) for k, (w, a, e) in enumerate(lay)],
                     lat, stall, io_wait, peak, P)
 
 
@@ -860,7 +865,8 @@ def _heuristic(ctx, importance, T, M, min_width, bit_tries=3, preload_tries=6):
     ranked = _ranked_shards(ctx, importance)
     # (a) widest uniform width whose compute alone fits T (dequant at its cheapest bitwidth)
     cheapest = min(ctx.shard_compute.values())
-    W_max = max([W for W in range(min_width, ctx.S + 1) if ctx.L * (ctx.c0 + W * cheapest) <= T * (1 + REL_TOL)],
+    W_max = max([W for W in range(min_width, ctx.S + 1)
+                 if ctx.start + ctx.L * (ctx.c0 + W * cheapest) <= T * (1 + REL_TOL)],
                 default=min_width)
     # (b) the highest uniform bitwidth that meets T with some preload of the earliest shards
     starts = []  # (W, b, [(k, latency, bits, preload)])
@@ -958,7 +964,7 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
 
     maxb = max(ctx.nbytes.values())
     # scales: times in units of tau, bytes in units of beta
-    t_ub = L * S * max(ctx.read.values()) + L * (ctx.c0 + S * max(ctx.shard_compute[b] + ctx.stream_compute[b]
+    t_ub = ctx.start + L * S * max(ctx.read.values()) + L * (ctx.c0 + S * max(ctx.shard_compute[b] + ctx.stream_compute[b]
                                                                   for b in ctx.bits))
     tau = t_ub if mode == "latency" else T
     beta = float(max(1, L * S * maxb))
@@ -1014,7 +1020,7 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
 
     for k in range(L):  # layer k after layer k-1, and after its last read
         prev = [(E0 + k - 1, -1.0)] if k else []
-        row([(E0 + k, 1.0)] + prev + compute_terms(k), ctx.c0 / tau, np.inf)
+        row([(E0 + k, 1.0)] + prev + compute_terms(k), (ctx.c0 + (0.0 if k else ctx.start)) / tau, np.inf)
         row([(E0 + k, 1.0), (A(k, S - 1), -1.0)] + [(V(k, S - 1, b), -rd[b]) for b in range(nbits)]
             + compute_terms(k), ctx.c0 / tau, np.inf)
     ub_E = [1.0] * L

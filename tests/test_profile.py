@@ -154,6 +154,10 @@ def test_emulated_storage_profile(tiny_bert):
     # the emulated device's numbers, times the slowdown the runtime measured on its reads
     k = meta["runtime_calibration"]["io_slowdown"]
     assert k >= 1.0 and dev.io_bandwidth == pytest.approx(200e6 / k) and dev.io_latency == pytest.approx(0.5e-3 * k)
+    # beside it, the compute per streamed byte, fitted with it; each length's median as the model prices it
+    assert dev.stream_compute_per_byte >= 0 and dev.stream_compute_per_byte_int8 >= 0
+    assert all(r.get("streamed_predicted_ms", r.get("streamed_predicted_ms_int8", 0)) > 0
+               for r in meta["runtime_calibration"]["rows"])
     assert dev.label.startswith("emulated eMMC") and meta["storage"] == "emmc"
 
 
@@ -260,7 +264,8 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
               "layer_ms_full_width_128": 4.61, "compute_fit": {"median_rel_error": 0.13},
               "dequant_ns_per_byte": {"2": 2.9, "32": 0.31}, "int8_max_tokens": 64,
               "int8_shard_us": {"2": 22.6, "8": 52.5}, "int8_per_token_us": 2.6, "tail_ratio": 1.16,
-              "stream_compute_ns_per_byte": 0.23, "stream_compute_ns_per_byte_int8": 0.07, "io_slowdown": 1.0}
+              "stream_compute_ns_per_byte": 0.23, "stream_compute_ns_per_byte_int8": 0.07, "io_slowdown": 1.0,
+              "embed_us_per_token": 4.7}
     summary = {"profile": "STORE/profile-warm.json", "task": "bbc-news", "storage": "warm",
                "seconds": {"total": 13.0, "importance": 0.0, "device": 13.0},
                "calibration": {"head": "bbc-news", "n_texts": 48, "seq_len": 64}, "full_accuracy": 0.9375,
@@ -271,9 +276,10 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
     text = prof.format_summary(summary)
     for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
                  "8-bit 52.5", "0.23 ns of compute per streamed byte (0.07 where int8 products read it)", "T / 1.16", "accuracy there 0.938",
-                 "layer 1 shard 10 (0.059)", "Spearman 0.95"):
+                 "layer 1 shard 10 (0.059)", "Spearman 0.95", "rows 4.7 us per token"):
         assert part in text, part
     cold = prof.format_summary({**summary, "storage": None, "full_accuracy": None, "additivity": None,
                                 "device": {**device, "int8_max_tokens": 0, "io_slowdown": 1.68}})
-    assert "reads 1.68x slower beside the compute" in cold and "never faster here" in cold
+    assert "reads 1.68x slower beside the compute, 0.23 ns of compute per streamed byte" in cold
+    assert "never faster here" in cold
     assert "storage real (cold reads)" in cold and "accuracy there" not in cold
