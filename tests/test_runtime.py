@@ -218,6 +218,31 @@ def test_concurrent_requests_are_serialised_and_correct(tiny_bert):
         np.testing.assert_array_equal(h, ref)
 
 
+def test_an_engine_keeps_one_io_thread_across_requests_and_ends_it_when_collected(tiny_bert):
+    import gc
+
+    def io_threads():
+        return [t for t in threading.enumerate() if t.name == "sti-io"]
+
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    before = set(io_threads())  # other engines' (of other tests) may still be alive
+    with Store.open(path) as st:
+        eng = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=2))
+        ref, _ = eng.run(ids, mask)
+        (thread,) = set(io_threads()) - before
+        for _ in range(3):  # the same thread serves every request, and a failed one
+            np.testing.assert_array_equal(eng.run(ids, mask)[0], ref)
+        with pytest.raises(STIError, match="out of range"):
+            eng.run(ids + CFG.vocab_size, mask)
+        np.testing.assert_array_equal(eng.run(ids, mask)[0], ref)
+        assert thread.is_alive() and set(io_threads()) - before == {thread}
+        del eng
+        gc.collect()
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+
+
 def test_throttle_follows_the_device_clock(monkeypatch):
     """Back-to-back reads complete on the emulated device's clock: a reader woken late does not
     slow the device down, an idle device starts afresh, and every read takes at least its own
