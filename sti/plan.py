@@ -13,9 +13,10 @@ Inputs
 ``DeviceProfile``  IO: one read of ``nbytes`` costs ``io_latency + nbytes / io_bandwidth``.
                    Compute: layer at width w (active shards) and sequence length n costs
                    ``c0 + c1*w*n + c2*w*n*n``, plus ``dequant_per_byte[b] * bytes`` per shard.
-                   These predict the *median* request; ``tail_ratio`` (its 95th percentile /
-                   median, measured) turns a deadline T into the median bound T / tail_ratio
-                   every planner works with, so that 95% of requests meet T.
+                   These predict the *median* request; ``tail_ratio`` (the 95th percentile of
+                   requests' latency over it, measured, the model's own error included) turns a
+                   deadline T into the median bound T / tail_ratio every planner works with,
+                   so that 95% of requests meet T.
 
 The pipeline model (the runtime implements exactly this)
 ---------------------------------------------------------
@@ -219,8 +220,8 @@ class DeviceProfile:
     c2: float = 0.0  # s per shard per token^2
     dequant_per_byte: dict[int, float] = field(default_factory=dict)  # bits -> s per stored byte
     label: str = "real storage"
-    # 95th-percentile / median request latency on this device: the times above predict the
-    # median request, and a plan meets its deadline when ``predicted * tail_ratio <= T``
+    # 95th-percentile request latency over the predicted median on this device (the times above
+    # predict the median request): a plan meets its deadline when ``predicted * tail_ratio <= T``
     tail_ratio: float = 1.0
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
     # them on quantized shards, which then cost ``int8_shard[bits] + int8_per_token * n + c2 * n^2``

@@ -20,8 +20,9 @@ planner (``sti.plan``) and stores them beside the shard store:
   predicts the median request), the seconds per stored byte to check + dequantize a shard at
   each bitwidth (``Store.decode_shard``, called as the runtime calls it), and from the real
   runtime a per-shard overhead, the slowdown of reads while compute shares the cores, and the
-  ``tail_ratio`` (95th percentile / median request latency) with which the planner turns a
-  deadline into a median bound. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO
+  ``tail_ratio`` with which the planner turns a deadline into a median bound: the 95th
+  percentile of requests' latency over the median, among other engines' requests, or over the
+  prediction on plan-like configurations the model was not fitted on, whichever is larger. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO
   by an emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
 
 How the importance is computed fast
@@ -1214,6 +1215,79 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                  "stream_compute_per_byte_int8": out.stream_compute_per_byte_int8}
 
 
+def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None, cold: bool = False,
+              repeats: int = 12) -> dict:
+    """The profiled model against the runtime on plan-like configurations it was not fitted on,
+    and the deadline margin that follows. At each length, three plans (of the bitwidths plans
+    offer there): (1) random bitwidths, ~15% of shards dropped, a third preloaded, an unbounded
+    buffer; (2) one random bitwidth, every shard streamed through a buffer of 1.5 layers; (3)
+    random bitwidths, ~15% dropped, streamed through 2.5 layers. Each runs ``repeats`` requests,
+    the plans in turns (so they share the machine's moments), in the stream order the model
+    assumes. ``tail_ratio``: the 95th percentile of every request's latency over its plan's
+    predicted latency, pooled: a deadline T planned as a median of T / tail_ratio is met by 95%
+    of such requests, the model's own error included (the spread of one plan's requests alone,
+    p95 / median, leaves that error out: 200 MB/s emulated, 1.03 with plans 1-6% over)."""
+    from sti.plan import simulate
+    from sti.runtime import Schedule, StreamingEncoder
+
+    L = store.num_layers
+    idx = [store.shard_indices(layer) for layer in range(L)]
+    S = len(idx[0])
+    plans, ratios = [], []
+    for n in seq_lens:
+        shape = model_shape(store, chunk_shards=chunk_shards, input_tokens=n)
+        offered = [b for b in shape.bits if b != FP32] if dev.int8_applies(n) else list(shape.bits)
+        layer_max = S * max(shape.shard_bytes[b] for b in offered)
+
+        def random_bits(p_drop):
+            out = [[int(rng.choice(offered)) if rng.random() >= p_drop else 0 for _ in range(S)] for _ in range(L)]
+            for row in out:  # every layer keeps a shard
+                if not any(row):
+                    row[int(rng.integers(S))] = int(rng.choice(offered))
+            return out
+
+        one = int(rng.choice(offered))
+        configs = []
+        bits = random_bits(0.15)
+        pre = [(layer, s) for layer in range(L) for s in range(S) if bits[layer][s] and rng.random() < 1 / 3]
+        configs.append(("random, a third preloaded", bits, pre, None))
+        configs.append((f"{one}-bit, 1.5 layers of buffer", [[one] * S for _ in range(L)], [],
+                        shape.base_bytes + int(1.5 * layer_max)))
+        configs.append(("random, 2.5 layers of buffer", random_bits(0.15), [], shape.base_bytes + int(2.5 * layer_max)))
+        engines = []
+        for name, bits, pre, M in configs:
+            tl = simulate(bits, shape, dev, n, preload=pre, memory_budget=M)
+            if not tl.feasible:
+                continue
+            layers = [{idx[layer][s]: b for s, b in enumerate(row) if b} for layer, row in enumerate(bits)]
+            sched = Schedule(layers, preload={(layer, idx[layer][s]) for layer, s in pre}, memory_budget=M or 0,
+                             chunk_shards=chunk_shards, int8_max_tokens=dev.int8_max_tokens,
+                             order=[(r.layer, idx[r.layer][r.shard], r.bits) for r in tl.reads])
+            try:
+                eng = StreamingEncoder(store, sched, cold=cold, throttle=throttle)
+            except STIError:  # the runtime's accounting wants more than the model's: not a plan
+                continue
+            engines.append((name, eng, tl.latency, []))
+        ids = rng.integers(0, store.config.vocab_size, (1, n))
+        mask = np.ones_like(ids)
+        for _, eng, _, _ in engines:
+            eng.run(ids, mask)  # warm-up
+        for _ in range(repeats):
+            for _, eng, _, got in engines:
+                got.append(eng.run(ids, mask)[1].latency)
+        for name, _, pred, got in engines:
+            ratios += [t / pred for t in got]
+            plans.append({"seq_len": int(n), "plan": name, "predicted_ms": round(pred * 1e3, 3),
+                          "median_ms": round(float(np.median(got)) * 1e3, 3),
+                          "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
+                          "error": round(float(np.median(got)) / pred - 1, 4)})
+    errors = [q["error"] for q in plans]
+    return {"plans": plans, "repeats": repeats,
+            "tail_ratio": max(1.0, round(float(np.percentile(ratios, 95)), 4)) if ratios else 1.0,
+            "median_abs_error": round(float(np.median(np.abs(errors))), 4) if errors else None,
+            "error_range": [min(errors), max(errors)] if errors else None}
+
+
 def _int8_max(rows: list[dict]) -> int:
     """The longest calibration length (rows sorted by length) up to which the preloaded engine
     with int8 products (``int8_alternating_ms``) was faster than without (``int8_dequant_ms``,
@@ -1335,10 +1409,16 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
     dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm,
                                     embed_warm=emb["warm_per_token"])
+    _say(progress, "validating the model on plan-like configurations ...")
+    val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=not warm and throttle is None)
+    # the deadline margin: the larger of the spread among other requests (calibration) and the
+    # validation's, which adds the model's own error on plans it was not fitted on
+    dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": max(dev.tail_ratio, val["tail_ratio"])})
     if calib["io_slowdown"] > 1.0:
         dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
                       f"computes beside them (measured on the streaming runtime)")
     meta = {"io_measured": io, "compute": comp, "dequant": deq, "embedding_rows": emb, "runtime_calibration": calib,
+            "validation": val,
             "storage": storage_key(storage),
             "seconds": {"io": round(t_io, 3), "compute": round(t_comp, 3), "dequant": round(t_deq, 3),
                         "total": round(time.perf_counter() - t0, 3)},
@@ -1532,8 +1612,14 @@ def format_summary(summary: dict) -> str:
     beside = f"{d['stream_compute_ns_per_byte']:.2f} ns of compute per streamed byte{int8_part}"
     if summary["storage"] != WARM:
         beside = f"reads {d['io_slowdown']:.2f}x slower beside the compute, {beside}"
-    lines.append(f"  streaming: {beside}; p95 / median latency {d['tail_ratio']:.2f} "
-                 f"(a deadline T is planned as a median of T / {d['tail_ratio']:.2f})")
+    lines.append(f"  streaming: {beside}")
+    v = d.get("validation") or {}
+    if v.get("plans"):
+        lo, hi = v["error_range"]
+        lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted {lo:+.0%}..{hi:+.0%} "
+                     f"(median |error| {v['median_abs_error']:.0%}); p95 latency / predicted {v['tail_ratio']:.2f}")
+    lines.append(f"  deadlines: a deadline T is planned as a median of T / {d['tail_ratio']:.2f} (the larger of the "
+                 "validation's p95 / predicted and the p95 / median of requests among other engines' requests)")
     if d.get("embed_us_per_token"):
         lines.append(f"  input: its word-embedding rows {d['embed_us_per_token']:.1f} us per token before the first layer")
     lines += ["",
@@ -1626,7 +1712,9 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
                    "embed_us_per_token": dev.embed_per_token * 1e6,
-                   "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"]},
+                   "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"],
+                   "validation": {k: v for k, v in (dev_meta.get("validation") or {}).items() if k != "plans"}
+                   | {"plans": len((dev_meta.get("validation") or {}).get("plans", []))}},
         "calibration": calib,
         "full_accuracy": imp_info.get("full_accuracy"),
         "importance": _summary_importance(imp, list(versions)),
