@@ -221,8 +221,11 @@ class DeviceProfile:
     dequant_per_byte: dict[int, float] = field(default_factory=dict)  # bits -> s per stored byte
     label: str = "real storage"
     # 95th-percentile request latency over the predicted median on this device (the times above
-    # predict the median request): a plan meets its deadline when ``predicted * tail_ratio <= T``
+    # predict the median request): a plan meets its deadline when ``predicted * tail_ratio <= T``;
+    # per request length where measured (tokens -> ratio; see ``margin``), as the model's error
+    # differs by length (MiniLM, warm: +11..21% at 16 tokens where it was -3..+0% at 32)
     tail_ratio: float = 1.0
+    tail_by_tokens: dict[int, float] = field(default_factory=dict)
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
     # them on quantized shards, which then cost ``int8_shard[bits] + int8_per_token * n + c2 * n^2``
     # each (no dequantization: the products read the codes, and unpacking them costs more at
@@ -243,12 +246,24 @@ class DeviceProfile:
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
         self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
+        self.tail_by_tokens = {int(n): float(v) for n, v in sorted(_int_keys(self.tail_by_tokens).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
                                             self.stream_compute_per_byte_int8, self.embed_per_token) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
-        if not self.tail_ratio >= 1.0:
-            raise STIError(f"a device profile's tail_ratio (p95 / median latency) must be >= 1, got {self.tail_ratio}")
+        if not self.tail_ratio >= 1.0 or not all(v >= 1.0 for v in self.tail_by_tokens.values()):
+            raise STIError(f"a device profile's tail_ratio (p95 / median latency) must be >= 1, got {self.tail_ratio}"
+                           + (f" and {self.tail_by_tokens} by length" if self.tail_by_tokens else ""))
+
+    def margin(self, seq_len: int) -> float:
+        """The deadline margin at ``seq_len`` tokens: a plan's predicted median may be T / margin.
+        Measured lengths' own; between two, the larger of theirs; beyond them, the nearest's;
+        ``tail_ratio`` where none was measured."""
+        if not self.tail_by_tokens:
+            return self.tail_ratio
+        ks = sorted(self.tail_by_tokens)
+        near = [k for k in ks if k <= seq_len][-1:] + [k for k in ks if k >= seq_len][:1]
+        return max(self.tail_by_tokens[k] for k in near)
 
     def int8_applies(self, seq_len: int) -> bool:
         return 0 < seq_len <= self.int8_max_tokens
@@ -655,9 +670,9 @@ def _min_memory_for(ctx: _Ctx, bits, preload, T) -> int | None:
     return hi
 
 
-def _deadline(device: DeviceProfile, T: float) -> float:
+def _deadline(device: DeviceProfile, T: float, seq_len: int) -> float:
     """The median latency a plan may have so that 95% of requests meet the deadline T."""
-    return T / device.tail_ratio
+    return T / device.margin(seq_len)
 
 
 def _make_plan(ctx, imp, bits, preload, T, M, method, solver, deadline: float) -> Plan:
@@ -668,7 +683,7 @@ def _make_plan(ctx, imp, bits, preload, T, M, method, solver, deadline: float) -
         raise RuntimeError(f"{method} planner produced a plan its simulator rejects: {tl.latency} s, "
                            f"{tl.peak_resident_bytes} B for T = {T} s, M = {M} B")
     layers = [LayerPlan([s for s, b in enumerate(row) if b], [b for b in row if b]) for row in bits]
-    solver = {**solver, "tail_ratio": ctx.dev.tail_ratio, "median_latency_bound": float(T)}
+    solver = {**solver, "tail_ratio": ctx.dev.margin(ctx.n), "median_latency_bound": float(T)}
     return Plan(target_latency=float(deadline), memory_budget=int(M), seq_len=ctx.n, method=method,
                 shards_per_layer=ctx.S, layers=layers, preload=sorted(preload), stream_order=order,
                 timeline=tl, predicted_latency=tl.latency, predicted_loss=_loss(imp, bits),
@@ -684,7 +699,7 @@ def _abs_min_memory(ctx, min_width) -> int:
 def _infeasible(ctx, T, M, method, min_width, minima) -> InfeasiblePlanError:
     """Build the error; ``minima(T, M)`` -> (min_latency at M, min_memory at T) for ``method``.
     T is the median-latency bound; the error speaks of deadlines (x ``tail_ratio``)."""
-    tail = ctx.dev.tail_ratio
+    tail = ctx.dev.margin(ctx.n)
     abs_mem = _abs_min_memory(ctx, min_width)
     abs_lat, _ = minima(None, None, want_memory=False)
     lat_m = None if M < abs_mem else minima(None, M, want_memory=False)[0]
@@ -850,7 +865,7 @@ def plan_heuristic(shape: ModelShape, importance: Importance, device: DeviceProf
     """
     T, M = target_latency, memory_budget
     _check(shape, importance, device, T, M, seq_len, min_width)
-    M, T = int(M), _deadline(device, T)
+    M, T = int(M), _deadline(device, T, seq_len)
     t0 = time.perf_counter()
     ctx = _Ctx(shape, device, seq_len)
     r = _heuristic(ctx, importance, T, M, min_width, bit_tries, preload_tries)
@@ -1219,7 +1234,7 @@ def plan_exact(shape: ModelShape, importance: Importance, device: DeviceProfile,
     """
     T, M = target_latency, memory_budget
     _check(shape, importance, device, T, M, seq_len, min_width)
-    M, T = int(M), _deadline(device, T)
+    M, T = int(M), _deadline(device, T, seq_len)
     try:
         import scipy.optimize  # noqa: F401
     except ImportError as e:  # pragma: no cover - scipy is a test dependency
@@ -1278,7 +1293,7 @@ def min_latency(shape: ModelShape, device: DeviceProfile, seq_len: int, memory_b
         return None
     m = _heuristic_minima(ctx, min_width) if method == "heuristic" else _exact_minima(ctx, min_width, time_limit)
     t = m(None, None if memory_budget is None else int(memory_budget), want_memory=False)[0]
-    return None if t is None else t * device.tail_ratio
+    return None if t is None else t * device.margin(seq_len)
 
 
 def min_memory(shape: ModelShape, device: DeviceProfile, seq_len: int, target_latency: float | None = None, *,
@@ -1290,4 +1305,4 @@ def min_memory(shape: ModelShape, device: DeviceProfile, seq_len: int, target_la
     if target_latency is None:
         return _abs_min_memory(ctx, min_width)
     m = _heuristic_minima(ctx, min_width) if method == "heuristic" else _exact_minima(ctx, min_width, time_limit)
-    return m(_deadline(device, target_latency), None, want_latency=False)[1]
+    return m(_deadline(device, target_latency, seq_len), None, want_latency=False)[1]

@@ -1235,7 +1235,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     L = store.num_layers
     idx = [store.shard_indices(layer) for layer in range(L)]
     S = len(idx[0])
-    plans, ratios = [], []
+    plans, ratios, by_len = [], [], {}
     for n in seq_lens:
         shape = model_shape(store, chunk_shards=chunk_shards, input_tokens=n)
         offered = [b for b in shape.bits if b != FP32] if dev.int8_applies(n) else list(shape.bits)
@@ -1277,6 +1277,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             got += [eng.run(ids, mask)[1].latency for _ in range(repeats)]
         for name, _, pred, got in engines:
             ratios += [t / pred for t in got]
+            by_len.setdefault(int(n), []).extend(t / pred for t in got)
             plans.append({"seq_len": int(n), "plan": name, "predicted_ms": round(pred * 1e3, 3),
                           "median_ms": round(float(np.median(got)) * 1e3, 3),
                           "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
@@ -1284,6 +1285,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     errors = [q["error"] for q in plans]
     return {"plans": plans, "repeats": repeats,
             "tail_ratio": max(1.0, round(float(np.percentile(ratios, 95)), 4)) if ratios else 1.0,
+            "tail_by_tokens": {n: max(1.0, round(float(np.percentile(r, 95)), 4)) for n, r in by_len.items()},
             "median_abs_error": round(float(np.median(np.abs(errors))), 4) if errors else None,
             "error_range": [min(errors), max(errors)] if errors else None}
 
@@ -1411,9 +1413,12 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
                                     embed_warm=emb["warm_per_token"])
     _say(progress, "validating the model on plan-like configurations ...")
     val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=not warm and throttle is None)
-    # the deadline margin: the larger of the spread among other requests (calibration) and the
-    # validation's, which adds the model's own error on plans it was not fitted on
-    dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": max(dev.tail_ratio, val["tail_ratio"])})
+    # the deadline margin, per measured length: the larger of the spread among other requests
+    # (calibration, all lengths pooled) and the validation's at that length, which adds the
+    # model's own error on plans it was not fitted on
+    by_len = {n: max(dev.tail_ratio, v) for n, v in val["tail_by_tokens"].items()}
+    dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": max([dev.tail_ratio, *by_len.values()]),
+                           "tail_by_tokens": by_len})
     if calib["io_slowdown"] > 1.0:
         dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
                       f"computes beside them (measured on the streaming runtime)")
@@ -1618,8 +1623,11 @@ def format_summary(summary: dict) -> str:
         lo, hi = v["error_range"]
         lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted {lo:+.0%}..{hi:+.0%} "
                      f"(median |error| {v['median_abs_error']:.0%}); p95 latency / predicted {v['tail_ratio']:.2f}")
-    lines.append(f"  deadlines: a deadline T is planned as a median of T / {d['tail_ratio']:.2f} (the larger of the "
-                 "validation's p95 / predicted and the p95 / median of requests among other engines' requests)")
+    by = d.get("tail_by_tokens") or {}
+    margins = (", ".join(f"{v:.2f} at {n}" for n, v in sorted(by.items(), key=lambda kv: int(kv[0])))
+               + " tokens" if by else f"{d['tail_ratio']:.2f}")
+    lines.append(f"  deadlines: a deadline T is planned as a median of T / {margins} (the larger of the "
+                 "validation's p95 / predicted there and the p95 / median of requests among other engines' requests)")
     if d.get("embed_us_per_token"):
         lines.append(f"  input: its word-embedding rows {d['embed_us_per_token']:.1f} us per token before the first layer")
     lines += ["",
@@ -1708,7 +1716,7 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "int8_max_tokens": dev.int8_max_tokens,
                    "int8_shard_us": {str(b): v * 1e6 for b, v in dev.int8_shard.items()},
                    "int8_per_token_us": dev.int8_per_token * 1e6,
-                   "tail_ratio": dev.tail_ratio,
+                   "tail_ratio": dev.tail_ratio, "tail_by_tokens": dev.tail_by_tokens,
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
                    "embed_us_per_token": dev.embed_per_token * 1e6,

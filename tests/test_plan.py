@@ -140,6 +140,21 @@ def test_the_inputs_embedding_rows_delay_the_first_layer_not_the_reads():
     assert [(t.start, t.end) for t in slow.layers] == [(2, 4), (4, 6)]  # the read, not the rows, is last
 
 
+def test_deadlines_are_planned_with_the_margin_measured_at_the_requests_length():
+    shape, imp, dev, _, _, _ = instance(3)
+    by_len = DeviceProfile(**{**asdict(dev), "tail_ratio": 1.5, "tail_by_tokens": {"16": 1.5, "64": 1.1}})
+    assert by_len.tail_by_tokens == {16: 1.5, 64: 1.1}  # as read back from JSON
+    assert [by_len.margin(n) for n in (8, 16, 32, 64, 128)] == [1.5, 1.5, 1.5, 1.1, 1.1]
+    M = shape.base_bytes + shape.num_layers * shape.shards_per_layer * shape.shard_bytes[32]
+    for n, k in ((16, 1.5), (64, 1.1)):
+        T = 1.2 * min_latency(shape, by_len, n)  # a deadline (x the margin at n)
+        p = plan(shape, imp, by_len, T, M, n, method="heuristic")
+        assert p.solver["tail_ratio"] == k and p.solver["median_latency_bound"] == pytest.approx(T / k)
+        assert p.predicted_latency * k <= T * (1 + 1e-9)
+    with pytest.raises(STIError, match="must be >= 1"):
+        DeviceProfile(io_bandwidth=1.0, tail_by_tokens={32: 0.9})
+
+
 def test_aib_matches_unbounded_latency():
     shape, dev, bits = tiny()
     assert accumulated_io_budget(bits, shape, dev, 6.0, 1) == [0.0, 0.0]

@@ -135,7 +135,13 @@ def test_device_profile_fit(tiny_bert):
     calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
     val = meta["validation"]  # and plan-like configurations' latency over their predictions
     assert val["plans"] and all(q["predicted_ms"] > 0 and q["median_ms"] > 0 for q in val["plans"])
-    assert dev.tail_ratio == max(calib["tail_ratio"], val["tail_ratio"]) >= 1.0
+    # the deadline margin per measured length: the calibration's spread or the validation's there
+    assert set(dev.tail_by_tokens) == set(val["tail_by_tokens"]) == {4, 8, 16}
+    for n, v in dev.tail_by_tokens.items():
+        assert v == max(calib["tail_ratio"], val["tail_by_tokens"][n]) >= 1.0 and dev.margin(n) == v
+    assert dev.tail_ratio == max(dev.tail_by_tokens.values())
+    assert dev.margin(12) == max(dev.tail_by_tokens[8], dev.tail_by_tokens[16])
+    assert dev.margin(2) == dev.tail_by_tokens[4] and dev.margin(99) == dev.tail_by_tokens[16]
     assert all(r["streamed_p95_ms"] >= r["streamed_median_ms"] > 0 for r in calib["rows"])
     from sti import lowbit
 
