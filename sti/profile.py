@@ -20,10 +20,11 @@ planner (``sti.plan``) and stores them beside the shard store:
   predicts the median request), the seconds per stored byte to check + dequantize a shard at
   each bitwidth (``Store.decode_shard``, called as the runtime calls it), and from the real
   runtime a per-shard overhead, the slowdown of reads while compute shares the cores, and the
-  ``tail_ratio`` with which the planner turns a deadline into a median bound: the 95th
-  percentile of requests' latency over the median, among other engines' requests, or over the
-  prediction on plan-like configurations the model was not fitted on, whichever is larger. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO
-  by an emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
+  deadline margin with which the planner turns a deadline into a median bound, per request
+  length: the 95th percentile of requests' latency over the median, among other engines'
+  requests, or over the prediction on plan-like configurations the model was not fitted on,
+  whichever is larger. ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO by an
+  emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
 
 How the importance is computed fast
 -----------------------------------
@@ -94,8 +95,10 @@ from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
 # 10: cold and emulated reads fitted with compute per streamed byte beside the read factor, on
-# reads announced to the device a batch at once; 9: warm streaming priced per byte apart for int8 and dequantized shards; 8: as 7, the
-# runtime and the IO sequences reading a layer's shards by one call, int8 timed back to back;
+# reads announced to the device a batch at once; the embedding rows timed; deadline margins per
+# length, validated on plan-like configurations; 9: warm streaming priced per byte apart for int8
+# and dequantized shards; 8: as 7, the runtime and the IO sequences reading a layer's shards by
+# one call, int8 timed back to back;
 # 7: as 6, measured on a runtime whose int8 products take a layer's quantized shards in one
 # call per part (13-15% faster than 6's chunks of four); 6: int8 products cost
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
@@ -1044,8 +1047,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       requests run between the dequantizing engines' requests, whose BLAS threads and reads
       disturb them as other work on a server does: back to back, on a quiet moment of a shared
       VM, the ratio came out 1.04, and plans aimed at T / 1.04 missed T in 33-100% of the
-      benchmark's requests minutes later (MiniLM, 32 tokens). A deadline T is planned as a
-      median bound T / tail_ratio;
+      benchmark's requests minutes later (MiniLM, 32 tokens). It is one half of the deadline
+      margin (the other: :func:`_validate`);
     * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
       products, in rounds alternating with the one without and nothing else between them (a cold
       streamed request in between slowed the int8 engine's next request by a third, and would
