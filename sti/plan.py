@@ -980,8 +980,8 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
 
     maxb = max(ctx.nbytes.values())
     # scales: times in units of tau, bytes in units of beta
-    t_ub = ctx.start + L * S * max(ctx.read.values()) + L * (ctx.c0 + S * max(ctx.shard_compute[b] + ctx.stream_compute[b]
-                                                                  for b in ctx.bits))
+    widest = max(ctx.shard_compute[b] + ctx.stream_compute[b] for b in ctx.bits)
+    t_ub = ctx.start + L * S * max(ctx.read.values()) + L * (ctx.c0 + S * widest)
     tau = t_ub if mode == "latency" else T
     beta = float(max(1, L * S * maxb))
     bounded = mode == "memory" or M is not None
