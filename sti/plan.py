@@ -227,12 +227,15 @@ class DeviceProfile:
     tail_ratio: float = 1.0
     tail_by_tokens: dict[int, float] = field(default_factory=dict)
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
-    # them on quantized shards, which then cost ``int8_shard[bits] + int8_per_token * n + c2 * n^2``
-    # each (no dequantization: the products read the codes, and unpacking them costs more at
-    # some bitwidths than at others); 0 tokens: not measured or never faster
+    # them on quantized shards, which then cost ``int8_shard[bits] + (int8_per_token +
+    # int8_per_token_bits[bits]) * n + c2 * n^2`` each (no dequantization: the products read the
+    # codes, and they cost more at some bitwidths than at others, the more so the longer the
+    # input: MiniLM, every shard preloaded, 8-bit over 4-bit +1.7 ms at 32 tokens and +4.4 ms at
+    # 128); 0 tokens: not measured or never faster
     int8_max_tokens: int = 0
     int8_per_token: float = 0.0  # s per shard per token
     int8_shard: dict[int, float] = field(default_factory=dict)  # bits -> s per shard
+    int8_per_token_bits: dict[int, float] = field(default_factory=dict)  # bits -> s per shard per token, extra
     # compute time per streamed byte: where reads come from the page cache, the IO worker's
     # copying and checksumming slows the compute beside it (measured on the streaming runtime);
     # of a shard whose products run on dequantized weights (BLAS on every core), and of one that
@@ -246,6 +249,7 @@ class DeviceProfile:
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
         self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
+        self.int8_per_token_bits = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_per_token_bits).items())}
         self.tail_by_tokens = {int(n): float(v) for n, v in sorted(_int_keys(self.tail_by_tokens).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
                                             self.stream_compute_per_byte_int8, self.embed_per_token) < 0 \
@@ -272,7 +276,8 @@ class DeviceProfile:
         """Seconds one quantized shard at ``bits`` adds to its layer where int8 products run (a
         bitwidth not measured costs as the dearest one measured)."""
         const = self.int8_shard.get(bits, max(self.int8_shard.values(), default=0.0))
-        return max(0.0, const + self.int8_per_token * seq_len + self.c2 * seq_len * seq_len)
+        extra = self.int8_per_token_bits.get(bits, max(self.int8_per_token_bits.values(), default=0.0))
+        return max(0.0, const + (self.int8_per_token + extra) * seq_len + self.c2 * seq_len * seq_len)
 
     def compute_time(self, width: int, seq_len: int) -> float:
         """Seconds of one layer's math at ``width`` active shards, ``seq_len`` tokens (no dequant)."""

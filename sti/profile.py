@@ -94,7 +94,8 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-# 10: cold and emulated reads fitted with compute per streamed byte beside the read factor, on
+# 11: each bitwidth's int8 products priced per token too (timed at two lengths); 10: cold and
+# emulated reads fitted with compute per streamed byte beside the read factor, on
 # reads announced to the device a batch at once; the embedding rows timed; deadline margins per
 # length, validated on plan-like configurations; 9: warm streaming priced per byte apart for int8
 # and dequantized shards; 8: as 7, the runtime and the IO sequences reading a layer's shards by
@@ -104,7 +105,7 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 10
+PROFILE_VERSION = 11
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -1059,9 +1060,10 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       threads, left spinning on the other core, slowed the next int8 request by ~10%).
       Their own cost per shard is fitted on ``int8_ms`` as ``const + int8_per_token * n``
       (beside the layer constant ``c0`` and attention's ``c2 * n^2``); each other bitwidth's
-      constant is the 4-bit one plus the difference its preloaded int8 engine makes, timed in
-      alternating rounds with the 4-bit one at one length (``int8_bits``): unpacking 8-bit codes
-      costs more than 4-bit ones (MiniLM, 32 tokens, every shard: 9.5 vs 7.8 ms measured here).
+      constant and per-token cost are the 4-bit ones plus the difference its preloaded int8
+      engine makes, timed in alternating rounds with the 4-bit one at two lengths
+      (``int8_bits``): 8-bit codes cost more than 4-bit ones, the more so the longer the input
+      (MiniLM, every shard: +1.7 ms at 32 tokens, +4.4 ms at 128).
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -1140,10 +1142,19 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     # int8 products: where they win, and their own cost (against the layer model just corrected)
     int8_max = _int8_max(rows)
     int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2, embed_warm) if int8_max else (0.0, 0.0)
-    int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng) if int8_max else {}
-    int8_shard = {b: int8_const + d / (L * w) for b, d in {bits: 0.0, **int8_bits}.items()} if int8_max else {}
+    int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng, int8_max) if int8_max else {}
+    # each bitwidth's difference from ``bits``, d(n) = a + s n through the lengths measured, per shard
+    int8_shard, int8_bits_token = {}, {}
+    for b, by_n in {bits: {}, **int8_bits}.items():
+        pts = sorted(by_n.items()) or [(0, 0.0)]
+        (n1, d1), (n2, d2) = pts[0], pts[-1]
+        slope = (d2 - d1) / (n2 - n1) if n2 != n1 else 0.0
+        int8_shard[b] = int8_const + (d1 - slope * n1) / (L * w)
+        int8_bits_token[b] = slope / (L * w)
+    if not int8_max:
+        int8_shard, int8_bits_token = {}, {}
     fixed = DeviceProfile(**{**fixed.__dict__, "int8_max_tokens": int8_max, "int8_per_token": int8_per_token,
-                             "int8_shard": int8_shard})
+                             "int8_shard": int8_shard, "int8_per_token_bits": int8_bits_token})
     # IO side: what makes the streamed plan's timeline match its medians (the engine with int8
     # products at the lengths where plans run them): a factor on read times and compute time per
     # streamed byte (below).
@@ -1214,7 +1225,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
                  "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
-                 "int8_bits_minus_4bit_s": int8_bits, "stream_compute_per_byte": out.stream_compute_per_byte,
+                 "int8_bits_minus_4bit_s": int8_bits, "int8_per_token_bits": out.int8_per_token_bits,
+                 "stream_compute_per_byte": out.stream_compute_per_byte,
                  "stream_compute_per_byte_int8": out.stream_compute_per_byte_int8}
 
 
@@ -1325,31 +1337,35 @@ def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float,
     return max(0.0, float(const)), float(per_token)
 
 
-def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng) -> dict[int, float]:
-    """Seconds per request that int8 products at each other quantized bitwidth take beyond
-    ``bits`` (the preloaded engine ``pre8``), every shard preloaded at one length (32 tokens
-    where measured, else the middle calibration length), the two engines in alternating rounds."""
+def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng,
+                  int8_max: int) -> dict[int, dict[int, float]]:
+    """{bitwidth: {length: seconds}}: what int8 products at each other quantized bitwidth take
+    per request beyond ``bits`` (the preloaded engine ``pre8``), every shard preloaded, the two
+    engines in alternating rounds, at two lengths: 32 tokens (where measured, else the middle
+    calibration length) and the longest calibration length int8 products run at, as the
+    difference grows with length (unpacking happens once per call, the products per token)."""
     from sti.runtime import Schedule, StreamingEncoder
 
     lens = [r["seq_len"] for r in rows]
-    n = 32 if 32 in lens else lens[len(lens) // 2]
-    ids = rng.integers(0, store.config.vocab_size, (1, n))
-    mask = np.ones_like(ids)
+    ns = sorted({32 if 32 in lens else lens[len(lens) // 2], max(n for n in lens if n <= int8_max)})
     L = store.num_layers
     preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
-    out = {}
+    out: dict[int, dict[int, float]] = {}
     for b in store.bits:
         if b in (bits, FP32):
             continue
         layers = [{s: b for s in store.shard_indices(layer)} for layer in range(L)]
         eng = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
-                                               int8_max_tokens=n))
-        eng.run(ids, mask)
-        t_ref, t_b = [], []
-        for _ in range(repeats):
-            t_ref.append(pre8.run(ids, mask)[1].latency)
-            t_b.append(eng.run(ids, mask)[1].latency)
-        out[int(b)] = float(np.median(t_b) - np.median(t_ref))
+                                               int8_max_tokens=max(ns)))
+        for n in ns:
+            ids = rng.integers(0, store.config.vocab_size, (1, n))
+            mask = np.ones_like(ids)
+            eng.run(ids, mask)
+            t_ref, t_b = [], []
+            for _ in range(repeats):
+                t_ref.append(pre8.run(ids, mask)[1].latency)
+                t_b.append(eng.run(ids, mask)[1].latency)
+            out.setdefault(int(b), {})[int(n)] = float(np.median(t_b) - np.median(t_ref))
     return out
 
 
@@ -1612,7 +1628,9 @@ def format_summary(summary: dict) -> str:
     if d["int8_max_tokens"]:
         lines.append(f"  int8 products up to {d['int8_max_tokens']} tokens, per shard (us): "
                      + ", ".join(f"{_bits_label(b)} {v:.1f}" for b, v in d["int8_shard_us"].items())
-                     + f", + {d['int8_per_token_us']:.2f} us per token")
+                     + f", + {d['int8_per_token_us']:.2f} us per token"
+                     + "".join(f" ({_bits_label(b)} {v:+.2f})" for b, v in (d.get("int8_per_token_bits_us") or {}).items()
+                               if abs(v) >= 0.005))
     else:
         lines.append("  int8 products: never faster here (or not built), quantized shards are dequantized")
     int8_part = (f" ({d['stream_compute_ns_per_byte_int8']:.2f} where int8 products read it)"
@@ -1719,6 +1737,7 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "int8_max_tokens": dev.int8_max_tokens,
                    "int8_shard_us": {str(b): v * 1e6 for b, v in dev.int8_shard.items()},
                    "int8_per_token_us": dev.int8_per_token * 1e6,
+                   "int8_per_token_bits_us": {str(b): v * 1e6 for b, v in dev.int8_per_token_bits.items()},
                    "tail_ratio": dev.tail_ratio, "tail_by_tokens": dev.tail_by_tokens,
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,

@@ -382,6 +382,16 @@ def test_synthetic_importance_and_input_checks():
         ModelShape(3, 4, {7: 10})
 
 
+def test_a_bitwidths_int8_cost_per_token_adds_to_the_shared_one():
+    dev = DeviceProfile(io_bandwidth=1.0, int8_max_tokens=128, int8_per_token=2e-6, c2=0.0,
+                        int8_shard={"4": 5e-6, "8": 30e-6}, int8_per_token_bits={"4": 0.0, "8": 0.5e-6})
+    assert dev.int8_per_token_bits == {4: 0.0, 8: 0.5e-6}
+    assert dev.int8_time(4, 32) == pytest.approx(5e-6 + 2e-6 * 32)
+    assert dev.int8_time(8, 32) == pytest.approx(30e-6 + 2.5e-6 * 32)
+    assert dev.int8_time(8, 128) - dev.int8_time(4, 128) == pytest.approx(25e-6 + 0.5e-6 * 128)
+    assert dev.int8_time(6, 16) == dev.int8_time(8, 16)  # not measured: as the dearest
+
+
 def test_int8_products_speed_up_quantized_shards_only_where_measured():
     """Where int8 products apply (lengths up to int8_max_tokens), a quantized shard costs
     int8_shard[bits] + int8_per_token n + c2 n^2 (no dequantization; a bitwidth not measured

@@ -151,8 +151,16 @@ def test_device_profile_fit(tiny_bert):
         assert all(r["streamed_int8_median_ms"] > 0 for r in calib["rows"])
     assert (dev.int8_max_tokens, dev.int8_per_token, dev.int8_shard) == \
         (calib["int8_max_tokens"], calib["int8_per_token"], calib["int8_shard"])
-    if dev.int8_max_tokens:  # every quantized bitwidth's own constant, timed against 4 bits
-        assert set(dev.int8_shard) == {b for b in Store.open(path).bits if b != 32}
+    if dev.int8_max_tokens:  # every quantized bitwidth's own constant and per-token cost, timed against 4 bits
+        quantized = {b for b in Store.open(path).bits if b != 32}
+        assert set(dev.int8_shard) == set(dev.int8_per_token_bits) == quantized and dev.int8_per_token_bits[4] == 0
+        by_bits = calib["int8_bits_minus_4bit_s"]  # at the middle length and the longest int8 products run at
+        lens = {8, max(n for n in (4, 8, 16) if n <= dev.int8_max_tokens)}
+        assert set(by_bits) == quantized - {4} and all(set(d) == lens for d in by_bits.values())
+        for b, d in by_bits.items():  # the line through both: per request, L x S shards
+            for n in lens:
+                per_shard = (dev.int8_shard[b] - dev.int8_shard[4]) + dev.int8_per_token_bits[b] * n
+                assert per_shard * CFG.num_layers * CFG.num_heads == pytest.approx(d[n], abs=1e-9)
 
 
 def test_emulated_storage_profile(tiny_bert):
