@@ -149,12 +149,17 @@ def test_io_and_decode_are_separable_and_aligned(model):
             s.read_shard(0, 0, 7)
 
 
-@pytest.mark.parametrize("c_kernels", [True, False], ids=["C", "Python"])
-def test_read_many_reads_versions_of_any_files_in_one_call(model, monkeypatch, c_kernels):
+@pytest.fixture(params=["C", "Python"])
+def read_impl(request, monkeypatch):
+    """``Store.read_many`` through the C kernels, and through their Python fallback."""
     from sti.store import reader
 
-    if not c_kernels:
+    if request.param == "Python":
         monkeypatch.setattr(reader, "_pread_many", reader._pread_many_py)
+    return request.param
+
+
+def test_read_many_reads_versions_of_any_files_in_one_call(model, read_impl):
     _, _, path = model
     with Store.open(path) as s:
         versions = [(0, 3, 4), (0, 1, 8), (1, 0, 32), (0, 2, 2), (1, 2, 2)]
@@ -166,14 +171,9 @@ def test_read_many_reads_versions_of_any_files_in_one_call(model, monkeypatch, c
         s.read_many([], [])
 
 
-@pytest.mark.parametrize("c_kernels", [True, False], ids=["C", "Python"])
-def test_read_many_reads_evicted_versions_and_partly_cached_ones(model, monkeypatch, c_kernels):
+def test_read_many_reads_evicted_versions_and_partly_cached_ones(model, read_impl):
     # not in the page cache, the reads are announced before they are made (one path where the
     # filesystem honours the eviction, the cached one where it does not): the same bytes either way
-    from sti.store import reader
-
-    if not c_kernels:
-        monkeypatch.setattr(reader, "_pread_many", reader._pread_many_py)
     _, w, path = model
     with Store.open(path) as s:
         versions = [(1, i, b) for b in (3, 8) for i in s.shard_indices(1)]
