@@ -902,12 +902,13 @@ def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2, warm: bo
     }
 
 
-def _measure_embed(store, seq_lens, rng, repeats: int = 9) -> dict:
+def _measure_embed(store, seq_lens, rng, cold: bool, repeats: int = 9) -> dict:
     """Seconds per input token to read a request's word-embedding rows, as the runtime does before
-    its first layer (``Store.embedding_rows``, checksums included): from the page cache, and cold
-    (the store evicted first). Medians per length, then a slope through the origin."""
+    its first layer (``Store.embedding_rows``, checksums included): from the page cache, and with
+    ``cold`` also cold (the store evicted first). Medians per length, then a slope through the
+    origin."""
     out = {}
-    for mode in ("warm", "cold"):
+    for mode in ("warm", "cold") if cold else ("warm",):
         ns, med = [], []
         for n in seq_lens:
             ts = []
@@ -925,7 +926,6 @@ def _measure_embed(store, seq_lens, rng, repeats: int = 9) -> dict:
         ns_a, med_a = np.array(ns, float), np.array(med)
         out[f"{mode}_per_token"] = float(ns_a @ med_a / (ns_a @ ns_a))
         out[f"{mode}_ms_by_length"] = {int(n): round(m * 1e3, 4) for n, m in zip(ns, med)}
-    store.evict()
     return out
 
 
@@ -1422,8 +1422,9 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
                       f"{emul * 1e3:.3g} ms per {shard} B read), so emulation is exact only for warm reads")
     # the input's embedding rows: from the device where the store is cold, else from the page
     # cache (an emulated device paces the shard reads only)
-    emb = _measure_embed(store, seq_lens, rng)
-    emb["used"] = "warm" if warm or throttle is not None else "cold"
+    cold = not warm and throttle is None
+    emb = _measure_embed(store, seq_lens, rng, cold=cold)
+    emb["used"] = "cold" if cold else "warm"
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label,
                         embed_per_token=emb[f"{emb['used']}_per_token"])
@@ -1431,7 +1432,7 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm,
                                     embed_warm=emb["warm_per_token"])
     _say(progress, "validating the model on plan-like configurations ...")
-    val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=not warm and throttle is None)
+    val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=cold)
     # the deadline margin, per measured length: the larger of the spread among other requests
     # (calibration, all lengths pooled) and the validation's at that length, which adds the
     # model's own error on plans it was not fitted on
