@@ -102,7 +102,7 @@ class Encoder:
 
         st = Store.open(store)
         imp, dev, _ = load_profile(st.path, storage)
-        shape = model_shape(st, chunk_shards=chunk_shards, input_tokens=seq_len)
+        shape = model_shape(st, chunk_shards=chunk_shards, input_tokens=seq_len, int8_max_tokens=dev.int8_max_tokens)
         p = planner.plan(shape, imp, dev, parse_latency(latency), parse_bytes(memory), seq_len, method=method)
         self = cls.__new__(cls)
         self.ckpt, self.cfg, self.strict = None, st.config, strict

@@ -367,7 +367,7 @@ def cmd_plan(a) -> int:
 
     with Store.open(a.store) as st:
         imp, dev, _ = load_profile(st.path, a.storage)
-        shape = model_shape(st, input_tokens=a.seq_len)
+        shape = model_shape(st, input_tokens=a.seq_len, int8_max_tokens=dev.int8_max_tokens)
     p = planner.plan(shape, imp, dev, parse_latency(a.latency), parse_bytes(a.memory), a.seq_len, method=a.planner)
     if a.json:
         _print_json(p.to_dict())

@@ -201,15 +201,19 @@ def parse_storage(storage: str | None):
 # ============================================================================================
 
 
-def model_shape(store, chunk_shards: int = 4, input_tokens: int = 0) -> ModelShape:
-    """The planner's ``ModelShape`` of a store, with the runtime's memory accounting.
+def model_shape(store, chunk_shards: int = 4, input_tokens: int = 0, int8_max_tokens: int = 0) -> ModelShape:
+    """The planner's ``ModelShape`` of a store, with the runtime's memory accounting: that of an
+    engine (``StreamingEncoder``) for inputs of up to ``input_tokens`` tokens (0: the model's
+    positions) whose schedule runs int8 products up to ``int8_max_tokens`` (the device profile's).
 
     ``shard_bytes[b]``: bytes of one stored shard version at b bits (the 4096-aligned length the
     runtime reads and holds; the largest over shards, which are all the same size for BERT).
-    ``fixed_bytes``: ``StreamingEncoder.fixed_bytes`` (globals but the word-embedding table, and
-    every layer's unsharded norms/biases) plus, when ``input_tokens`` > 0, the word-embedding
-    rows the runtime holds for an input of that many tokens (``tokens * hidden * 4``).
-    ``scratch_bytes``: ``StreamingEncoder.scratch_bytes`` for ``chunk_shards``."""
+    ``fixed_bytes``: ``StreamingEncoder.fixed_bytes`` (globals but the word-embedding table, the
+    position rows such inputs use, every layer's unsharded norms/biases) plus, when
+    ``input_tokens`` > 0, the word-embedding rows the runtime holds for an input of that many
+    tokens (``tokens * hidden * 4``). ``scratch_bytes``: ``StreamingEncoder.scratch_bytes`` for
+    ``chunk_shards`` (a chunk's part decoded, or only biases where every such input runs int8
+    products on quantized shards: the planner offers no float32 version there)."""
     from sti.runtime import Schedule, StreamingEncoder
 
     store, opened = _open(store)
@@ -227,7 +231,8 @@ def model_shape(store, chunk_shards: int = 4, input_tokens: int = 0) -> ModelSha
             shard_bytes[b] = max(store.shard_nbytes(layer, s, b)
                                  for layer in range(L) for s in store.shard_indices(layer))
         # The runtime's own accounting, from an engine with an empty schedule (reads only globals).
-        enc = StreamingEncoder(store, Schedule([{} for _ in range(L)], chunk_shards=chunk_shards))
+        enc = StreamingEncoder(store, Schedule([{} for _ in range(L)], chunk_shards=chunk_shards,
+                                               int8_max_tokens=int8_max_tokens), max_tokens=input_tokens or None)
         fixed = int(enc.fixed_bytes) + int(input_tokens) * store.config.hidden_size * 4
         return ModelShape(num_layers=L, shards_per_layer=S.pop(), shard_bytes=shard_bytes,
                           fixed_bytes=fixed, scratch_bytes=int(enc.scratch_bytes))
@@ -1252,7 +1257,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     S = len(idx[0])
     plans, ratios, by_len = [], [], {}
     for n in seq_lens:
-        shape = model_shape(store, chunk_shards=chunk_shards, input_tokens=n)
+        shape = model_shape(store, chunk_shards=chunk_shards, input_tokens=n, int8_max_tokens=dev.int8_max_tokens)
         offered = [b for b in shape.bits if b != FP32] if dev.int8_applies(n) else list(shape.bits)
         layer_max = S * max(shape.shard_bytes[b] for b in offered)
 
@@ -1281,7 +1286,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
                              chunk_shards=chunk_shards, int8_max_tokens=dev.int8_max_tokens,
                              order=[(r.layer, idx[r.layer][r.shard], r.bits) for r in tl.reads])
             try:
-                eng = StreamingEncoder(store, sched, cold=cold, throttle=throttle)
+                eng = StreamingEncoder(store, sched, cold=cold, throttle=throttle, max_tokens=n)
             except STIError:  # the runtime's accounting wants more than the model's: not a plan
                 continue
             engines.append((name, eng, tl.latency, []))

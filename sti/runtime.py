@@ -343,10 +343,17 @@ class StreamingEncoder:
         self.res = Residency(schedule.memory_budget)
         g = store.globals()
         self.embed_table = g.pop("embed.word")
+        # position rows past the longest request are never read: MiniLM's table is 786 KB, a
+        # third of a 2.5% budget, of which a 32-token engine reads 49 KB
+        g["embed.pos"] = g["embed.pos"][:self.max_tokens].copy()
         self.globals = g
         self.common = [store.layer_common(layer) for layer in range(store.num_layers)]
         self.fixed_bytes = sum(a.nbytes for a in g.values()) + sum(a.nbytes for c in self.common for a in c.values())
         self._shapes = self._shard_rows()
+        self._int8_threads = self._int8_support()
+        # every shard's rows of the transposed products' matrices come four at a time (equal shards)
+        self._int8_whole = all(self._shapes[t][0] % 4 == 0 for part, (array, transposed) in INT8_PARTS.items()
+                               if transposed for t in bert.STREAM_PARTS[part][array])
         self.scratch_bytes = self._scratch_need()
         self._arena = np.empty(self.scratch_bytes // 4, np.float32)
         self._views: dict = {}
@@ -354,10 +361,6 @@ class StreamingEncoder:
         self._calls: dict = {}
         # the IO worker's reads: the stream order, layer by layer
         self._reads = [list(g) for _, g in itertools.groupby(schedule.stream_order(), key=lambda r: r[0])]
-        self._int8_threads = self._int8_support()
-        # every shard's rows of the transposed products' matrices come four at a time (equal shards)
-        self._int8_whole = all(self._shapes[t][0] % 4 == 0 for part, (array, transposed) in INT8_PARTS.items()
-                               if transposed for t in bert.STREAM_PARTS[part][array])
         self._int8_ops: list[_Int8Stack] = []
         self.preload_bytes = sum(store.shard_nbytes(layer, s, schedule.layers[layer][s]) for layer, s in schedule.preload)
         self._check_fits()
@@ -390,11 +393,23 @@ class StreamingEncoder:
                    for t in ts)
 
     def _scratch_need(self) -> int:
-        """The arena: a chunk's part decoded (``chunk_shards`` shards), or the small arrays that int8
-        products leave to decode (the biases) of a whole layer's shards, whichever is larger."""
+        """The arena: the small arrays that int8 products leave to decode (the biases) of a whole
+        layer's shards and, where some request dequantizes (``_dequantizes``), a chunk's part
+        decoded (``chunk_shards`` shards), whichever is larger. MiniLM: 6 KB for a 32-token engine
+        whose shards all run int8 products, else 788 KB (four shards' up projections)."""
         most = max(len(self.store.shard_indices(layer)) for layer in range(self.store.num_layers))
-        return 4 * max(max(self.schedule.chunk_shards * self._part_floats(p),
-                           most * self._part_floats(p, skip=INT8_PARTS[p][0])) for p in bert.STREAM_PARTS)
+        need = max(most * self._part_floats(p, skip=INT8_PARTS[p][0]) for p in bert.STREAM_PARTS)
+        self._arena_decodes = self._dequantizes()
+        if self._arena_decodes:
+            need = max(need, max(self.schedule.chunk_shards * self._part_floats(p) for p in bert.STREAM_PARTS))
+        return 4 * need
+
+    def _dequantizes(self) -> bool:
+        """Whether a request of up to ``max_tokens`` tokens may decode a shard's matrices into the
+        arena: one longer than int8 products run at, a float32 shard, or shards whose transposed
+        products cannot read their rows in place."""
+        return (not (self.uses_int8(self.max_tokens) and self._int8_whole)
+                or any(b == 32 for shards in self.schedule.layers for b in shards.values()))
 
     def _chunk_views(self, m: int, part: str, skip: str | None = None) -> tuple[dict, list[tuple]]:
         """The arrays ``streamed_layer`` gets for a chunk of ``m`` shards and ``part`` (but
@@ -489,6 +504,11 @@ class StreamingEncoder:
         if ids.shape[1] > self.cfg.max_position:
             raise STIError(f"input has {ids.shape[1]} tokens; the model takes at most {self.cfg.max_position}",
                            "truncate the input")
+        if ids.shape[1] > len(self.globals["embed.pos"]) or (not self.uses_int8(ids.size) and not self._arena_decodes):
+            raise STIError(f"the request has {ids.size} tokens ({' x '.join(map(str, ids.shape))}); this engine "
+                           f"holds what requests of up to {self.max_tokens} tokens need",
+                           "send fewer or shorter texts per request, or build the engine with a larger max_tokens "
+                           "(plan for a longer seq_len)")
         self._check_fits(ids.size)
         if self.cold:
             self.store.evict()

@@ -211,7 +211,14 @@ def test_model_shape_matches_runtime_accounting(tiny_bert):
         assert shape.num_layers == CFG.num_layers and shape.shards_per_layer == CFG.num_heads
         assert shape.fixed_bytes == enc.fixed_bytes and shape.scratch_bytes == enc.scratch_bytes
         assert shape.shard_bytes == {b: st.shard_nbytes(0, 0, b) for b in st.bits}
-        assert prof.model_shape(st, 3, input_tokens=10).fixed_bytes == enc.fixed_bytes + 10 * CFG.hidden_size * 4
+        # for inputs of n tokens: the engine built for them, plus their word-embedding rows
+        for n, int8 in ((10, 0), (10, 10), (CFG.max_position, 0)):
+            got = prof.model_shape(st, 3, input_tokens=n, int8_max_tokens=int8)
+            eng = StreamingEncoder(st, Schedule([{}] * CFG.num_layers, chunk_shards=3, int8_max_tokens=int8),
+                                   max_tokens=n)
+            assert got.fixed_bytes == eng.fixed_bytes + n * CFG.hidden_size * 4, n
+            assert got.scratch_bytes == eng.scratch_bytes, (n, int8)
+        assert prof.model_shape(st, 3, input_tokens=10).fixed_bytes < enc.fixed_bytes + 10 * CFG.hidden_size * 4
 
 
 def test_save_load_round_trip(tiny_bert, tmp_path):

@@ -363,6 +363,38 @@ def test_int8_products_take_a_layers_quantized_shards_in_one_chunk(tiny_bert_fou
 
 
 @needs_int8
+def test_an_engine_for_short_requests_holds_only_their_position_rows_and_no_dequantization_arena(tiny_bert_fours):
+    """An engine built for requests of up to ``max_tokens`` tokens holds that many position rows;
+    where all of them run int8 products on quantized shards read in place, its arena holds only
+    the biases (nothing is dequantized). Its output equals that of the engine holding the whole
+    position table and a dequantization arena; requests it could not run are refused."""
+    _, _, path = tiny_bert_fours
+    ids, mask = inputs()
+    H, P = CFG.hidden_size, CFG.max_position
+    n = ids.size
+    with Store.open(path) as st:
+        layers = [{0: 4, 3: 2, 1: 8}, {1: 4, 3: 6, 0: 3, 2: 5}]
+        full = StreamingEncoder(st, Schedule(layers, chunk_shards=2, int8_max_tokens=n))
+        lean = StreamingEncoder(st, Schedule(layers, chunk_shards=2, int8_max_tokens=n), max_tokens=n)
+        assert full.fixed_bytes - lean.fixed_bytes == (P - n) * H * 4
+        assert len(lean.globals["embed.pos"]) == n and not lean._arena_decodes
+        assert lean.scratch_bytes < full.scratch_bytes
+        assert lean.scratch_bytes == 4 * max(4 * lean._part_floats(p, skip=INT8_PARTS[p][0]) for p in INT8_PARTS)
+        h_full, t_full = full.run(ids, mask)
+        h_lean, t_lean = lean.run(ids, mask)
+        assert np.array_equal(h_full, h_lean) and t_lean.int8
+        assert t_full.resident_peak - t_lean.resident_peak == full.scratch_bytes - lean.scratch_bytes + (P - n) * H * 4
+        for bad in (np.ones((1, n + 1), np.int64), np.ones((3, ids.shape[1]), np.int64)):  # positions; dequantizing
+            with pytest.raises(STIError, match=f"requests of up to {n} tokens"):
+                lean.run(bad, np.ones_like(bad))
+        # a float32 shard, a longer engine or one without int8 products decode into the arena
+        for sched, tokens in ((Schedule([{0: 32}, {1: 4}], chunk_shards=2, int8_max_tokens=n), n),
+                              (Schedule(layers, chunk_shards=2, int8_max_tokens=n), n + 1),
+                              (Schedule(layers, chunk_shards=2), n)):
+            assert StreamingEncoder(st, sched, max_tokens=tokens)._arena_decodes
+
+
+@needs_int8
 def test_int8_products_run_only_up_to_their_length_and_keep_the_budget(tiny_bert):
     _, _, path = tiny_bert
     ids, mask = inputs()

@@ -862,14 +862,13 @@ class Bench:
 
     def __init__(self, store_path: Path, ev: EvalSet, grid: Grid, work: Path, out_dir: Path, no_references: str | None):
         """``no_references``: why the transformers systems are not run (None: they are)."""
-        from sti.profile import model_shape
         from sti.store import Store
 
         self.store_path, self.ev, self.grid, self.work, self.out_dir = store_path, ev, grid, work, out_dir
         self.store = Store.open(store_path)
         self.fp32_bytes = fp32_model_bytes(self.store)
         self.budgets = {f: int(f * self.fp32_bytes) for f in grid.memory_fractions}
-        self.shapes = {seq: model_shape(self.store, CHUNK_SHARDS, input_tokens=seq) for seq in grid.seq_lens}
+        self._shapes: dict[tuple[int, int], object] = {}
         self.hf_dir = hf_model_dir(self.store) if no_references is None else None
         self.hf_missing = no_references or ("" if self.hf_dir else "the store's model has no transformers directory")
         self.runs: list[Run] = []
@@ -949,9 +948,19 @@ class Bench:
         return self.measure(Run("load-execute", seq, st.key),
                             {"system": "load-execute", "cold": st.cold, "storage": st.throttle})
 
-    def _stream_need(self, seq: int, bits: int) -> int:
+    def shape(self, seq: int, int8_max_tokens: int = 0):
+        """The planner's ``ModelShape`` of engines for ``seq``-token inputs running int8 products up
+        to ``int8_max_tokens`` (their scratch arena depends on it)."""
+        from sti.profile import model_shape
+
+        key = (seq, int8_max_tokens)
+        if key not in self._shapes:
+            self._shapes[key] = model_shape(self.store, CHUNK_SHARDS, input_tokens=seq, int8_max_tokens=int8_max_tokens)
+        return self._shapes[key]
+
+    def _stream_need(self, seq: int, bits: int, int8_max_tokens: int = 0) -> int:
         """Smallest budget of a full-width stream at ``bits``: resident tensors, scratch, one layer."""
-        sh = self.shapes[seq]
+        sh = self.shape(seq, int8_max_tokens)
         return sh.fixed_bytes + sh.scratch_bytes + sh.shards_per_layer * sh.shard_bytes[bits]
 
     def _full_schedule(self, bits: int, budget: int, int8_max_tokens: int = 0) -> dict:
@@ -970,14 +979,14 @@ class Bench:
                                   "storage": st.throttle})
 
     def uniform(self, seq: int, st: Storage, bits: int, frac: float) -> Run:
-        M, need = self.budgets[frac], self._stream_need(seq, bits)
+        from sti.profile import load_profile
+
+        int8 = load_profile(self.store_path, st.profile)[1].int8_max_tokens  # the engine's, as STI's plans run it
+        M, need = self.budgets[frac], self._stream_need(seq, bits, int8)
         run = Run(f"uniform-{bits}bit", seq, st.key, budget=M, budget_fraction=frac, need_bytes=need)
         if need > M:
             run.status, run.reason = "does-not-fit", f"one layer at {bits} bits needs {fmt_mb(need)}"
             return self._record(run)
-        from sti.profile import load_profile
-
-        int8 = load_profile(self.store_path, st.profile)[1].int8_max_tokens  # the engine's, as STI's plans run it
         return self.measure(run, {"system": "stream", "schedule": self._full_schedule(bits, M, int8), "cold": st.cold,
                                   "storage": st.throttle})
 
@@ -1056,7 +1065,9 @@ class Bench:
         from sti.profile import load_profile, storage_key
 
         imp, dev, meta = load_profile(self.store_path, st.profile)
-        profile = f"{meta.get('store_fingerprint')}@{meta.get('created')}"
+        # plans depend on the profile and on the engine's memory accounting (the shape)
+        shape = self.shape(seq, dev.int8_max_tokens)
+        profile = f"{meta.get('store_fingerprint')}@{meta.get('created')}/{shape.fixed_bytes}+{shape.scratch_bytes}"
         cache = self.out_dir / "encoder-plans"
         cache.mkdir(parents=True, exist_ok=True)
         out = {}
@@ -1066,7 +1077,7 @@ class Bench:
             name = f"{method}-{seq}-{storage_key(st.profile) or 'real'}-T{round(T * 1e6)}us-M{M}.json"
             entry = _cached_plan(cache / name, profile)
             if entry is None:
-                entry = {**self._plan(method, seq, T, M, imp, dev), "profile": profile}
+                entry = {**self._plan(shape, method, seq, T, M, imp, dev), "profile": profile}
                 if "error" not in entry:
                     (cache / name).write_text(json.dumps(entry), encoding="utf-8")
             if "plan" in entry:
@@ -1076,13 +1087,13 @@ class Bench:
             out[(method, mult, frac)] = entry
         return out
 
-    def _plan(self, method: str, seq: int, T: float, M: int, imp, dev) -> dict:
+    def _plan(self, shape, method: str, seq: int, T: float, M: int, imp, dev) -> dict:
         from sti import plan as planner
 
         t0 = time.perf_counter()
         opts = {"time_limit": self.grid.exact_time_limit} if method == "exact" else {}
         try:
-            entry = {"plan": planner.plan(self.shapes[seq], imp, dev, T, M, seq, method=method, **opts).to_dict()}
+            entry = {"plan": planner.plan(shape, imp, dev, T, M, seq, method=method, **opts).to_dict()}
         except planner.InfeasiblePlanError as e:
             entry = {"infeasible": {"problem": e.problem, "min_latency_s": e.min_latency,
                                     "min_memory_bytes": e.min_memory}}
