@@ -87,8 +87,11 @@ bytes are integers and compared exactly.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
+import os
+import sys
 import math
 import random
 import time
@@ -934,6 +937,32 @@ class _MilpResult:
         self.status, self.bits, self.preload, self.value, self.info = status, bits, preload, value, info
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """The process's stdout (file descriptor 1) goes to stderr while the block runs. HiGHS, the
+    MILP solver, prints a debugging line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();") straight to stdout even when told to be silent (19 times in one full
+    encoder benchmark), which would corrupt ``sti plan --json``. Python's and C's buffers are
+    flushed at both ends, so what was written before the block keeps its stream and what is
+    written in it (by any thread) reaches stderr."""
+    try:
+        import ctypes
+
+        flush_c = ctypes.CDLL(None).fflush
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, AttributeError, ValueError):  # no C library to flush, or no stdout to move
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        flush_c(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) -> _MilpResult:
     """One MILP solve. mode "loss": min loss s.t. latency <= T, memory <= M; "latency": min
     latency s.t. memory <= M (M None: unbounded); "memory": min M s.t. latency <= T.
@@ -1092,8 +1121,9 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     t0 = time.perf_counter()
-    res = milp(c, integrality=integrality, bounds=Bounds(lb, ub),
-               constraints=LinearConstraint(A_, np.array(lo), np.array(hi)), options=options)
+    with _stdout_to_stderr():
+        res = milp(c, integrality=integrality, bounds=Bounds(lb, ub),
+                   constraints=LinearConstraint(A_, np.array(lo), np.array(hi)), options=options)
     info = {"status": int(res.status), "message": str(res.message), "variables": int(nvar),
             "binaries": int(integrality.sum()), "constraints": len(lo),
             "seconds": round(time.perf_counter() - t0, 6),

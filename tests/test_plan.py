@@ -7,11 +7,13 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
 from dataclasses import asdict
 
 import pytest
 
+from sti import plan as plan_mod
 from sti.errors import STIError
 from sti.plan import (
     DeviceProfile,
@@ -441,3 +443,18 @@ def test_streaming_a_shard_adds_its_compute_cost_preloading_does_not():
     assert [round(x.end - x.start, 9) for x in tl.layers] == [10.2, 2.4]
     tl = simulate([[4, 32], [4, 4]], shape32, dev8, 5)  # beyond int8_max_tokens: dequantized, 0.01 s per byte
     assert [round(x.end - x.start, 9) for x in tl.layers] == [5 + 1 + 5 + 8, 2 * (5 + 1)]
+
+
+def test_what_the_milp_solver_prints_reaches_stderr_and_stdout_keeps_its_own(capfd):
+    """HiGHS prints debugging lines to the process's stdout; the exact planner runs it with stdout
+    moved to stderr (C and Python buffers flushed), so ``sti plan --json`` stays JSON."""
+    import ctypes
+
+    print("before")
+    with plan_mod._stdout_to_stderr():
+        os.write(1, b"written to fd 1\n")
+        ctypes.CDLL(None).printf(b"printed by C\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "before\nafter\n"
+    assert "written to fd 1" in err and "printed by C" in err
