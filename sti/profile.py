@@ -1093,27 +1093,38 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         throttle=throttle, cold=throttle is None and not warm)
     shard_bytes = store.shard_nbytes(0, min(layers[0]), bits)
     rows, relative = [], []  # relative: per length, the streamed requests' latencies / their median
-    for n in sorted({min(int(n), store.config.max_position) for n in seq_lens}):
-        ids = rng.integers(0, store.config.vocab_size, (1, n))
-        mask = np.ones_like(ids)
-        pre.run(ids, mask)  # warm-up
-        streamed.run(ids, mask)
-        t_pre, t_str, t_str8, t_pre8, t_busy8, pair = [], [], [], [], [], []
-        for _ in range(repeats):
-            t_pre.append(pre.run(ids, mask)[1].latency)
-            t_str.append(streamed.run(ids, mask)[1].latency)
-            if streamed8 is not None:  # its tail among other work (see tail_ratio)
-                t_busy8.append(streamed8.run(ids, mask)[1].latency)
-        if pre8 is not None:  # with and without int8 products in alternating rounds, nothing else between
-            pre8.run(ids, mask)
-            for _ in range(repeats):
-                pair.append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
-            # and each int8 engine back to back, as a server runs it: after a dequantizing request
-            # the BLAS threads it woke spin on the other core (MiniLM, 32 tokens: 7.16 ms a
-            # preloaded int8 request between dequantizing ones, 6.42 back to back)
-            for eng, out in ((pre8, t_pre8), (streamed8, t_str8)):
-                eng.run(ids, mask)
-                out += [eng.run(ids, mask)[1].latency for _ in range(repeats)]
+    lengths = sorted({min(int(n), store.config.max_position) for n in seq_lens})
+    inputs = {n: rng.integers(0, store.config.vocab_size, (1, n)) for n in lengths}
+    times = {n: {"pre": [], "str": [], "str8": [], "pre8": [], "busy8": [], "pair": []} for n in lengths}
+    # The repeats run in rounds over the lengths: a burst of a shared VM (seconds) then slows some
+    # requests of every length instead of all of one length's, which bent the fitted costs per
+    # token (MiniLM: the preloaded int8 engine at 64 tokens 16.5 ms in one profile, 11.2-11.8 in
+    # others, all lengths' requests run one length after another).
+    rounds = max(1, min(3, repeats // 5))
+    for k in [repeats // rounds + (r < repeats % rounds) for r in range(rounds)]:
+        for n in lengths:
+            ids = inputs[n]
+            mask = np.ones_like(ids)
+            got = times[n]
+            pre.run(ids, mask)  # warm-up (the previous request was of another length)
+            streamed.run(ids, mask)
+            for _ in range(k):
+                got["pre"].append(pre.run(ids, mask)[1].latency)
+                got["str"].append(streamed.run(ids, mask)[1].latency)
+                if streamed8 is not None:  # its tail among other work (see tail_ratio)
+                    got["busy8"].append(streamed8.run(ids, mask)[1].latency)
+            if pre8 is not None:  # with and without int8 products in alternating rounds, nothing else between
+                pre8.run(ids, mask)
+                for _ in range(k):
+                    got["pair"].append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
+                # and each int8 engine back to back, as a server runs it: after a dequantizing
+                # request the BLAS threads it woke spin on the other core (MiniLM, 32 tokens: 7.16
+                # ms a preloaded int8 request between dequantizing ones, 6.42 back to back)
+                for eng, out in ((pre8, got["pre8"]), (streamed8, got["str8"])):
+                    eng.run(ids, mask)
+                    out += [eng.run(ids, mask)[1].latency for _ in range(k)]
+    for n in lengths:
+        t_pre, t_str, t_str8, t_pre8, t_busy8, pair = (times[n][k] for k in ("pre", "str", "str8", "pre8", "busy8", "pair"))
         # (the preloaded engine reads its embedding rows from the page cache)
         predicted = embed_warm * n + L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
