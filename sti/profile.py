@@ -1060,9 +1060,10 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       streamed request in between slowed the int8 engine's next request by a third, and would
       be charged to int8): medians ``int8_alternating_ms`` and ``int8_dequant_ms``, best times
       ``..._best_ms``. ``int8_max_tokens`` is the longest length up to which they are faster at
-      every measured length, by the best times (:func:`_int8_max`). The int8 engines, preloaded and streamed, are then timed back to back, as plans
-      run them (``int8_ms``, ``streamed_int8_median_ms``; the dequantizing engine's BLAS
-      threads, left spinning on the other core, slowed the next int8 request by ~10%).
+      every measured length, by the best times (:func:`_int8_max`). The int8 engines, preloaded
+      and streamed, are then timed back to back, as plans run them (``int8_ms``,
+      ``streamed_int8_median_ms``; the dequantizing engine's BLAS threads, left spinning on the
+      other core, slowed the next int8 request by ~10%).
       Their own cost per shard is fitted on ``int8_ms`` as ``const + int8_per_token * n``
       (beside the layer constant ``c0`` and attention's ``c2 * n^2``); each other bitwidth's
       constant and per-token cost are the 4-bit ones plus the difference its preloaded int8
