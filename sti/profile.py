@@ -1125,7 +1125,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                     eng.run(ids, mask)
                     out += [eng.run(ids, mask)[1].latency for _ in range(k)]
     for n in lengths:
-        t_pre, t_str, t_str8, t_pre8, t_busy8, pair = (times[n][k] for k in ("pre", "str", "str8", "pre8", "busy8", "pair"))
+        got = times[n]
+        t_pre, t_str, t_str8, t_pre8, t_busy8, pair = (got[k] for k in ("pre", "str", "str8", "pre8", "busy8", "pair"))
         # (the preloaded engine reads its embedding rows from the page cache)
         predicted = embed_warm * n + L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
