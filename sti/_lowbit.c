@@ -96,7 +96,8 @@
  * the next tile's rows and unpacks GGML rows without divisions (a batch-16 decode step's products
  * 1.3x faster). 6: the transposed int8 product (qmmt) adds outliers inside its tiles and transposes
  * x and the code quads in registers (MiniLM's down projection, 32 tokens: 254 -> 200 us at 4 bits,
- * 330 -> 226 at 8). 7: qmm stores its tiles by register transposes, not gathers. */
+ * 330 -> 226 at 8). 7: qmm stores its tiles by register transposes, not gathers; with VBMI it
+ * copies 8-bit rows into its tile too; qmmt takes its outliers' codes from the unpacked rows. */
 #define KERNEL_REVISION 7
 
 enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
@@ -1105,6 +1106,16 @@ static inline void store_tile(const float *out, int stride, int nr, Py_ssize_t n
 #endif
 }
 
+/* Whether qmm reads an sti-q1 matrix's codes in place: 8-bit codes are bytes already, but where
+ * unpack_row_u8 has its one-instruction-per-64-codes path it copies them into the L1 tile and
+ * fetches the next tile's rows, which the in-place reads lacked (the preloaded 8-bit MiniLM engine
+ * at 32 tokens: 7.2 -> 6.8 ms). */
+#if LB_AVX512 && defined(__AVX512VBMI__)
+#define QMM_IN_PLACE(W) 0
+#else
+#define QMM_IN_PLACE(W) ((W)->bits == 8)
+#endif
+
 /* Rows r0 .. r1-1 of a qmm into y (row b of the batch at y + b * ldy): 8-bit codes are read in place; other widths are unpacked a tile
  * of rows at a time into `tile` (QMM_ACC * pc bytes, L1/L2-resident). */
 static void rows_qmm(const Weights *W, const Acts *A, float *y, Py_ssize_t ldy, int accumulate, Py_ssize_t r0,
@@ -1119,7 +1130,7 @@ static void rows_qmm(const Weights *W, const Acts *A, float *y, Py_ssize_t ldy, 
         if (W->kind != K_STI) {
             for (int i = 0; i < nt; i++) unpack_row_ggml(W, r + i, tile + i * pc, tsc + i * ns, tof + i * ns);
             codes = tile, sc = tsc, of = tof;
-        } else if (W->bits != 8) {
+        } else if (!QMM_IN_PLACE(W)) {
             for (int i = 0; i < nt; i++) unpack_row_u8(W, r + i, tile + i * pc);
             codes = tile;
         }
@@ -1455,7 +1466,7 @@ static void matvec_task(Job *J, Py_ssize_t t, int slot) {
     float *y = slot ? J->yh : J->y; /* helpers never touch the caller's memory */
     int accumulate = slot ? 0 : J->accumulate;
     if (J->int8) {
-        const int in_place = J->W.kind == K_STI && J->W.bits == 8;
+        const int in_place = J->W.kind == K_STI && QMM_IN_PLACE(&J->W);
         uint8_t *tile = in_place ? NULL : (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W));
         if (in_place || tile) rows_qmm(&J->W, &J->A, y, J->W.rows, accumulate, r0, r1, tile);
     } else if (J->W.kind != K_STI) {
@@ -1530,7 +1541,7 @@ static void qmm_many_task(Job *J, Py_ssize_t t, int slot) {
         return;
     }
     uint8_t *tile = NULL;
-    if (W->bits != 8 && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
+    if (!QMM_IN_PLACE(W) && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
     rows_qmm(W, &J->As[i], (slot ? J->yh : J->y) + J->ycol[i], J->ldy, slot ? 0 : J->accumulate, r0, r1, tile);
 }
 
@@ -1612,7 +1623,7 @@ static void qmm_cols_task(Job *J, Py_ssize_t t, int slot) {
             if (J->As[i].orow) band_outliers(W, &J->As[i], y, r0, r1);
             continue;
         }
-        if (W->bits != 8 && !tile && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
+        if (!QMM_IN_PLACE(W) && !tile && !(tile = (uint8_t *)slot_buf(J, slot, QMM_TILE_FLOATS(&J->W)))) return;
         rows_qmm(W, &J->As[i], y, rows, i ? 1 : J->accumulate, r0, r1, tile);
     }
 }
@@ -1735,20 +1746,11 @@ static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssi
     for (Py_ssize_t j = 0; j < H; j++) T->ocol[j + 1] += T->ocol[j];
     memcpy(cur, T->ocol, (size_t)H * sizeof(Py_ssize_t));
     for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++) {
-        const Weights *W = &Ws[k];
-        for (Py_ssize_t o = 0; o < W->nout; o++) {
-            const Py_ssize_t r = W->oidx[o] / W->cols, c = W->oidx[o] % W->cols, g = c / W->seg, at = cur[c]++;
-            float q = (float)sti_code(W, r, c) * W->scale[r * W->nseg + g];
-            T->od[at] = W->oval[o] - (q + W->offset[r * W->nseg + g]);
-            T->op[at] = p0 + r;
-        }
-    }
-    for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++) {
         const Py_ssize_t padded = (Ws[k].rows + TKB - 1) / TKB * TKB; /* its padding quads are 0 */
         memset(T->w4 + (p0 + Ws[k].rows) / 4 * H, 0, (size_t)((padded - Ws[k].rows) / 4 * H) * 4);
     }
     for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++)
-    for (Py_ssize_t r = 0; r < Ws[k].rows; r += 4) {
+    for (Py_ssize_t r = 0, o = 0; r < Ws[k].rows; r += 4) {
         const Weights *W = &Ws[k];
         const Py_ssize_t i = p0 + r;
         for (int q = 0; q < 4; q++) {
@@ -1758,6 +1760,13 @@ static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssi
                 memcpy(u + q * pc, W->w + (r + q) * pc, (size_t)pc);
             else
                 unpack_row_u8(W, r + q, u + q * pc);
+        }
+        /* the outliers of these rows (indices ascend), their codes from u */
+        for (; o < W->nout && (Py_ssize_t)(W->oidx[o] / W->cols) < r + 4; o++) {
+            const Py_ssize_t rr = W->oidx[o] / W->cols, c = W->oidx[o] % W->cols, g = c / W->seg, at = cur[c]++;
+            float qw = (float)u[(rr - r) * pc + c] * W->scale[rr * ng + g];
+            T->od[at] = W->oval[o] - (qw + W->offset[rr * ng + g]);
+            T->op[at] = p0 + rr;
         }
         uint32_t *w = T->w4 + (i / 4) * H;
         Py_ssize_t j = 0;
