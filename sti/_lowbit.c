@@ -97,8 +97,10 @@
  * 1.3x faster). 6: the transposed int8 product (qmmt) adds outliers inside its tiles and transposes
  * x and the code quads in registers (MiniLM's down projection, 32 tokens: 254 -> 200 us at 4 bits,
  * 330 -> 226 at 8). 7: qmm stores its tiles by register transposes, not gathers; with VBMI it
- * copies 8-bit rows into its tile too; qmmt takes its outliers' codes from the unpacked rows. */
-#define KERNEL_REVISION 7
+ * copies 8-bit rows into its tile too; qmmt takes its outliers' codes from the unpacked rows.
+ * 8: qmmt prepares its code words and activations on the product's threads (MiniLM's down
+ * projection on 2 threads, 4 bits: 250 -> 154 us at 32 tokens, ~700 -> 470 us at 128). */
+#define KERNEL_REVISION 8
 
 enum { K_Q41 = 0, K_Q80 = 1, K_STI = 2 };
 #define QK 32            /* elements per GGML block */
@@ -1697,78 +1699,48 @@ static int run_qmm_cols(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssiz
 
 
 
-static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, struct TActs *T) {
-    const Py_ssize_t H = Ws[0].cols, G = Ws[0].seg, ng = Ws[0].nseg, pc = Ws[0].pc;
-    Py_ssize_t N = 0, NP = 0; /* inputs, and in the padded space where every item starts a block */
-    for (Py_ssize_t k = 0; k < n; k++) N += Ws[k].rows, NP += (Ws[k].rows + TKB - 1) / TKB * TKB;
-    const Py_ssize_t NQ = NP / 4, NK = NP / TKB, nv = (B + 15) / 16;
-    *T = (struct TActs){.N = N, .NP = NP, .NQ = NQ, .NK = NK, .H = H, .ng = ng, .G = G, .B = B, .nv = nv};
-    size_t xvb = (size_t)(ng * NQ * nv * 64), dzf = (size_t)(ng * NK * nv * 16), oxf = (size_t)(ng * nv * 16),
-           w4b = (size_t)(NQ * H) * 4, sf = (size_t)(2 * ng * NP + B * NP), ub = (size_t)(4 * pc);
-    const size_t zf = (size_t)(NP * nv * 16) > TKB ? (size_t)(NP * nv * 16) : TKB;
-    Py_ssize_t nout = 0;
-    for (Py_ssize_t k = 0; k < n; k++) nout += Ws[k].nout;
-    const size_t ocb = (size_t)(2 * (H + 1) + nout) * sizeof(Py_ssize_t), odb = (size_t)nout * sizeof(float);
-    size_t total = xvb + (dzf + oxf + sf + zf) * sizeof(float) + w4b + ub + ocb + odb + 8 * 64;
-    uint8_t *p = block_get(total);
-    if (!p) return -1;
-    T->buf = p;
-#define TAKE(ptr, type, bytes) (ptr = (type)p, p += ((bytes) + 63) & ~(size_t)63)
-    TAKE(T->xv, int8_t *, xvb);
-    TAKE(T->dz, float *, dzf * sizeof(float));
-    TAKE(T->ox, float *, oxf * sizeof(float));
-    TAKE(T->w4, uint32_t *, w4b);
-    float *st, *ot, *xp; /* scale and offset transposed, [g][p]; x, [b][p]; 0 in the padding */
-    TAKE(st, float *, sf * sizeof(float));
-    ot = st + ng * NP, xp = ot + ng * NP;
-    uint8_t *u;     /* a quad of rows unpacked to bytes */
-    TAKE(u, uint8_t *, ub);
-    float *z;       /* one block of z_g, or (AVX-512) x with the batch across lanes */
-    TAKE(z, float *, zf * sizeof(float));
-    Py_ssize_t *cur; /* the next free slot of each column's outliers */
-    TAKE(T->ocol, Py_ssize_t *, ocb);
-    cur = T->ocol + H + 1, T->op = cur + H + 1;
-    TAKE(T->od, float *, odb);
-#undef TAKE
-    memset(st, 0, sf * sizeof(float)); /* st, ot, xp: their padding must be 0 */
-#if !LB_AVX512
-    memset(T->xv, 0, xvb); /* the portable path writes vector by vector */
-#endif
-    for (Py_ssize_t k = 0, p0 = 0, x0 = 0; k < n; x0 += Ws[k].rows, p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++)
-        for (Py_ssize_t b = 0; b < B; b++)
-            memcpy(xp + b * NP + p0, X + b * N + x0, (size_t)Ws[k].rows * sizeof(float));
-    T->xp = xp, T->xl = NULL;
-    /* outliers sorted by column (stable: item order, then row), their (exact - quantized) weight
-     * computed once: the tiles add delta * x for their own columns */
-    memset(T->ocol, 0, (size_t)(H + 1) * sizeof(Py_ssize_t));
-    for (Py_ssize_t k = 0; k < n; k++)
-        for (Py_ssize_t o = 0; o < Ws[k].nout; o++) T->ocol[Ws[k].oidx[o] % Ws[k].cols + 1]++;
-    for (Py_ssize_t j = 0; j < H; j++) T->ocol[j + 1] += T->ocol[j];
-    memcpy(cur, T->ocol, (size_t)H * sizeof(Py_ssize_t));
-    for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++) {
-        const Py_ssize_t padded = (Ws[k].rows + TKB - 1) / TKB * TKB; /* its padding quads are 0 */
-        memset(T->w4 + (p0 + Ws[k].rows) / 4 * H, 0, (size_t)((padded - Ws[k].rows) / 4 * H) * 4);
-    }
-    for (Py_ssize_t k = 0, p0 = 0; k < n; p0 += (Ws[k].rows + TKB - 1) / TKB * TKB, k++)
-    for (Py_ssize_t r = 0, o = 0; r < Ws[k].rows; r += 4) {
-        const Weights *W = &Ws[k];
-        const Py_ssize_t i = p0 + r;
+/* The preparation runs on the product's threads in two parallel_for phases: the codes (quads of
+ * rows: scale and offset transposed, rows unpacked and interleaved into w4), then the activations
+ * (16-vector groups: x padded, transposed and rounded per group and block); the outliers, which
+ * need every quad's codes and a stable order by column, are sorted between the two, serially. */
+struct Prep {
+    const Weights *Ws;
+    const float *X;
+    struct TActs *T;
+    const Py_ssize_t *p0; /* item k's first padded input row; p0[n] = NP */
+    Py_ssize_t n, qpt;    /* items; quads per phase-one task */
+    float *st, *ot, *xp;  /* scale and offset transposed, [g][p]; x, [b][p]; 0 in the padding */
+    uint8_t *u;           /* per slot: a quad of rows unpacked to bytes, 4 pc each */
+    Py_ssize_t ub;        /* bytes of one slot's u */
+};
+
+static void prep_codes(void *ctx, Py_ssize_t t, int slot) {
+    const struct Prep *P = ctx;
+    const struct TActs *T = P->T;
+    const Py_ssize_t H = T->H, ng = T->ng, NP = T->NP;
+    Py_ssize_t q1 = (t + 1) * P->qpt, k = 0;
+    q1 = q1 < T->NQ ? q1 : T->NQ;
+    uint8_t *u = P->u + slot * P->ub;
+    for (Py_ssize_t iq = t * P->qpt; iq < q1; iq++) {
+        const Py_ssize_t i = 4 * iq;
+        while (P->p0[k + 1] <= i) k++;
+        const Weights *W = &P->Ws[k];
+        const Py_ssize_t r = i - P->p0[k], pc = W->pc;
+        uint32_t *w = T->w4 + iq * H;
+        if (r >= W->rows) { /* a padding quad: no codes, scale and offset 0 */
+            memset(w, 0, (size_t)H * 4);
+            for (Py_ssize_t g = 0; g < ng; g++)
+                for (int q = 0; q < 4; q++) P->st[g * NP + i + q] = P->ot[g * NP + i + q] = 0.0f;
+            continue;
+        }
         for (int q = 0; q < 4; q++) {
             for (Py_ssize_t g = 0; g < ng; g++)
-                st[g * NP + i + q] = W->scale[(r + q) * ng + g], ot[g * NP + i + q] = W->offset[(r + q) * ng + g];
+                P->st[g * NP + i + q] = W->scale[(r + q) * ng + g], P->ot[g * NP + i + q] = W->offset[(r + q) * ng + g];
             if (W->bits == 8)
                 memcpy(u + q * pc, W->w + (r + q) * pc, (size_t)pc);
             else
                 unpack_row_u8(W, r + q, u + q * pc);
         }
-        /* the outliers of these rows (indices ascend), their codes from u */
-        for (; o < W->nout && (Py_ssize_t)(W->oidx[o] / W->cols) < r + 4; o++) {
-            const Py_ssize_t rr = W->oidx[o] / W->cols, c = W->oidx[o] % W->cols, g = c / W->seg, at = cur[c]++;
-            float qw = (float)u[(rr - r) * pc + c] * W->scale[rr * ng + g];
-            T->od[at] = W->oval[o] - (qw + W->offset[rr * ng + g]);
-            T->op[at] = p0 + rr;
-        }
-        uint32_t *w = T->w4 + (i / 4) * H;
         Py_ssize_t j = 0;
 #if LB_AVX512
         /* 64 columns at a time: bytes of rows 0/1 and 2/3 paired, then the pairs, which leaves
@@ -1796,57 +1768,70 @@ static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssi
         for (; j < H; j++)
             w[j] = (uint32_t)u[j] | (uint32_t)u[pc + j] << 8 | (uint32_t)u[2 * pc + j] << 16 | (uint32_t)u[3 * pc + j] << 24;
     }
-    /* z_g block by block. AVX-512: the batch across the lanes (x transposed: xl[p][16 v + lane]),
-     * so a block's max and the offset sums need no horizontal steps, and four inputs' int8 codes of
-     * 16 vectors are one 64-byte store; else vector by vector. Both: z = x * scale, then rint(z * id)
-     * with id = 127 / max|z| (0 for an all-zero block), as qmm_numpy rounds. */
-#if LB_AVX512
-    float *xl = z; /* NP x nv * 16 floats (allocated as such above); NP is a multiple of 16 */
-    T->xl = xl;
-    for (Py_ssize_t v = 0; v < nv; v++)
-        for (Py_ssize_t i0 = 0; i0 < NP; i0 += 16) { /* 16 vectors x 16 inputs, transposed in registers */
-            __m512 r[16];
-            for (int l = 0; l < 16; l++)
-                r[l] = 16 * v + l < B ? _mm512_loadu_ps(xp + (16 * v + l) * NP + i0) : _mm512_setzero_ps();
-            transpose16(r);
-            for (int i = 0; i < 16; i++) _mm512_store_ps(xl + ((i0 + i) * nv + v) * 16, r[i]);
-        }
-    memset(T->ox, 0, oxf * sizeof(float));
-    for (Py_ssize_t g = 0; g < ng; g++) {
-        const float *sg = st + g * NP, *og = ot + g * NP;
-        for (Py_ssize_t v = 0; v < nv; v++) {
-            __m512 oa = _mm512_setzero_ps();
-            for (Py_ssize_t k = 0; k < NK; k++) {
-                __m512 zb[TKB], mx = _mm512_setzero_ps();
-                for (int i = 0; i < TKB; i++) {
-                    const Py_ssize_t p = k * TKB + i;
-                    __m512 xi = _mm512_load_ps(xl + (p * nv + v) * 16);
-                    zb[i] = _mm512_mul_ps(xi, _mm512_set1_ps(sg[p]));
-                    mx = _mm512_max_ps(mx, _mm512_abs_ps(zb[i]));
-                    oa = _mm512_fmadd_ps(xi, _mm512_set1_ps(og[p]), oa);
-                }
-                __mmask16 nz = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_NEQ_OQ);
-                __m512 id = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.0f), mx);
-                _mm512_store_ps(T->dz + ((g * NK + k) * nv + v) * 16, _mm512_div_ps(mx, _mm512_set1_ps(127.0f)));
-                const __m512i lo = _mm512_set1_epi32(255);
-                for (int iq = 0; iq < TKB / 4; iq++) {
-                    __m512i w = _mm512_setzero_si512();
-                    for (int m = 0; m < 4; m++) {
-                        __m512i q = _mm512_and_si512(_mm512_cvtps_epi32(_mm512_mul_ps(zb[4 * iq + m], id)), lo);
-                        w = _mm512_or_si512(w, _mm512_slli_epi32(q, 8 * m));
-                    }
-                    _mm512_store_si512((void *)(T->xv + ((g * NQ + k * TKB / 4 + iq) * nv + v) * 64), w);
-                }
-            }
-            _mm512_store_ps(T->ox + (g * nv + v) * 16, oa);
+}
+
+/* Vectors 16 t .. 16 t + 15: their rows of xp (x, 0 in the padding), then z_g block by block.
+ * AVX-512: the batch across the lanes (x transposed: xl[p][16 v + lane]), so a block's max and the
+ * offset sums need no horizontal steps, and four inputs' int8 codes of 16 vectors are one 64-byte
+ * store; a block is rounded for every group while it is in L1. Else vector by vector. Both:
+ * z = x * scale, then rint(z * id) with id = 127 / max|z| (0 for an all-zero block), as
+ * qmm_numpy rounds; the offset sums add inputs in ascending order. */
+static void prep_acts(void *ctx, Py_ssize_t v, int slot) {
+    (void)slot;
+    const struct Prep *P = ctx;
+    struct TActs *T = P->T;
+    const Py_ssize_t B = T->B, NP = T->NP, N = T->N, ng = T->ng, nv = T->nv, NK = T->NK, NQ = T->NQ;
+    const Py_ssize_t b1 = 16 * v + 16 < B ? 16 * v + 16 : B;
+    for (Py_ssize_t b = 16 * v; b < b1; b++) {
+        float *row = P->xp + b * NP;
+        for (Py_ssize_t k = 0, x0 = 0; k < P->n; x0 += P->Ws[k].rows, k++) {
+            const Py_ssize_t rows = P->Ws[k].rows;
+            memcpy(row + P->p0[k], P->X + b * N + x0, (size_t)rows * sizeof(float));
+            memset(row + P->p0[k] + rows, 0, (size_t)(P->p0[k + 1] - P->p0[k] - rows) * sizeof(float));
         }
     }
-#else
-    for (Py_ssize_t b = 0; b < B; b++) {
-        const float *x = xp + b * NP;
-        const Py_ssize_t v = b / 16, lane = b % 16;
+#if LB_AVX512
+    float *xl = (float *)T->xl;
+    for (Py_ssize_t i0 = 0; i0 < NP; i0 += 16) { /* 16 vectors x 16 inputs, transposed in registers */
+        __m512 r[16];
+        for (int l = 0; l < 16; l++)
+            r[l] = 16 * v + l < B ? _mm512_loadu_ps(P->xp + (16 * v + l) * NP + i0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int i = 0; i < 16; i++) _mm512_store_ps(xl + ((i0 + i) * nv + v) * 16, r[i]);
+    }
+    for (Py_ssize_t g = 0; g < ng; g++) _mm512_store_ps(T->ox + (g * nv + v) * 16, _mm512_setzero_ps());
+    const __m512i lo = _mm512_set1_epi32(255);
+    for (Py_ssize_t k = 0; k < NK; k++)
         for (Py_ssize_t g = 0; g < ng; g++) {
-            const float *sg = st + g * NP, *og = ot + g * NP;
+            const float *sg = P->st + g * NP, *og = P->ot + g * NP;
+            __m512 zb[TKB], mx = _mm512_setzero_ps(), oa = _mm512_load_ps(T->ox + (g * nv + v) * 16);
+            for (int i = 0; i < TKB; i++) {
+                const Py_ssize_t p = k * TKB + i;
+                __m512 xi = _mm512_load_ps(xl + (p * nv + v) * 16);
+                zb[i] = _mm512_mul_ps(xi, _mm512_set1_ps(sg[p]));
+                mx = _mm512_max_ps(mx, _mm512_abs_ps(zb[i]));
+                oa = _mm512_fmadd_ps(xi, _mm512_set1_ps(og[p]), oa);
+            }
+            _mm512_store_ps(T->ox + (g * nv + v) * 16, oa);
+            __mmask16 nz = _mm512_cmp_ps_mask(mx, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+            __m512 id = _mm512_maskz_div_ps(nz, _mm512_set1_ps(127.0f), mx);
+            _mm512_store_ps(T->dz + ((g * NK + k) * nv + v) * 16, _mm512_div_ps(mx, _mm512_set1_ps(127.0f)));
+            for (int iq = 0; iq < TKB / 4; iq++) {
+                __m512i w = _mm512_setzero_si512();
+                for (int m = 0; m < 4; m++) {
+                    __m512i q = _mm512_and_si512(_mm512_cvtps_epi32(_mm512_mul_ps(zb[4 * iq + m], id)), lo);
+                    w = _mm512_or_si512(w, _mm512_slli_epi32(q, 8 * m));
+                }
+                _mm512_store_si512((void *)(T->xv + ((g * NQ + k * TKB / 4 + iq) * nv + v) * 64), w);
+            }
+        }
+#else
+    float z[TKB];
+    for (Py_ssize_t b = 16 * v; b < b1; b++) {
+        const float *x = P->xp + b * NP;
+        const Py_ssize_t lane = b % 16;
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            const float *sg = P->st + g * NP, *og = P->ot + g * NP;
             float oacc = 0.0f;
             for (Py_ssize_t k = 0; k < NK; k++) {
                 const Py_ssize_t i0 = k * TKB;
@@ -1865,7 +1850,71 @@ static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssi
         }
     }
 #endif
-    return 0;
+}
+
+static int tacts_prepare(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t B, int threads,
+                         struct TActs *T) {
+    const Py_ssize_t H = Ws[0].cols, G = Ws[0].seg, ng = Ws[0].nseg, pc = Ws[0].pc;
+    Py_ssize_t N = 0, NP = 0; /* inputs, and in the padded space where every item starts a block */
+    for (Py_ssize_t k = 0; k < n; k++) N += Ws[k].rows, NP += (Ws[k].rows + TKB - 1) / TKB * TKB;
+    const Py_ssize_t NQ = NP / 4, NK = NP / TKB, nv = (B + 15) / 16;
+    *T = (struct TActs){.N = N, .NP = NP, .NQ = NQ, .NK = NK, .H = H, .ng = ng, .G = G, .B = B, .nv = nv};
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    size_t xvb = (size_t)(ng * NQ * nv * 64), dzf = (size_t)(ng * NK * nv * 16), oxf = (size_t)(ng * nv * 16),
+           w4b = (size_t)(NQ * H) * 4, sf = (size_t)(2 * ng * NP + B * NP), ub = ((size_t)(4 * pc) + 63) & ~(size_t)63;
+    const size_t xlf = LB_AVX512 ? (size_t)(NP * nv * 16) : 0; /* xl */
+    Py_ssize_t nout = 0;
+    for (Py_ssize_t k = 0; k < n; k++) nout += Ws[k].nout;
+    const size_t ocb = (size_t)(2 * (H + 1) + nout + n + 1) * sizeof(Py_ssize_t), odb = (size_t)nout * sizeof(float);
+    size_t total = xvb + (dzf + oxf + sf + xlf) * sizeof(float) + w4b + ub * (size_t)threads + ocb + odb + 8 * 64;
+    uint8_t *p = block_get(total);
+    if (!p) return -1;
+    T->buf = p;
+    struct Prep P = {.Ws = Ws, .X = X, .T = T, .n = n, .ub = (Py_ssize_t)ub};
+#define TAKE(ptr, type, bytes) (ptr = (type)p, p += ((bytes) + 63) & ~(size_t)63)
+    TAKE(T->xv, int8_t *, xvb);
+    TAKE(T->dz, float *, dzf * sizeof(float));
+    TAKE(T->ox, float *, oxf * sizeof(float));
+    TAKE(T->w4, uint32_t *, w4b);
+    TAKE(P.st, float *, sf * sizeof(float));
+    P.ot = P.st + ng * NP, P.xp = P.ot + ng * NP;
+    TAKE(P.u, uint8_t *, ub * (size_t)threads);
+    float *xl;
+    TAKE(xl, float *, xlf * sizeof(float));
+    Py_ssize_t *cur, *p0; /* the next free slot of each column's outliers; items' first padded rows */
+    TAKE(T->ocol, Py_ssize_t *, ocb);
+    cur = T->ocol + H + 1, T->op = cur + H + 1, p0 = T->op + nout;
+    TAKE(T->od, float *, odb);
+#undef TAKE
+    p0[0] = 0;
+    for (Py_ssize_t k = 0; k < n; k++) p0[k + 1] = p0[k] + (Ws[k].rows + TKB - 1) / TKB * TKB;
+    P.p0 = p0;
+    T->xp = P.xp, T->xl = LB_AVX512 ? xl : NULL;
+    /* phase one: about 4 tasks per thread, of at least 16 quads */
+    P.qpt = threads > 1 ? (NQ + 4 * threads - 1) / (4 * threads) : NQ;
+    P.qpt = P.qpt < 16 ? 16 : P.qpt;
+    if (parallel_for(prep_codes, &P, (NQ + P.qpt - 1) / P.qpt, threads)) return -1;
+    /* outliers sorted by column (stable: item order, then row), their (exact - quantized) weight
+     * computed once: the tiles add delta * x for their own columns; codes from w4 */
+    memset(T->ocol, 0, (size_t)(H + 1) * sizeof(Py_ssize_t));
+    for (Py_ssize_t k = 0; k < n; k++)
+        for (Py_ssize_t o = 0; o < Ws[k].nout; o++) T->ocol[Ws[k].oidx[o] % Ws[k].cols + 1]++;
+    for (Py_ssize_t j = 0; j < H; j++) T->ocol[j + 1] += T->ocol[j];
+    memcpy(cur, T->ocol, (size_t)H * sizeof(Py_ssize_t));
+    for (Py_ssize_t k = 0; k < n; k++) {
+        const Weights *W = &Ws[k];
+        for (Py_ssize_t o = 0; o < W->nout; o++) {
+            const Py_ssize_t rr = W->oidx[o] / W->cols, c = W->oidx[o] % W->cols, g = c / W->seg, at = cur[c]++;
+            const Py_ssize_t i = p0[k] + rr;
+            const float qw = (float)((T->w4[(i / 4) * H + c] >> (8 * (i % 4))) & 255u) * W->scale[rr * ng + g];
+            T->od[at] = W->oval[o] - (qw + W->offset[rr * ng + g]);
+            T->op[at] = i;
+        }
+    }
+#if !LB_AVX512
+    memset(T->xv, 0, xvb); /* the portable path writes vector by vector */
+#endif
+    return parallel_for(prep_acts, &P, nv, threads);
 }
 
 #if LB_VNNI
@@ -1988,7 +2037,7 @@ static int run_qmmt(const Weights *Ws, Py_ssize_t n, const float *X, Py_ssize_t 
     J->T = malloc(sizeof *J->T);
     if (!J->task_item || !J->task_r0 || !J->T) return -1;
     J->T->buf = NULL;
-    if (tacts_prepare(Ws, n, X, B, J->T)) return -1;
+    if (tacts_prepare(Ws, n, X, B, threads, J->T)) return -1;
     Py_ssize_t t = 0;
     for (Py_ssize_t g = 0; g < ng; g++)
         for (Py_ssize_t c = g * G; c < (g + 1) * G && c < H; c += per) J->task_item[t] = g, J->task_r0[t++] = c;
