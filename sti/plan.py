@@ -241,8 +241,7 @@ class DeviceProfile:
     int8_per_token_bits: dict[int, float] = field(default_factory=dict)  # bits -> s per shard per token, extra
     # compute time per streamed byte: where reads come from the page cache, the IO worker's
     # copying and checksumming slows the compute beside it (measured on the streaming runtime);
-    # of a shard whose products run on dequantized weights (BLAS on every core), and of one that
-    # int8 products read (on one thread, leaving the IO worker a core)
+    # of a shard whose products run on dequantized weights, and of one that int8 products read
     stream_compute_per_byte: float = 0.0
     stream_compute_per_byte_int8: float = 0.0
     # s per input token before the first layer can start: reading its word-embedding row (from

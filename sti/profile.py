@@ -94,6 +94,7 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 12: int8 products on two threads where there are two cores (runtime.INT8_THREADS);
 # 11: each bitwidth's int8 products priced per token too (timed at two lengths); 10: cold and
 # emulated reads fitted with compute per streamed byte beside the read factor, on
 # reads announced to the device a batch at once; the embedding rows timed; deadline margins per
@@ -105,7 +106,7 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 11
+PROFILE_VERSION = 12
 PROFILE_FILE = "profile.json"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
@@ -1036,9 +1037,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       calls and scratch traffic per shard; a per-token correction of ``c1``);
     * IO side: every shard streamed at 4 bits through the IO worker (with ``throttle``, as plans
       run; without one, cold: the store evicted from the page cache before every request), by
-      the engine plans run at each length: with int8 products up to ``int8_max_tokens`` (on one
-      thread, they leave the IO worker a core: warm MiniLM, 32 tokens, the streaming cost per
-      byte fitted on the dequantizing engine overpriced such plans by 10-27%), without beyond.
+      the engine plans run at each length: with int8 products up to ``int8_max_tokens`` (their
+      streaming cost is fitted apart: warm MiniLM, 32 tokens, the streaming cost per byte fitted
+      on the dequantizing engine overpriced such plans by 10-27%), without beyond.
       On a 2-core machine the IO worker shares the cores with the compute, so reads finish
       later than the device alone would, and the kernel's work for cold reads slows the
       compute: the factor ``io_slowdown`` >= 1 on read times and the compute time per streamed
@@ -1088,7 +1089,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     # as the device profile models reads: cold (page cache evicted per request), warm or emulated
     streamed = StreamingEncoder(store, Schedule(layers, chunk_shards=chunk_shards), throttle=throttle,
                                 cold=throttle is None and not warm)
-    # and with int8 products, which leave the IO worker a core of its own (they run on one thread)
+    # and with int8 products (runtime.INT8_THREADS threads), whose streaming costs differ
     streamed8 = None if pre8 is None else StreamingEncoder(
         store, Schedule(layers, chunk_shards=chunk_shards, int8_max_tokens=store.config.max_position),
         throttle=throttle, cold=throttle is None and not warm)

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sti.errors import STIError
+from sti.machine import available_cpus
 from sti.models import bert
 
 # When the IO worker checks a streamed shard's checksum: on every read ("always"), or on the
@@ -260,6 +261,14 @@ class Throttle:
 # input-major (wo_t, w_down_t: rows are inputs, weight groups run along the outputs, so the
 # transposed product folds the scales into x; sti.lowbit.qmmt_stack).
 INT8_PARTS = {"qkv": ("wqkv", False), "o": ("wo_t", True), "up": ("w_up", False), "down": ("w_down_t", True)}
+# Threads of the int8 products: two where there are two cores. Measured on a 2-vCPU machine
+# (MiniLM, 4 bits, medians of alternating runs): preloaded 5.9 -> 5.1 ms at 32 tokens and
+# ~22 -> ~17 ms at 128; 30% preloaded, the rest read warm each request, 8.6-9.1 -> 6.2-7.0 ms
+# at 32 tokens; read cold, no change (9.0 -> 8.7-9.0 ms: the reads bound it). Before kernel
+# revision 8 a second thread made requests slower (the transposed product prepared its operands
+# on one thread) and the IO worker's reads were thought to want the other core; they mostly
+# wait on the kernel's copy or the device, and a product's caller takes back a late helper's tiles.
+INT8_THREADS = min(2, available_cpus())
 
 
 class _Int8Stack:
@@ -466,10 +475,7 @@ class StreamingEncoder:
 
         if not lowbit.has_int8_kernel():
             return 0
-        # one thread: these products are bound by the vector units, and on the 2-vCPU machines
-        # measured a second thread made requests slower (8.4 -> 8.9 ms preloaded, 11.6 -> 12.1 ms
-        # streamed: MiniLM, 2 bits, 32 tokens), while the IO worker wants the other core
-        return 1
+        return INT8_THREADS
 
     def uses_int8(self, ntok: int) -> bool:
         """Whether a request of ``ntok`` tokens runs int8 products on its quantized shards."""
