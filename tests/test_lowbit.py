@@ -784,6 +784,23 @@ def test_qmmt_stack_matches_its_numpy_reference(rng, batch, group_size, cols):
     assert err.max() <= 0.02 * bound.max() and err.max() > 0
 
 
+@pytest.mark.parametrize("batch", [1, 17, 128])
+def test_qmmt_stack_gives_the_same_bits_on_any_number_of_threads(rng, batch):
+    """Its preparation (code words, x rounded per output group) and its tiles run on the pool's
+    threads; every output column is one task's sum, so the threads change no bit, with or
+    without accumulate. Shards as an encoder chunk's down projection: 128-row items, outliers."""
+    a, pa = shard_file(rng, [(128, 384, 4, 64), (128, 384, 8, 64), (128, 384, 2, 64)])
+    bufs, prog = [a] * 6, np.stack([pa.prog[i] for i in (0, 1, 2, 2, 1, 0)])
+    x = rng.standard_normal((batch, 6 * 128)).astype(np.float32)
+    want = lb.qmmt_stack(x, np.empty((batch, 384), np.float32), bufs, prog, threads=1)
+    base = rng.standard_normal((batch, 384)).astype(np.float32)
+    want_acc = lb.qmmt_stack(x, base.copy(), bufs, prog, accumulate=True, threads=1)
+    for threads in (2, 3):
+        got = lb.qmmt_stack(x, np.empty((batch, 384), np.float32), bufs, prog, threads=threads)
+        assert np.array_equal(got, want)
+        assert np.array_equal(lb.qmmt_stack(x, base.copy(), bufs, prog, accumulate=True, threads=threads), want_acc)
+
+
 def test_qmmt_numpy_rounding_stays_within_its_bound(rng):
     """|qmmt - x @ W| <= sum over blocks of dz / 2 * sum of the block's codes (+ float32 slack),
     with z = x * scale of the output group; an activation outlier coarsens its block only."""
