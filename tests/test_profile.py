@@ -135,10 +135,16 @@ def test_device_profile_fit(tiny_bert):
     calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
     val = meta["validation"]  # and plan-like configurations' latency over their predictions
     assert val["plans"] and all(q["predicted_ms"] > 0 and q["median_ms"] > 0 for q in val["plans"])
-    # the deadline margin per measured length: the calibration's spread or the validation's there
+    # the deadline margin per measured length: the 95th percentile of the model's error there
+    # times the spreads of the validation's and the calibration's requests, pooled
     assert set(dev.tail_by_tokens) == set(val["tail_by_tokens"]) == {4, 8, 16}
+    assert val["rounds"] == 3 and val["spread_samples"] == len(calib["spread"]) + val["repeats"] * len(val["plans"])
+    spread = np.array(calib["spread"] + val["spread"])
     for n, v in dev.tail_by_tokens.items():
-        assert v == max(calib["tail_ratio"], val["tail_by_tokens"][n]) >= 1.0 and dev.margin(n) == v
+        assert v == val["tail_by_tokens"][n] >= 1.0 and dev.margin(n) == v
+        errors = [1 + q["error"] for q in val["plans"] if q["seq_len"] == n]
+        want = np.percentile(np.concatenate([e * spread for e in errors]), 95)
+        assert v == pytest.approx(max(1.0, want), rel=1e-3)
     assert dev.tail_ratio == max(dev.tail_by_tokens.values())
     assert dev.margin(12) == max(dev.tail_by_tokens[8], dev.tail_by_tokens[16])
     assert dev.margin(2) == dev.tail_by_tokens[4] and dev.margin(99) == dev.tail_by_tokens[16]
@@ -296,7 +302,8 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
               "int8_shard_us": {"2": 22.6, "8": 52.5}, "int8_per_token_us": 2.6, "tail_ratio": 1.16,
               "stream_compute_ns_per_byte": 0.23, "stream_compute_ns_per_byte_int8": 0.07, "io_slowdown": 1.0,
               "embed_us_per_token": 4.7, "validation": {"plans": 12, "error_range": [-0.04, 0.07],
-                                                        "median_abs_error": 0.03, "tail_ratio": 1.09}}
+                                                        "median_abs_error": 0.03, "spread_p95": 1.08,
+                                                        "spread_samples": 180}}
     summary = {"profile": "STORE/profile-warm.json", "task": "bbc-news", "storage": "warm",
                "seconds": {"total": 13.0, "importance": 0.0, "device": 13.0},
                "calibration": {"head": "bbc-news", "n_texts": 48, "seq_len": 64}, "full_accuracy": 0.9375,
@@ -307,7 +314,8 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
     text = prof.format_summary(summary)
     for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
                  "8-bit 52.5", "0.23 ns of compute per streamed byte (0.07 where int8 products read it)", "T / 1.16",
-                 "validation on 12 plan-like configurations: median over predicted -4%..+7%", "predicted 1.09", "accuracy there 0.938",
+                 "validation on 12 plan-like configurations: median over predicted -4%..+7%",
+                 "p95 / median 1.08 (180 pooled)", "accuracy there 0.938",
                  "layer 1 shard 10 (0.059)", "Spearman 0.95", "rows 4.7 us per token"):
         assert part in text, part
     cold = prof.format_summary({**summary, "storage": None, "full_accuracy": None, "additivity": None,
