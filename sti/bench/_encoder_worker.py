@@ -1,7 +1,12 @@
 """One system of ``sti bench encoder`` over the evaluation inputs, in a process of its own (so
 that its peak RSS is its own). Run by the suite, not by hand:
 
-    python -m sti.bench._encoder_worker SPEC.json
+    python -m sti.bench._encoder_worker SPEC.json [--serve]
+
+With ``--serve`` the requests run in turns with other systems' workers: after set-up and
+warm-up the worker prints ``{"ready": ...}`` and then reads commands from stdin, ``run A B``
+(one untimed request, as the previous request on the machine was another process's, then
+requests A..B-1, answered with ``{"ran": B - A}``) and ``done`` (the results below, then exit).
 
 SPEC (written by ``sti.bench.encoder``):
   system   "in-memory"     every weight read from the store at fp32 once (untimed), then
@@ -184,10 +189,29 @@ def main(argv: list[str]) -> int:
     if facts is not None:
         facts.clear()  # the warm-up requests' traces
     latency, preds = [], []
-    for ids in requests:
-        dt, p = request(ids)
-        latency.append(dt)
-        preds.append(p)
+
+    def run(a: int, b: int) -> None:
+        for ids in requests[a:b]:
+            dt, p = request(ids)
+            latency.append(dt)
+            preds.append(p)
+
+    if "--serve" in argv:
+        print(json.dumps({"ready": spec["system"], "setup_s": setup_s}), flush=True)
+        for line in sys.stdin:
+            cmd = line.split()
+            if cmd and cmd[0] == "run":
+                a, b = int(cmd[1]), int(cmd[2])
+                kept = None if facts is None else len(facts)
+                request(requests[a % len(requests)])  # untimed: the machine last ran another process
+                if facts is not None:
+                    del facts[kept:]
+                run(a, b)
+                print(json.dumps({"ran": b - a}), flush=True)
+            elif cmd == ["done"]:
+                break
+    else:
+        run(0, len(requests))
     print(json.dumps({"system": spec["system"], "latency_s": latency, "preds": preds, "trace": facts,
                       "resident_bytes": None if system.resident is None else int(system.resident),
                       "setup_s": setup_s, "peak_rss_bytes": peak_rss_bytes()}))

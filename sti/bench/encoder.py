@@ -18,7 +18,11 @@ Grid. Latency targets T = multiples of STI's own warm in-memory fp32 latency at 
 word-embedding table included (``MEMORY_FRACTIONS``).
 
 Systems (their keys in the JSON), each measured in a process of its own (``_encoder_worker``)
-so that its peak RSS (VmHWM) is its own:
+so that its peak RSS (VmHWM) is its own. At each length and storage condition the streamed and
+per-request systems run side by side, taking turns of ``ROUND_TEXTS`` requests in a shuffled
+order (``Bench.turns``), so that a slow minute of a shared machine falls on all of them alike;
+the fp32 in-memory reference runs among them once more, and its median there is reported beside
+the one T was set from (``fp32_warm_latency_during_s``):
   in-memory        every weight at fp32 in memory, warm; defines T. Storage plays no part, so
                    it is measured once per length and shown under every storage condition.
   load-execute     per request: open the store, read and check every weight, then run.
@@ -69,10 +73,13 @@ import json
 import os
 import platform
 import re
+import select
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -93,6 +100,7 @@ EMULATED = "200MBps"
 CHUNK_SHARDS = 4
 EXACT_TIME_LIMIT_S = 20.0
 WORKER_TIMEOUT_S = 3600
+ROUND_TEXTS = 10  # requests per system per turn where the systems of a condition take turns
 
 DEADLINE_SHARE = 0.95  # a run meets T when at least this share of its requests finish within T
 ACCURACY_SHARE = 0.99  # (a): accuracy >= this x the fp32 accuracy
@@ -876,6 +884,7 @@ class Bench:
         self.notes: list[str] = []
         self.errors: list[str] = []
         self._n = 0
+        self._queue: list | None = None  # systems waiting to run in turns (see ``turns``)
         np.savez(work / "head.npz", W=ev.W.astype(np.float32), b=ev.b.astype(np.float32))
         self.inputs = {}
         tok = self.store.tokenizer()
@@ -905,8 +914,9 @@ class Bench:
              + (f" ({run.wall_s:.1f} s)" if run.wall_s else ""))
         return run
 
-    def measure(self, run: Run, spec: dict) -> Run:
-        """Run the worker for one system and fill ``run`` from its output (an error is recorded)."""
+    def measure(self, run: Run, spec: dict, record: bool = True) -> Run:
+        """Run the worker for one system and fill ``run`` from its output (an error is recorded);
+        inside :meth:`turns`, queue it to run in turns with the others instead."""
         from sti.bench.engine import _run_process
 
         self._n += 1
@@ -915,15 +925,63 @@ class Bench:
                 **spec}
         path = self.work / f"spec-{self._n}.json"
         path.write_text(json.dumps(spec), encoding="utf-8")
+        if self._queue is not None:
+            self._queue.append((run, path, record))
+            return run
         t0 = time.perf_counter()
         res = _run_process([sys.executable, "-m", "sti.bench._encoder_worker", str(path)], WORKER_TIMEOUT_S)
         run.wall_s = time.perf_counter() - t0
         if res["rc"] != 0:
             tail = " / ".join((res["stderr"] or res["stdout"]).strip().splitlines()[-2:])
-            run.status, run.reason = "error", f"worker exited with status {res['rc']}: {tail}"
-            self.errors.append(f"{run.id}: {run.reason}")
-            return self._record(run)
-        out = json.loads(res["stdout"].strip().splitlines()[-1])
+            return self._failed(run, f"worker exited with status {res['rc']}: {tail}", record)
+        return self._fill(run, json.loads(res["stdout"].strip().splitlines()[-1]), record)
+
+    def _failed(self, run: Run, reason: str, record: bool = True) -> Run:
+        run.status, run.reason = "error", reason
+        self.errors.append(f"{run.id}: {run.reason}")
+        return self._record(run) if record else run
+
+    @contextmanager
+    def turns(self, label: str):
+        """The systems measured inside the block run side by side, each in its worker process,
+        taking turns of ``ROUND_TEXTS`` requests in a shuffled order per turn: a slow minute of
+        a shared VM then falls on all of them alike instead of on whichever system ran in it
+        (one system's 100 requests back to back take 1-3 s; the same plan ran at 9.4 and 6.9 ms
+        medians in two runs minutes apart, on the same grid)."""
+        self._queue = []
+        try:
+            yield
+            queue = self._queue
+        finally:
+            self._queue = None
+        self._run_turns(queue, label)
+
+    def _run_turns(self, queue: list[tuple[Run, Path, bool]], label: str) -> None:
+        live = []
+        for run, path, record in queue:  # one at a time: a worker's set-up is timed (setup_s)
+            try:
+                live.append((run, _Worker(path, WORKER_TIMEOUT_S), record))
+            except WorkerError as e:
+                self._failed(run, str(e), record)
+        n = len(self.ev.texts)
+        slices = [(a, min(a + ROUND_TEXTS, n)) for a in range(0, n, ROUND_TEXTS)]
+        rng = np.random.default_rng(len(queue))
+        for i, (a, b) in enumerate(slices):
+            _say(f"{label} turn {i + 1}/{len(slices)}: {len(live)} systems x {b - a} requests")
+            for j in rng.permutation(len(live)):
+                run, w, record = live[j]
+                if w.error is None:
+                    w.turn(a, b)
+        for run, w, record in live:
+            out = w.finish()
+            run.wall_s = w.wall_s
+            if w.error is not None:
+                self._failed(run, w.error, record)
+            else:
+                self._fill(run, out, record)
+
+    def _fill(self, run: Run, out: dict, record: bool = True) -> Run:
+        """``run`` from its worker's results."""
         run.latency, run.preds = out["latency_s"], out["preds"]
         run.resident_bytes, run.peak_rss_bytes = out["resident_bytes"], out["peak_rss_bytes"]
         run.setup_s = out["setup_s"]
@@ -932,7 +990,7 @@ class Bench:
             run.bound_ratio = [f["latency_s"] / f["bound_s"] for f in facts if f["bound_s"] > 0]
             run.trace = {k: statistics.median(f[k] for f in facts) for k in facts[0]}
         run.score(self.ev.y)
-        return self._record(run)
+        return self._record(run) if record else run
 
     # ---------------------------------------------------------------- the systems
 
@@ -1122,14 +1180,101 @@ class Bench:
         _say(f"[{seq} tokens, {st.key}] planning {n} points x {len(STI_METHODS)} planners (the exact planner may "
              f"take up to {self.grid.exact_time_limit:g} s each; plans are cached)")
         plans = self.plans(seq, st)
-        self.load_execute(seq, st)
-        self.layerwise(seq, st)
-        for bits in self.grid.uniform_bits or sorted(self.store.bits):
-            for frac in self.grid.memory_fractions:
-                self.uniform(seq, st, bits, frac)
-        for (method, mult, frac), entry in plans.items():
-            self.sti(seq, st, method, mult, frac, entry)
+        # the fp32 reference again, among the others: how far the machine's speed moved from
+        # when T was set (a VM's slow minutes)
+        again = Run("in-memory", seq, st.key)
+        with self.turns(f"[{seq} tokens, {st.key}]"):
+            self.measure(again, {"system": "in-memory"}, record=False)
+            self.load_execute(seq, st)
+            self.layerwise(seq, st)
+            for bits in self.grid.uniform_bits or sorted(self.store.bits):
+                for frac in self.grid.memory_fractions:
+                    self.uniform(seq, st, bits, frac)
+            for (method, mult, frac), entry in plans.items():
+                self.sti(seq, st, method, mult, frac, entry)
+        if again.ok:
+            ref = self.references[seq]
+            during = round(statistics.median(again.latency), 6)
+            ref.setdefault("fp32_warm_latency_during_s", {})[st.key] = during
+            drift = during / ref["fp32_warm_latency_s"] - 1
+            if abs(drift) > PREDICTION_TOLERANCE:
+                self.notes.append(f"{seq} tokens, {st.key}: the fp32 in-memory reference ran at "
+                                  f"{fmt_ms(during)} median among the grid's systems against {fmt_ms(ref['fp32_warm_latency_s'])} "
+                                  f"when T was set ({drift:+.0%}): the machine's speed moved between the two")
         self.hf_cold(seq, st, hf_warm)
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class _Worker:
+    """One system's worker process serving turns (``_encoder_worker --serve``): started and
+    waited for until ready (set-up and warm-up done), then ``turn(a, b)`` runs requests
+    a..b-1 and ``finish()`` returns its results. A worker that fails keeps the reason in
+    ``error`` and answers nothing more."""
+
+    def __init__(self, spec: Path, timeout: float):
+        self.timeout, self.wall_s, self.error = timeout, 0.0, None
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sti.bench._encoder_worker", str(spec), "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        try:
+            self._answer()
+        except WorkerError as e:
+            self._close()
+            raise WorkerError(str(e)) from None
+
+    def _answer(self) -> dict:
+        """The worker's next JSON line (it prints nothing else on stdout that starts with '{')."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                self.proc.kill()
+                raise WorkerError(f"worker gave no answer within {self.timeout:g} s")
+            line = self.proc.stdout.readline()
+            if not line:
+                rc = self.proc.wait()
+                self._err.seek(0)
+                tail = " / ".join(self._err.read().decode("utf-8", "replace").strip().splitlines()[-2:])
+                raise WorkerError(f"worker exited with status {rc}: {tail}")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def _ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def turn(self, a: int, b: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._ask(f"run {a} {b}")
+        except (WorkerError, OSError) as e:
+            self.error = str(e)
+            self._close()
+        self.wall_s += time.perf_counter() - t0
+
+    def finish(self) -> dict | None:
+        if self.error is not None:
+            return None
+        try:
+            out = self._ask("done")
+            self.proc.wait(self.timeout)
+            return out
+        except (WorkerError, OSError, subprocess.TimeoutExpired) as e:
+            self.error = str(e)
+            return None
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self._err):
+            f.close()
 
 
 def _cached_plan(path: Path, profile: str) -> dict | None:

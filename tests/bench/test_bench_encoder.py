@@ -213,3 +213,28 @@ def test_baselines_that_cannot_fit_M_are_reported_and_not_run(profiled_tiny, tmp
         assert r.status == "does-not-fit" and r.need_bytes > int(0.01 * total) and r.latency == [] and r.wall_s is None
         assert not r.meets_M(10**12) and "needs" in r.reason
     assert bench.budgets == {0.01: int(0.01 * total)}
+
+
+def test_systems_take_turns_and_give_what_they_give_alone(profiled_tiny, tmp_path, monkeypatch):
+    """Inside ``Bench.turns`` every system's worker runs its requests in turns of ROUND_TEXTS with
+    the others: the same predictions and as many latencies as measured alone; a worker that fails
+    is reported as an error of its own run and the others still finish."""
+    monkeypatch.setattr(encoder, "ROUND_TEXTS", 2)
+    grid = Grid(seq_lens=(16,), storages=(encoder.EMULATED,), memory_fractions=(0.9,), n_texts=5, warmup=1)
+    bench = encoder.Bench(profiled_tiny, tiny_eval_set(5), grid, tmp_path, tmp_path, "not asked for")
+    st = encoder.STORAGES[encoder.EMULATED]
+    try:
+        alone = [bench.uniform(16, st, bits, 0.9) for bits in (2, 8)]
+        broken = encoder.Run("sti-exact", 16, st.key, budget=1, budget_fraction=0.9)
+        with bench.turns("[test]"):
+            taking_turns = [bench.uniform(16, st, bits, 0.9) for bits in (2, 8)]
+            bench.measure(broken, {"system": "stream", "plan": str(tmp_path / "no-such-plan.json")})
+            assert all(r.latency == [] for r in taking_turns)  # queued, not run yet
+    finally:
+        bench.store.close()
+    for a, t in zip(alone, taking_turns):
+        assert a.ok and t.ok and len(t.latency) == len(a.latency) == 5
+        assert t.preds == a.preds and t.resident_bytes == a.resident_bytes and len(t.bound_ratio) == 5
+        assert t.setup_s is not None and t.wall_s > 0
+    assert broken.status == "error" and "no-such-plan" in broken.reason
+    assert any(e.startswith(broken.id) for e in bench.errors)
