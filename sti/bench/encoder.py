@@ -101,6 +101,9 @@ CHUNK_SHARDS = 4
 EXACT_TIME_LIMIT_S = 20.0
 WORKER_TIMEOUT_S = 3600
 ROUND_TEXTS = 10  # requests per system per turn where the systems of a condition take turns
+# idle before each turn: OpenBLAS threads spin ~0.1 s after a call (sti.blas), and the previous
+# turn's process would otherwise hold a core through the next one's first requests
+TURN_PAUSE_S = 0.15
 
 DEADLINE_SHARE = 0.95  # a run meets T when at least this share of its requests finish within T
 ACCURACY_SHARE = 0.99  # (a): accuracy >= this x the fp32 accuracy
@@ -971,6 +974,7 @@ class Bench:
             for j in rng.permutation(len(live)):
                 run, w, record = live[j]
                 if w.error is None:
+                    time.sleep(TURN_PAUSE_S)
                     w.turn(a, b)
         for run, w, record in live:
             out = w.finish()
