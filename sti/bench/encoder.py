@@ -22,7 +22,8 @@ so that its peak RSS (VmHWM) is its own. At each length and storage condition th
 per-request systems run side by side, taking turns of ``ROUND_TEXTS`` requests in a shuffled
 order (``Bench.turns``), so that a slow minute of a shared machine falls on all of them alike;
 the fp32 in-memory reference runs among them once more, and its median there is reported beside
-the one T was set from (``fp32_warm_latency_during_s``):
+the one T was set from (``fp32_warm_latency_during_s``; that one is taken in turns with
+transformers warm):
   in-memory        every weight at fp32 in memory, warm; defines T. Storage plays no part, so
                    it is measured once per length and shown under every storage condition.
   load-execute     per request: open the store, read and check every weight, then run.
@@ -1166,13 +1167,16 @@ class Bench:
     # ---------------------------------------------------------------- one length
 
     def run_length(self, seq: int) -> None:
-        """The in-memory reference (which sets T), then every storage condition."""
-        ref = self.in_memory(seq)
+        """The in-memory reference (which sets T) and transformers warm, in turns with each other
+        (the VM's fp32 speed moved +-20% between blocks of requests 10 s apart), then every
+        storage condition."""
+        with self.turns(f"[{seq} tokens, references]"):
+            ref = self.in_memory(seq)
+            warm = self.hf_warm(seq)
         if not ref.ok:
             raise RuntimeError(f"the in-memory fp32 reference failed at {seq} tokens: {ref.reason}")
         self.references[seq] = {"fp32_warm_latency_s": round(statistics.median(ref.latency), 6),
                                 "fp32_accuracy": ref.accuracy, "fp32_resident_bytes": ref.resident_bytes}
-        warm = self.hf_warm(seq)
         for key in self.grid.storages:
             try:
                 self.run_storage(seq, STORAGES[key], warm)
