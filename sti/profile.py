@@ -24,8 +24,9 @@ planner (``sti.plan``) and stores them beside the shard store:
   length: the 95th percentile of the model's error on plan-like configurations it was not
   fitted on (their medians over its predictions at that length) times the spread of requests'
   latencies over their medians (pooled over lengths, and over those configurations' requests
-  and the calibration's, streamed among other engines' requests). ``storage="emmc" | "ufs" | "<N>MBps"`` replaces the measured IO by an
-  emulated device that the runtime reproduces with the same :func:`parse_storage` throttle.
+  and the calibration's, streamed among other engines' requests). ``storage="emmc" | "ufs" |
+  "<N>MBps"`` replaces the measured IO by an emulated device that the runtime reproduces with
+  the same :func:`parse_storage` throttle.
 
 How the importance is computed fast
 -----------------------------------
@@ -1335,18 +1336,16 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
         own += [round(t / med, 4) for t in got]
         plans.append({"seq_len": n, "plan": name, "predicted_ms": round(pred * 1e3, 3),
                       "median_ms": round(med * 1e3, 3), "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
-                      "error": round(med / pred - 1, 4),
-                      "direct": [t / pred for t in got]})
+                      "error": round(med / pred - 1, 4)})
     pooled = np.asarray([*spread, *own])
     spread_p95 = max(1.0, round(float(np.percentile(pooled, 95)), 4)) if len(pooled) else 1.0
-    by_len, direct = {}, {}
-    for n in sorted({q["seq_len"] for q in plans}):
-        mine = [q for q in plans if q["seq_len"] == n]
-        by_len[n] = max(1.0, round(float(np.percentile(np.concatenate(
-            [(1 + q["error"]) * pooled for q in mine]), 95)), 4))
-        direct[n] = max(1.0, round(float(np.percentile(np.concatenate([q["direct"] for q in mine]), 95)), 4))
-    for q in plans:
-        del q["direct"]
+
+    def p95(ratios) -> float:
+        return max(1.0, round(float(np.percentile(np.concatenate(ratios), 95)), 4))
+
+    lengths = sorted({q["seq_len"] for q in plans})
+    by_len = {n: p95([(1 + q["error"]) * pooled for q in plans if q["seq_len"] == n]) for n in lengths}
+    direct = {n: p95([np.asarray(got) / pred for m, _, _, pred, got in engines if m == n]) for n in lengths}
     errors = [q["error"] for q in plans]
     return {"plans": plans, "repeats": repeats, "rounds": rounds,
             "spread": own, "spread_p95": spread_p95, "spread_samples": int(len(pooled)),

@@ -1229,9 +1229,9 @@ class _Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
         try:
             self._answer()
-        except WorkerError as e:
+        except WorkerError:
             self._close()
-            raise WorkerError(str(e)) from None
+            raise
 
     def _answer(self) -> dict:
         """The worker's next JSON line (it prints nothing else on stdout that starts with '{')."""
