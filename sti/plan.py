@@ -16,7 +16,10 @@ Inputs
                    These predict the *median* request; ``tail_ratio`` (the 95th percentile of
                    requests' latency over it, measured, the model's own error included) turns a
                    deadline T into the median bound T / tail_ratio every planner works with,
-                   so that 95% of requests meet T.
+                   so that 95% of requests meet T. Where requests mostly wait for reads that
+                   margin leaves out the compute's own spread: ``compute_margin(n)`` stretches
+                   every compute time of the timeline planners check (not of the one they
+                   predict), so a plan that computes more of its time keeps more slack.
 
 The pipeline model (the runtime implements exactly this)
 ---------------------------------------------------------
@@ -212,6 +215,16 @@ class Importance:
         return cls(d["loss"])
 
 
+def _by_length(by_tokens: dict[int, float], seq_len: int, default: float) -> float:
+    """A per-length value at ``seq_len``: a measured length's own; between two, the larger of
+    theirs; beyond them, the nearest's; ``default`` where none was measured."""
+    if not by_tokens:
+        return default
+    ks = sorted(by_tokens)
+    near = [k for k in ks if k <= seq_len][-1:] + [k for k in ks if k >= seq_len][:1]
+    return max(by_tokens[k] for k in near)
+
+
 @dataclass
 class DeviceProfile:
     """Measured speeds of one device (or an emulated one, say so in ``label``)."""
@@ -229,6 +242,13 @@ class DeviceProfile:
     # differs by length (MiniLM, warm: +11..21% at 16 tokens where it was -3..+0% at 32)
     tail_ratio: float = 1.0
     tail_by_tokens: dict[int, float] = field(default_factory=dict)
+    # how much slower than predicted the compute must be allowed to run beyond that margin, per
+    # request length (tokens -> factor >= 1; see ``compute_margin``): the margin above is
+    # measured on plans whose requests mostly wait for reads where storage is slow, and a
+    # request's spread grows with its share of compute (emulated 200 MB/s, MiniLM, 32 tokens:
+    # margin 1.04, and plans computing half their time missed T in 25-75% of requests). Planners
+    # stretch every compute time by it (the timeline they check, not the one they predict)
+    compute_margin_by_tokens: dict[int, float] = field(default_factory=dict)
     # int8 products (sti.runtime.INT8_PARTS): requests of up to ``int8_max_tokens`` tokens run
     # them on quantized shards, which then cost ``int8_shard[bits] + (int8_per_token +
     # int8_per_token_bits[bits]) * n + c2 * n^2`` each (no dequantization: the products read the
@@ -253,6 +273,8 @@ class DeviceProfile:
         self.int8_shard = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_shard).items())}
         self.int8_per_token_bits = {int(b): float(v) for b, v in sorted(_int_keys(self.int8_per_token_bits).items())}
         self.tail_by_tokens = {int(n): float(v) for n, v in sorted(_int_keys(self.tail_by_tokens).items())}
+        self.compute_margin_by_tokens = {int(n): float(v)
+                                         for n, v in sorted(_int_keys(self.compute_margin_by_tokens).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
                                             self.stream_compute_per_byte_int8, self.embed_per_token) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
@@ -260,16 +282,20 @@ class DeviceProfile:
         if not self.tail_ratio >= 1.0 or not all(v >= 1.0 for v in self.tail_by_tokens.values()):
             raise STIError(f"a device profile's tail_ratio (p95 / median latency) must be >= 1, got {self.tail_ratio}"
                            + (f" and {self.tail_by_tokens} by length" if self.tail_by_tokens else ""))
+        if not all(v >= 1.0 for v in self.compute_margin_by_tokens.values()):
+            raise STIError(f"a device profile's compute margins must be >= 1, got {self.compute_margin_by_tokens}")
 
     def margin(self, seq_len: int) -> float:
         """The deadline margin at ``seq_len`` tokens: a plan's predicted median may be T / margin.
         Measured lengths' own; between two, the larger of theirs; beyond them, the nearest's;
         ``tail_ratio`` where none was measured."""
-        if not self.tail_by_tokens:
-            return self.tail_ratio
-        ks = sorted(self.tail_by_tokens)
-        near = [k for k in ks if k <= seq_len][-1:] + [k for k in ks if k >= seq_len][:1]
-        return max(self.tail_by_tokens[k] for k in near)
+        return _by_length(self.tail_by_tokens, seq_len, self.tail_ratio)
+
+    def compute_margin(self, seq_len: int) -> float:
+        """The factor planners stretch compute times by at ``seq_len`` tokens (1: none measured):
+        a plan meets a deadline T when its timeline, every layer's compute that much slower,
+        ends by T / ``margin``."""
+        return _by_length(self.compute_margin_by_tokens, seq_len, 1.0)
 
     def int8_applies(self, seq_len: int) -> bool:
         return 0 < seq_len <= self.int8_max_tokens
@@ -431,8 +457,11 @@ class InfeasiblePlanError(STIError):
 class _Ctx:
     """Per-(shape, device, seq_len) constants."""
 
-    def __init__(self, shape: ModelShape, dev: DeviceProfile, seq_len: int):
+    def __init__(self, shape: ModelShape, dev: DeviceProfile, seq_len: int, planning: bool = True):
+        """``planning``: compute times stretched by the device's compute margin (the timeline
+        deadlines are checked on); False: as predicted (``simulate``)."""
         self.shape, self.dev, self.n = shape, dev, seq_len
+        self.stretch = g = dev.compute_margin(seq_len) if planning else 1.0
         self.L, self.S = shape.num_layers, shape.shards_per_layer
         # where int8 products run, float32 versions are not offered: a float32 shard among them
         # runs dequantization + BLAS on both cores beside the IO worker and the int8 products,
@@ -448,13 +477,13 @@ class _Ctx:
         per_shard = dev.c1 * seq_len + dev.c2 * seq_len * seq_len
         # compute cost one active shard adds to its layer: its math and its dequantization, or
         # for a quantized shard, where int8 products run, their cost instead
-        self.shard_compute = {b: dev.int8_time(b, seq_len) if b != 32 and dev.int8_applies(seq_len)
-                              else per_shard + dev.dequant_time(b, nb) for b, nb in shape.shard_bytes.items()}
-        self.c0 = dev.c0
+        self.shard_compute = {b: g * (dev.int8_time(b, seq_len) if b != 32 and dev.int8_applies(seq_len)
+                                      else per_shard + dev.dequant_time(b, nb)) for b, nb in shape.shard_bytes.items()}
+        self.c0 = g * dev.c0
         self.start = dev.embed_per_token * seq_len  # the input's embedding rows, before layer 0
         # what streaming a shard (not preloading it) adds to its layer's compute
-        self.stream_compute = {b: nb * (dev.stream_compute_per_byte_int8 if b != 32 and dev.int8_applies(seq_len)
-                                        else dev.stream_compute_per_byte) for b, nb in shape.shard_bytes.items()}
+        self.stream_compute = {b: g * nb * (dev.stream_compute_per_byte_int8 if b != 32 and dev.int8_applies(seq_len)
+                                            else dev.stream_compute_per_byte) for b, nb in shape.shard_bytes.items()}
 
     def layer_compute(self, row: Sequence[int], layer: int, preload) -> float:
         """Compute of layer ``layer`` with bitwidths ``row``, with the cost streaming its shards
@@ -585,7 +614,7 @@ def simulate(plan, shape: ModelShape, dev: DeviceProfile, seq_len: int | None = 
     if isinstance(plan, Plan):
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
         stream_order = plan.stream_order if stream_order is None else stream_order
-    ctx = _Ctx(shape, dev, ctx_seq)
+    ctx = _Ctx(shape, dev, ctx_seq, planning=False)
     order = None
     if stream_order is not None:
         order = [tuple(map(int, r)) for r in stream_order]
@@ -616,7 +645,7 @@ def accumulated_io_budget(bits, shape: ModelShape, dev: DeviceProfile, target_la
     """AIB(k) for k = 0..L-1 (seconds): AIB(-1) = T - sum C, AIB(k) = AIB(k-1) + C_{k-1} - io_k.
     All >= 0 iff the plan meets T with an unbounded buffer (see the module docstring)."""
     b, pre = _as_config(bits, shape, preload)
-    return _aib(_Ctx(shape, dev, seq_len), b, pre, target_latency)
+    return _aib(_Ctx(shape, dev, seq_len, planning=False), b, pre, target_latency)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,12 +714,14 @@ def _deadline(device: DeviceProfile, T: float, seq_len: int) -> float:
 def _make_plan(ctx, imp, bits, preload, T, M, method, solver, deadline: float) -> Plan:
     """The Plan of a configuration found for the median-latency bound T (= deadline / tail_ratio)."""
     order = _canonical_order(bits, preload)
+    ok, checked, peak, _, _ = _sim(ctx, bits, preload, M, order)  # compute stretched by the compute margin
+    if not _fits(ok, checked, peak, T, M):  # a bug, not bad input
+        raise RuntimeError(f"{method} planner produced a plan its simulator rejects: {checked} s, "
+                           f"{peak} B for T = {T} s, M = {M} B")
     tl = simulate(bits, ctx.shape, ctx.dev, ctx.n, preload=preload, memory_budget=M, stream_order=order)
-    if not _fits(tl.feasible, tl.latency, tl.peak_resident_bytes, T, M):  # a bug, not bad input
-        raise RuntimeError(f"{method} planner produced a plan its simulator rejects: {tl.latency} s, "
-                           f"{tl.peak_resident_bytes} B for T = {T} s, M = {M} B")
     layers = [LayerPlan([s for s, b in enumerate(row) if b], [b for b in row if b]) for row in bits]
-    solver = {**solver, "tail_ratio": ctx.dev.margin(ctx.n), "median_latency_bound": float(T)}
+    solver = {**solver, "tail_ratio": ctx.dev.margin(ctx.n), "median_latency_bound": float(T),
+              "compute_margin": ctx.stretch, "checked_latency": checked}
     return Plan(target_latency=float(deadline), memory_budget=int(M), seq_len=ctx.n, method=method,
                 shards_per_layer=ctx.S, layers=layers, preload=sorted(preload), stream_order=order,
                 timeline=tl, predicted_latency=tl.latency, predicted_loss=_loss(imp, bits),
@@ -1342,7 +1373,7 @@ def plan(shape: ModelShape, importance: Importance, device: DeviceProfile, targe
 
 def min_latency(shape: ModelShape, device: DeviceProfile, seq_len: int, memory_budget: int | None = None, *,
                 method: str = "exact", min_width: int = 1, time_limit: float | None = 60.0) -> float | None:
-    """Smallest deadline (s; predicted median latency x ``tail_ratio``) of any plan within
+    """Smallest deadline (s; the checked timeline's latency x ``tail_ratio``, see ``_Ctx``) of any plan within
     ``memory_budget`` (None: unbounded), or None if no plan fits that memory. ``method`` "heuristic" searches the heuristic's space only."""
     _check(shape, None, device, None, memory_budget, seq_len, min_width)
     ctx = _Ctx(shape, device, seq_len)

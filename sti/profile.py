@@ -24,7 +24,10 @@ planner (``sti.plan``) and stores them beside the shard store:
   length: the 95th percentile of the model's error on plan-like configurations it was not
   fitted on (their medians over its predictions at that length) times the spread of requests'
   latencies over their medians (pooled over lengths, and over those configurations' requests
-  and the calibration's, streamed among other engines' requests). ``storage="emmc" | "ufs" |
+  and the calibration's, streamed among other engines' requests); and per length the compute
+  margin, by which planners stretch compute times where that margin, measured on requests that
+  mostly wait for reads, leaves the compute's own spread out (a compute-only configuration's
+  error times the preloaded engines' spread, over the deadline margin). ``storage="emmc" | "ufs" |
   "<N>MBps"`` replaces the measured IO by an emulated device that the runtime reproduces with
   the same :func:`parse_storage` throttle.
 
@@ -96,6 +99,8 @@ import numpy as np
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 14: compute margins by length (a compute-only validation plan's error x the compute's spread,
+# over the streamed plans' margin), which planners stretch compute times by;
 # 13: deadline margins as the validation's error by length x the requests' spread, pooled over
 # lengths and the calibration, the validation run in rounds over the lengths;
 # 12: int8 products on two threads where there are two cores (runtime.INT8_THREADS);
@@ -110,8 +115,10 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 13
+PROFILE_VERSION = 14
 PROFILE_FILE = "profile.json"
+# the validation's plan that reads nothing: its error and its requests' spread are the compute's
+COMPUTE_PLAN = "random, all preloaded"
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
 DEFAULT_SEQ_LEN = 64
@@ -1059,7 +1066,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       disturb them as other work on a server does: back to back, on a quiet moment of a shared
       VM, the ratio came out 1.04, and plans aimed at T / 1.04 missed T in 33-100% of the
       benchmark's requests minutes later (MiniLM, 32 tokens). Its samples (``spread``) join the
-      pool of spreads the deadline margin is taken from (:func:`_validate`);
+      pool of spreads the deadline margin is taken from (:func:`_validate`); the preloaded
+      engine's requests (with int8 products where plans run them), over their length's median,
+      are the compute's spread (``compute_spread``), which the compute margin is taken from;
     * int8 products (where the C kernels have them): the same preloaded 4-bit engine with int8
       products, in rounds alternating with the one without and nothing else between them (a cold
       streamed request in between slowed the int8 engine's next request by a third, and would
@@ -1197,10 +1206,13 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
         return simulate(matrix, shape, with_knobs(k, c, int8), n).latency
 
     # the medians to match: per length, the engine plans run there; from the page cache both
-    cases, pooled = [], []  # cases: (row, int8 engine?, measured s)
+    cases, pooled, computing = [], [], []  # cases: (row, int8 engine?, measured s)
     for r, (rel, rel8) in zip(rows, relative):
         int8 = fixed.int8_applies(r["seq_len"]) and "streamed_int8_median_ms" in r
         pooled += rel8 if int8 else rel
+        # the compute's own spread: the preloaded engine plans run at this length (no reads)
+        t = times[r["seq_len"]]["pre8" if int8 and times[r["seq_len"]]["pre8"] else "pre"]
+        computing += [x / float(np.median(t)) for x in t]
         for eng8 in ([False, True] if warm and int8 else [int8]):
             cases.append((r, eng8, r["streamed_int8_median_ms" if eng8 else "streamed_median_ms"] / 1e3))
 
@@ -1249,6 +1261,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     out = DeviceProfile(**{**tuned.__dict__, "tail_ratio": tail})
     return out, {"bits": bits, "repeats": repeats, "rows": rows, "per_shard_overhead": float(overhead),
                  "spread": [round(float(x), 4) for x in pooled],
+                 "compute_spread": [round(float(x), 4) for x in computing],
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
                  "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
                  "int8_bits_minus_4bit_s": int8_bits, "int8_per_token_bits": out.int8_per_token_bits,
@@ -1257,7 +1270,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
 
 
 def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None, cold: bool = False,
-              repeats: int = 12, rounds: int = 3, spread: list[float] = ()) -> dict:
+              repeats: int = 12, rounds: int = 3, spread: list[float] = (), compute_spread: list[float] = ()) -> dict:
     """The profiled model against the runtime on plan-like configurations it was not fitted on,
     and the deadline margin that follows. At each length, three plans (of the bitwidths plans
     offer there): (1) random bitwidths, ~15% of shards dropped, a third preloaded, an unbounded
@@ -1269,6 +1282,14 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     slower after the others': warm, 16 tokens, up to +35% over the model against -21..+5% back
     to back); the rounds spread a burst of a shared VM (seconds) over every length's requests
     instead of a few of one length's.
+
+    A fourth plan per length preloads every shard of random bitwidths (``COMPUTE_PLAN``): it
+    reads nothing, and its error times the compute's spread (its requests and the preloaded
+    engines' of the calibration, ``compute_spread``), over the streamed plans' margin, is the
+    compute margin at that length (``compute_margin_by_tokens``, >= 1). Where reads are slow the
+    streamed plans' requests mostly wait for them, and their spread is the device's (an
+    emulated one paces reads exactly: 200 MB/s, margins 1.04); the compute margin puts back the
+    compute's, in proportion to the time a plan computes (planners stretch compute times by it).
 
     The margin at a length n (``tail_by_tokens``) is the 95th percentile of ``error x spread``
     over the plans p at n and every spread s: ``error`` is p's median over its prediction (the
@@ -1309,6 +1330,9 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
         configs.append((f"{one}-bit, 1.5 layers of buffer", [[one] * S for _ in range(L)], [],
                         shape.base_bytes + int(1.5 * layer_max)))
         configs.append(("random, 2.5 layers of buffer", random_bits(0.15), [], shape.base_bytes + int(2.5 * layer_max)))
+        bits = random_bits(0.15)  # no reads: the compute's own error (COMPUTE_PLAN)
+        configs.append((COMPUTE_PLAN, bits, [(layer, s) for layer in range(L) for s in range(S) if bits[layer][s]],
+                        None))
         for name, bits, pre, M in configs:
             tl = simulate(bits, shape, dev, n, preload=pre, memory_budget=M)
             if not tl.feasible:
@@ -1330,27 +1354,38 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             mask = np.ones_like(ids)
             eng.run(ids, mask)  # warm-up: the previous request was another engine's
             got += [eng.run(ids, mask)[1].latency for _ in range(k)]
-    plans, own = [], []
+    plans, own, own_compute = [], [], []
     for n, name, _, pred, got in engines:
         med = float(np.median(got))
-        own += [round(t / med, 4) for t in got]
+        (own_compute if name == COMPUTE_PLAN else own).extend(round(t / med, 4) for t in got)
         plans.append({"seq_len": n, "plan": name, "predicted_ms": round(pred * 1e3, 3),
                       "median_ms": round(med * 1e3, 3), "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
                       "error": round(med / pred - 1, 4)})
     pooled = np.asarray([*spread, *own])
     spread_p95 = max(1.0, round(float(np.percentile(pooled, 95)), 4)) if len(pooled) else 1.0
+    pooled_compute = np.asarray([*compute_spread, *own_compute])
 
     def p95(ratios) -> float:
         return max(1.0, round(float(np.percentile(np.concatenate(ratios), 95)), 4))
 
-    lengths = sorted({q["seq_len"] for q in plans})
-    by_len = {n: p95([(1 + q["error"]) * pooled for q in plans if q["seq_len"] == n]) for n in lengths}
-    direct = {n: p95([np.asarray(got) / pred for m, _, _, pred, got in engines if m == n]) for n in lengths}
+    streamed = [q for q in plans if q["plan"] != COMPUTE_PLAN]
+    lengths = sorted({q["seq_len"] for q in streamed})
+    by_len = {n: p95([(1 + q["error"]) * pooled for q in streamed if q["seq_len"] == n]) for n in lengths}
+    direct = {n: p95([np.asarray(got) / pred for m, name, _, pred, got in engines if m == n and name != COMPUTE_PLAN])
+              for n in lengths}
+    compute = {}  # the compute-only plan's margin over the streamed plans' (>= 1)
+    for n in lengths:
+        mine = [(1 + q["error"]) * pooled_compute for q in plans if q["seq_len"] == n and q["plan"] == COMPUTE_PLAN]
+        if mine and len(pooled_compute):
+            compute[n] = max(1.0, round(p95(mine) / by_len[n], 4))
     errors = [q["error"] for q in plans]
     return {"plans": plans, "repeats": repeats, "rounds": rounds,
             "spread": own, "spread_p95": spread_p95, "spread_samples": int(len(pooled)),
+            "compute_spread": own_compute, "compute_spread_samples": int(len(pooled_compute)),
+            "compute_spread_p95": (max(1.0, round(float(np.percentile(pooled_compute, 95)), 4))
+                                   if len(pooled_compute) else 1.0),
             "tail_ratio": max(by_len.values(), default=spread_p95),
-            "tail_by_tokens": by_len, "direct_by_tokens": direct,
+            "tail_by_tokens": by_len, "direct_by_tokens": direct, "compute_margin_by_tokens": compute,
             "median_abs_error": round(float(np.median(np.abs(errors))), 4) if errors else None,
             "error_range": [min(errors), max(errors)] if errors else None}
 
@@ -1494,8 +1529,10 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     # the deadline margin, per measured length: the model's error on plans it was not fitted on
     # there, times the spread of requests' latencies, pooled over the validation's requests and
     # the calibration's (streamed among other engines' requests)
-    val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=cold, spread=calib["spread"])
-    dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": val["tail_ratio"], "tail_by_tokens": val["tail_by_tokens"]})
+    val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=cold, spread=calib["spread"],
+                    compute_spread=calib["compute_spread"])
+    dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": val["tail_ratio"], "tail_by_tokens": val["tail_by_tokens"],
+                           "compute_margin_by_tokens": val["compute_margin_by_tokens"]})
     if calib["io_slowdown"] > 1.0:
         dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
                       f"computes beside them (measured on the streaming runtime)")
@@ -1708,6 +1745,12 @@ def format_summary(summary: dict) -> str:
                + " tokens" if by else f"{d['tail_ratio']:.2f}")
     lines.append(f"  deadlines: a deadline T is planned as a median of T / {margins} (p95 of the "
                  "validation's median / predicted there x requests' latency / median, pooled)")
+    cm = {n: g for n, g in (d.get("compute_margin_by_tokens") or {}).items() if g > 1.0}
+    if cm:
+        lines.append("  compute: planners stretch compute times by "
+                     + ", ".join(f"{g:.2f} at {n}" for n, g in sorted(cm.items(), key=lambda kv: int(kv[0])))
+                     + f" tokens (the compute-only plan's error x the compute's p95 / median "
+                     f"{v.get('compute_spread_p95', 1.0):.2f}, over the margin above)")
     if d.get("embed_us_per_token"):
         lines.append(f"  input: its word-embedding rows {d['embed_us_per_token']:.1f} us per token before the first layer")
     lines += ["",
@@ -1798,12 +1841,13 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "int8_per_token_us": dev.int8_per_token * 1e6,
                    "int8_per_token_bits_us": {str(b): v * 1e6 for b, v in dev.int8_per_token_bits.items()},
                    "tail_ratio": dev.tail_ratio, "tail_by_tokens": dev.tail_by_tokens,
+                   "compute_margin_by_tokens": dev.compute_margin_by_tokens,
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
                    "embed_us_per_token": dev.embed_per_token * 1e6,
                    "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"],
                    "validation": {k: v for k, v in (dev_meta.get("validation") or {}).items()
-                                  if k not in ("plans", "spread")}
+                                  if k not in ("plans", "spread", "compute_spread")}
                    | {"plans": len((dev_meta.get("validation") or {}).get("plans", []))}},
         "calibration": calib,
         "full_accuracy": imp_info.get("full_accuracy"),

@@ -325,6 +325,35 @@ def test_tail_ratio_plans_the_median_under_the_deadline(method):
         replace(dev, tail_ratio=0.9)
 
 
+@pytest.mark.parametrize("method", ["heuristic", pytest.param("exact", marks=needs_scipy)])
+def test_compute_margin_stretches_the_checked_timeline_not_the_prediction(method):
+    """Planning with a compute margin g is planning on a device whose every compute time is g x
+    longer (reads as they are); the plan still predicts the device's own timeline."""
+    from dataclasses import replace
+
+    shape, imp, dev, n, T, M = instance(4)
+    g = 1.3
+    stretched = replace(dev, compute_margin_by_tokens={str(n): g})  # as read back from JSON
+    assert stretched.compute_margin(n) == g and dev.compute_margin(n) == 1.0
+    slower = replace(dev, c0=g * dev.c0, c1=g * dev.c1, c2=g * dev.c2,
+                     dequant_per_byte={b: g * v for b, v in dev.dequant_per_byte.items()},
+                     stream_compute_per_byte=g * dev.stream_compute_per_byte)
+    T = 1.1 * min_latency(shape, slower, n, M, method="heuristic")
+    p = plan(shape, imp, stretched, T, M, n, method=method)
+    q = plan(shape, imp, slower, T, M, n, method=method)
+    assert p.bits_matrix() == q.bits_matrix() and p.preload == q.preload
+    assert p.predicted_latency == pytest.approx(simulate(p, shape, dev).latency, rel=1e-12)
+    checked = simulate(p, shape, slower).latency
+    assert p.predicted_latency < checked <= T * (1 + TOL) and p.solver["checked_latency"] == pytest.approx(checked)
+    assert p.solver["compute_margin"] == g
+    assert min_latency(shape, stretched, n, M, method=method) == pytest.approx(min_latency(shape, slower, n, M, method=method))
+    # a deadline the stretched compute alone misses has no plan, though the prediction would meet it
+    with pytest.raises(InfeasiblePlanError):
+        plan(shape, imp, stretched, 0.99 * min_latency(shape, slower, n, None, method=method), M, n, method=method)
+    with pytest.raises(STIError, match="compute margins must be >= 1"):
+        replace(dev, compute_margin_by_tokens={n: 0.9})
+
+
 @needs_scipy
 def test_infeasible_below_absolute_minima():
     shape, imp, dev, n, _, _ = instance(2)

@@ -137,14 +137,26 @@ def test_device_profile_fit(tiny_bert):
     assert val["plans"] and all(q["predicted_ms"] > 0 and q["median_ms"] > 0 for q in val["plans"])
     # the deadline margin per measured length: the 95th percentile of the model's error there
     # times the spreads of the validation's and the calibration's requests, pooled
+    # (the streamed plans'; the compute-only plan's gives the compute margin, below)
     assert set(dev.tail_by_tokens) == set(val["tail_by_tokens"]) == {4, 8, 16}
-    assert val["rounds"] == 3 and val["spread_samples"] == len(calib["spread"]) + val["repeats"] * len(val["plans"])
+    streamed = [q for q in val["plans"] if q["plan"] != prof.COMPUTE_PLAN]
+    assert val["rounds"] == 3 and val["spread_samples"] == len(calib["spread"]) + val["repeats"] * len(streamed)
     spread = np.array(calib["spread"] + val["spread"])
     for n, v in dev.tail_by_tokens.items():
         assert v == val["tail_by_tokens"][n] >= 1.0 and dev.margin(n) == v
-        errors = [1 + q["error"] for q in val["plans"] if q["seq_len"] == n]
+        errors = [1 + q["error"] for q in streamed if q["seq_len"] == n]
         want = np.percentile(np.concatenate([e * spread for e in errors]), 95)
         assert v == pytest.approx(max(1.0, want), rel=1e-3)
+    # the compute margin: the compute-only plan's error x the compute's spread (the preloaded
+    # engines' requests), over the deadline margin, at least 1
+    computing = np.array(calib["compute_spread"] + val["compute_spread"])
+    assert calib["compute_spread"] and all(x > 0 for x in calib["compute_spread"])
+    assert val["compute_spread_samples"] == len(computing)
+    assert set(dev.compute_margin_by_tokens) == set(val["compute_margin_by_tokens"]) == {4, 8, 16}
+    for n, g in dev.compute_margin_by_tokens.items():
+        (q,) = [q for q in val["plans"] if q["seq_len"] == n and q["plan"] == prof.COMPUTE_PLAN]
+        want = max(1.0, np.percentile((1 + q["error"]) * computing, 95)) / dev.tail_by_tokens[n]
+        assert g == dev.compute_margin(n) == pytest.approx(max(1.0, want), rel=2e-3)
     assert dev.tail_ratio == max(dev.tail_by_tokens.values())
     assert dev.margin(12) == max(dev.tail_by_tokens[8], dev.tail_by_tokens[16])
     assert dev.margin(2) == dev.tail_by_tokens[4] and dev.margin(99) == dev.tail_by_tokens[16]

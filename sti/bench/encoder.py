@@ -23,7 +23,7 @@ per-request systems run side by side, taking turns of ``ROUND_TEXTS`` requests i
 order (``Bench.turns``), so that a slow minute of a shared machine falls on all of them alike;
 the fp32 in-memory reference runs among them once more, and its median there is reported beside
 the one T was set from (``fp32_warm_latency_during_s``; that one is taken in turns with
-transformers warm):
+transformers warm, spread over ~1.5 minutes by ``REFERENCE_SPACING_S`` between turns):
   in-memory        every weight at fp32 in memory, warm; defines T. Storage plays no part, so
                    it is measured once per length and shown under every storage condition.
   load-execute     per request: open the store, read and check every weight, then run.
@@ -105,6 +105,12 @@ ROUND_TEXTS = 10  # requests per system per turn where the systems of a conditio
 # idle before each turn: OpenBLAS threads spin ~0.1 s after a call (sti.blas), and the previous
 # turn's process would otherwise hold a core through the next one's first requests
 TURN_PAUSE_S = 0.15
+# idle between the turns of the references that set T (full grid): their 100 requests are
+# spread over ~1.5 min instead of ~4 s. The machine's fp32 speed moves in steps that last
+# minutes (one process, 25-request medians 8.5 ms, then 10.5 ms for the next 200 requests);
+# four runs measured T 11.4-13.8 ms where the same engine ran 8.6-11.4 ms among the grid's
+# systems later on
+REFERENCE_SPACING_S = 8.0
 
 DEADLINE_SHARE = 0.95  # a run meets T when at least this share of its requests finish within T
 ACCURACY_SHARE = 0.99  # (a): accuracy >= this x the fp32 accuracy
@@ -167,6 +173,7 @@ class Grid:
     exact_time_limit: float = EXACT_TIME_LIMIT_S
     warmup: int = 2  # untimed requests before the timed ones, in every worker
     uniform_bits: tuple[int, ...] | None = None  # bitwidths of the uniform pipelines (None: every stored one)
+    reference_spacing: float = 0.0  # s of idle between the references' turns (REFERENCE_SPACING_S)
 
 
 def make_grid(repeats: int, quick: bool) -> Grid:
@@ -174,8 +181,8 @@ def make_grid(repeats: int, quick: bool) -> Grid:
     if quick:
         return Grid(seq_lens=(32,), storages=("real-warm", EMULATED), latency_multiples=(1.0, 2.0),
                     memory_fractions=(0.05, 0.25), n_texts=12, hf_cold_runs=1, exact_time_limit=5.0,
-                    warmup=1)
-    return Grid(hf_cold_runs=repeats)
+                    warmup=1, reference_spacing=2.0)
+    return Grid(hf_cold_runs=repeats, reference_spacing=REFERENCE_SPACING_S)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -946,21 +953,22 @@ class Bench:
         return self._record(run) if record else run
 
     @contextmanager
-    def turns(self, label: str):
+    def turns(self, label: str, spacing: float = 0.0):
         """The systems measured inside the block run side by side, each in its worker process,
         taking turns of ``ROUND_TEXTS`` requests in a shuffled order per turn: a slow minute of
         a shared VM then falls on all of them alike instead of on whichever system ran in it
         (one system's 100 requests back to back take 1-3 s; the same plan ran at 9.4 and 6.9 ms
-        medians in two runs minutes apart, on the same grid)."""
+        medians in two runs minutes apart, on the same grid). ``spacing``: seconds of idle
+        between two turns, to spread the requests over a longer stretch of the machine."""
         self._queue = []
         try:
             yield
             queue = self._queue
         finally:
             self._queue = None
-        self._run_turns(queue, label)
+        self._run_turns(queue, label, spacing)
 
-    def _run_turns(self, queue: list[tuple[Run, Path, bool]], label: str) -> None:
+    def _run_turns(self, queue: list[tuple[Run, Path, bool]], label: str, spacing: float = 0.0) -> None:
         live = []
         for run, path, record in queue:  # one at a time: a worker's set-up is timed (setup_s)
             try:
@@ -971,6 +979,8 @@ class Bench:
         slices = [(a, min(a + ROUND_TEXTS, n)) for a in range(0, n, ROUND_TEXTS)]
         rng = np.random.default_rng(len(queue))
         for i, (a, b) in enumerate(slices):
+            if i and spacing > 0:
+                time.sleep(spacing)
             _say(f"{label} turn {i + 1}/{len(slices)}: {len(live)} systems x {b - a} requests")
             for j in rng.permutation(len(live)):
                 run, w, record = live[j]
@@ -1168,9 +1178,9 @@ class Bench:
 
     def run_length(self, seq: int) -> None:
         """The in-memory reference (which sets T) and transformers warm, in turns with each other
-        (the VM's fp32 speed moved +-20% between blocks of requests 10 s apart), then every
-        storage condition."""
-        with self.turns(f"[{seq} tokens, references]"):
+        spread over ``reference_spacing`` s between turns (the VM's fp32 speed moved +-20%
+        between blocks of requests 10 s apart), then every storage condition."""
+        with self.turns(f"[{seq} tokens, references]", spacing=self.grid.reference_spacing):
             ref = self.in_memory(seq)
             warm = self.hf_warm(seq)
         if not ref.ok:
