@@ -1373,8 +1373,10 @@ def plan(shape: ModelShape, importance: Importance, device: DeviceProfile, targe
 
 def min_latency(shape: ModelShape, device: DeviceProfile, seq_len: int, memory_budget: int | None = None, *,
                 method: str = "exact", min_width: int = 1, time_limit: float | None = 60.0) -> float | None:
-    """Smallest deadline (s; the checked timeline's latency x ``tail_ratio``, see ``_Ctx``) of any plan within
-    ``memory_budget`` (None: unbounded), or None if no plan fits that memory. ``method`` "heuristic" searches the heuristic's space only."""
+    """Smallest deadline (s; the checked timeline's latency x ``tail_ratio``, compute stretched
+    by the compute margin: see ``_Ctx``) of any plan within ``memory_budget`` (None: unbounded),
+    or None if no plan fits that memory. ``method`` "heuristic" searches the heuristic's space
+    only."""
     _check(shape, None, device, None, memory_budget, seq_len, min_width)
     ctx = _Ctx(shape, device, seq_len)
     if memory_budget is not None and memory_budget < _abs_min_memory(ctx, min_width):
