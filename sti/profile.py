@@ -96,9 +96,14 @@ from pathlib import Path
 
 import numpy as np
 
+from sti import blas
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 15: each bitwidth's int8 products priced from paired requests at every int8 length, a line
+# weighted by their standard errors (14 drew it through two lengths' differences of medians);
+# compute margins from two compute-only plans per length, their errors averaged with the
+# neighbouring lengths' (14: one plan's);
 # 14: compute margins by length (a compute-only validation plan's error x the compute's spread,
 # over the streamed plans' margin), which planners stretch compute times by;
 # 13: deadline margins as the validation's error by length x the requests' spread, pooled over
@@ -115,7 +120,7 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 14
+PROFILE_VERSION = 15
 PROFILE_FILE = "profile.json"
 # the validation's plan that reads nothing: its error and its requests' spread are the compute's
 COMPUTE_PLAN = "random, all preloaded"
@@ -1081,9 +1086,10 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       Their own cost per shard is fitted on ``int8_ms`` as ``const + int8_per_token * n``
       (beside the layer constant ``c0`` and attention's ``c2 * n^2``); each other bitwidth's
       constant and per-token cost are the 4-bit ones plus the difference its preloaded int8
-      engine makes, timed in alternating rounds with the 4-bit one at two lengths
-      (``int8_bits``): 8-bit codes cost more than 4-bit ones, the more so the longer the input
-      (MiniLM, every shard: +1.7 ms at 32 tokens, +4.4 ms at 128).
+      engine makes, timed in requests adjacent to the 4-bit one's at every length int8 products
+      run at and fitted as a line weighted by their standard errors (``int8_bits``,
+      :func:`_bits_line`): 8-bit codes cost more than 4-bit ones, a little more the longer the
+      input (MiniLM, every shard: +0.85 ms at 16 tokens, +1.04 at 128).
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -1132,9 +1138,12 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 pre8.run(ids, mask)
                 for _ in range(k):
                     got["pair"].append((pre.run(ids, mask)[1].latency, pre8.run(ids, mask)[1].latency))
-                # and each int8 engine back to back, as a server runs it: after a dequantizing
-                # request the BLAS threads it woke spin on the other core (MiniLM, 32 tokens: 7.16
-                # ms a preloaded int8 request between dequantizing ones, 6.42 back to back)
+                # and each int8 engine back to back, as a server runs it, once the BLAS threads the
+                # dequantizing requests woke sleep again: spinning on the other core they slow
+                # int8 requests (MiniLM, 32 tokens: 7.16 ms a preloaded int8 request between
+                # dequantizing ones, 6.42 back to back; and the first ~0.1 s of those 10-17%
+                # slower than after a pause, see sti.blas)
+                blas.settle()
                 for eng, out in ((pre8, got["pre8"]), (streamed8, got["str8"])):
                     eng.run(ids, mask)
                     out += [eng.run(ids, mask)[1].latency for _ in range(k)]
@@ -1177,13 +1186,11 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     int8_max = _int8_max(rows)
     int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2, embed_warm) if int8_max else (0.0, 0.0)
     int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng, int8_max) if int8_max else {}
-    # each bitwidth's difference from ``bits``, d(n) = a + s n through the lengths measured, per shard
+    # each bitwidth's difference from ``bits``, d(n) = a + s n fitted through the lengths measured, per shard
     int8_shard, int8_bits_token = {}, {}
     for b, by_n in {bits: {}, **int8_bits}.items():
-        pts = sorted(by_n.items()) or [(0, 0.0)]
-        (n1, d1), (n2, d2) = pts[0], pts[-1]
-        slope = (d2 - d1) / (n2 - n1) if n2 != n1 else 0.0
-        int8_shard[b] = int8_const + (d1 - slope * n1) / (L * w)
+        a, slope = _bits_line(by_n)
+        int8_shard[b] = int8_const + a / (L * w)
         int8_bits_token[b] = slope / (L * w)
     if not int8_max:
         int8_shard, int8_bits_token = {}, {}
@@ -1283,8 +1290,9 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     to back); the rounds spread a burst of a shared VM (seconds) over every length's requests
     instead of a few of one length's.
 
-    A fourth plan per length preloads every shard of random bitwidths (``COMPUTE_PLAN``): it
-    reads nothing, and its error times the compute's spread (its requests and the preloaded
+    Two more plans per length preload every shard of random bitwidths (``COMPUTE_PLAN``): they
+    read nothing, and their mean error over the length and the ones measured beside it
+    (:func:`_neighbourhoods`), times the compute's spread (their requests and the preloaded
     engines' of the calibration, ``compute_spread``), over the streamed plans' margin, is the
     compute margin at that length (``compute_margin_by_tokens``, >= 1). Where reads are slow the
     streamed plans' requests mostly wait for them, and their spread is the device's (an
@@ -1330,9 +1338,10 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
         configs.append((f"{one}-bit, 1.5 layers of buffer", [[one] * S for _ in range(L)], [],
                         shape.base_bytes + int(1.5 * layer_max)))
         configs.append(("random, 2.5 layers of buffer", random_bits(0.15), [], shape.base_bytes + int(2.5 * layer_max)))
-        bits = random_bits(0.15)  # no reads: the compute's own error (COMPUTE_PLAN)
-        configs.append((COMPUTE_PLAN, bits, [(layer, s) for layer in range(L) for s in range(S) if bits[layer][s]],
-                        None))
+        for _ in range(2):  # no reads: the compute's own error (COMPUTE_PLAN)
+            bits = random_bits(0.15)
+            configs.append((COMPUTE_PLAN, bits,
+                            [(layer, s) for layer in range(L) for s in range(S) if bits[layer][s]], None))
         for name, bits, pre, M in configs:
             tl = simulate(bits, shape, dev, n, preload=pre, memory_budget=M)
             if not tl.feasible:
@@ -1348,12 +1357,16 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             engines.append((int(n), name, eng, tl.latency, []))
     inputs = {n: rng.integers(0, store.config.vocab_size, (1, n)) for n in seq_lens}
     rounds = max(1, min(rounds, repeats))
+    dequantized = False  # the last engine ran BLAS products (its threads may still spin)
     for k in [repeats // rounds + (r < repeats % rounds) for r in range(rounds)]:
         for n, _, eng, _, got in engines:
             ids = inputs[n]
             mask = np.ones_like(ids)
+            if dequantized and eng.uses_int8(n):
+                blas.settle()  # as a server of int8 requests alone runs them (see _calibrate_runtime)
             eng.run(ids, mask)  # warm-up: the previous request was another engine's
             got += [eng.run(ids, mask)[1].latency for _ in range(k)]
+            dequantized = not eng.uses_int8(n)
     plans, own, own_compute = [], [], []
     for n, name, _, pred, got in engines:
         med = float(np.median(got))
@@ -1373,11 +1386,11 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     by_len = {n: p95([(1 + q["error"]) * pooled for q in streamed if q["seq_len"] == n]) for n in lengths}
     direct = {n: p95([np.asarray(got) / pred for m, name, _, pred, got in engines if m == n and name != COMPUTE_PLAN])
               for n in lengths}
-    compute = {}  # the compute-only plan's margin over the streamed plans' (>= 1)
-    for n in lengths:
-        mine = [(1 + q["error"]) * pooled_compute for q in plans if q["seq_len"] == n and q["plan"] == COMPUTE_PLAN]
-        if mine and len(pooled_compute):
-            compute[n] = max(1.0, round(p95(mine) / by_len[n], 4))
+    compute = {}  # the compute-only plans' margin over the streamed plans' (>= 1)
+    for n, near in _neighbourhoods(lengths).items():
+        errors = [q["error"] for q in plans if q["seq_len"] in near and q["plan"] == COMPUTE_PLAN]
+        if errors and len(pooled_compute):
+            compute[n] = max(1.0, round(p95([(1 + float(np.mean(errors))) * pooled_compute]) / by_len[n], 4))
     errors = [q["error"] for q in plans]
     return {"plans": plans, "repeats": repeats, "rounds": rounds,
             "spread": own, "spread_p95": spread_p95, "spread_samples": int(len(pooled)),
@@ -1388,6 +1401,15 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             "tail_by_tokens": by_len, "direct_by_tokens": direct, "compute_margin_by_tokens": compute,
             "median_abs_error": round(float(np.median(np.abs(errors))), 4) if errors else None,
             "error_range": [min(errors), max(errors)] if errors else None}
+
+
+def _neighbourhoods(lengths: Sequence[int]) -> dict[int, tuple[int, ...]]:
+    """Each length with the measured lengths beside it (sorted): the compute-only plans' errors
+    are averaged over them. One random plan's error moved the compute margin +-20% between
+    profiles minutes apart (MiniLM, 200 MB/s, 32 tokens: 1.26 / 1.41 / 1.56); the model's compute
+    error changes slowly with the length, the noise of one plan's median does not."""
+    ns = sorted(lengths)
+    return {n: tuple(ns[max(0, i - 1):i + 2]) for i, n in enumerate(ns)}
 
 
 def _int8_max(rows: list[dict]) -> int:
@@ -1432,19 +1454,25 @@ def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float,
 
 
 def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng,
-                  int8_max: int) -> dict[int, dict[int, float]]:
-    """{bitwidth: {length: seconds}}: what int8 products at each other quantized bitwidth take
-    per request beyond ``bits`` (the preloaded engine ``pre8``), every shard preloaded, the two
-    engines in alternating rounds, at two lengths: 32 tokens (where measured, else the middle
-    calibration length) and the longest calibration length int8 products run at, as the
-    difference grows with length (unpacking happens once per call, the products per token)."""
+                  int8_max: int) -> dict[int, dict[int, dict[str, float]]]:
+    """{bitwidth: {length: {"diff_s", "se_s"}}}: what int8 products at each other quantized
+    bitwidth take per request beyond ``bits`` (the preloaded engine ``pre8``), every shard
+    preloaded, at every calibration length int8 products run at: the median of ``repeats``
+    differences of adjacent requests of the two engines, and its standard error (from the
+    differences' median absolute deviation).
+
+    Adjacent pairs, because the machine's speed drifts between them less than over a round: a
+    difference of two medians swung 8-bit's cost at 128 tokens by +-0.5 ms per request, and a
+    line through two lengths priced 6-bit shards at 128 tokens 2.5 ms over 4-bit ones where
+    paired requests at four lengths measured 0.46 (MiniLM, every shard: 8-bit +0.85 / +0.87 /
+    +0.97 / +1.04 ms at 16 / 32 / 64 / 128 tokens, the unpacking mostly per call, not per
+    token)."""
     from sti.runtime import Schedule, StreamingEncoder
 
-    lens = [r["seq_len"] for r in rows]
-    ns = sorted({32 if 32 in lens else lens[len(lens) // 2], max(n for n in lens if n <= int8_max)})
+    ns = [r["seq_len"] for r in rows if r["seq_len"] <= int8_max]
     L = store.num_layers
     preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
-    out: dict[int, dict[int, float]] = {}
+    out: dict[int, dict[int, dict[str, float]]] = {}
     for b in store.bits:
         if b in (bits, FP32):
             continue
@@ -1455,12 +1483,32 @@ def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_
             ids = rng.integers(0, store.config.vocab_size, (1, n))
             mask = np.ones_like(ids)
             eng.run(ids, mask)
-            t_ref, t_b = [], []
+            diffs = []
             for _ in range(repeats):
-                t_ref.append(pre8.run(ids, mask)[1].latency)
-                t_b.append(eng.run(ids, mask)[1].latency)
-            out.setdefault(int(b), {})[int(n)] = float(np.median(t_b) - np.median(t_ref))
+                t_ref = pre8.run(ids, mask)[1].latency
+                diffs.append(eng.run(ids, mask)[1].latency - t_ref)
+            diffs = np.array(diffs)
+            med = float(np.median(diffs))
+            # the median's standard error: 1.2533 sigma / sqrt(k), sigma from the MAD
+            se = 1.2533 * 1.4826 * float(np.median(np.abs(diffs - med))) / np.sqrt(len(diffs))
+            out.setdefault(int(b), {})[int(n)] = {"diff_s": med, "se_s": se}
     return out
+
+
+def _bits_line(by_n: Mapping[int, Mapping[str, float]]) -> tuple[float, float]:
+    """(a, s) of ``d(n) = a + s n`` through a bitwidth's per-request differences by length
+    (:func:`_int8_by_bits`), least squares weighted by their standard errors (floored at 1 us, so
+    that one repeat per length is an unweighted fit): the longest lengths' differences are the
+    noisiest, and a line through the two ends followed them. One length: a constant."""
+    if not by_n:
+        return 0.0, 0.0
+    n = np.array(sorted(by_n), float)
+    d = np.array([by_n[k]["diff_s"] for k in sorted(by_n)])
+    if len(n) == 1:
+        return float(d[0]), 0.0
+    se = np.maximum([by_n[k]["se_s"] for k in sorted(by_n)], 1e-6)
+    slope, a = np.polyfit(n, d, 1, w=1 / se)
+    return float(a), float(slope)
 
 
 def _loadavg() -> float | None:

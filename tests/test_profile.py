@@ -147,15 +147,18 @@ def test_device_profile_fit(tiny_bert):
         errors = [1 + q["error"] for q in streamed if q["seq_len"] == n]
         want = np.percentile(np.concatenate([e * spread for e in errors]), 95)
         assert v == pytest.approx(max(1.0, want), rel=1e-3)
-    # the compute margin: the compute-only plan's error x the compute's spread (the preloaded
-    # engines' requests), over the deadline margin, at least 1
+    # the compute margin: the compute-only plans' mean error, over the length and its neighbours,
+    # x the compute's spread (the preloaded engines' requests), over the deadline margin, at least 1
     computing = np.array(calib["compute_spread"] + val["compute_spread"])
     assert calib["compute_spread"] and all(x > 0 for x in calib["compute_spread"])
     assert val["compute_spread_samples"] == len(computing)
     assert set(dev.compute_margin_by_tokens) == set(val["compute_margin_by_tokens"]) == {4, 8, 16}
+    near = {4: (4, 8), 8: (4, 8, 16), 16: (8, 16)}
     for n, g in dev.compute_margin_by_tokens.items():
-        (q,) = [q for q in val["plans"] if q["seq_len"] == n and q["plan"] == prof.COMPUTE_PLAN]
-        want = max(1.0, np.percentile((1 + q["error"]) * computing, 95)) / dev.tail_by_tokens[n]
+        qs = [q for q in val["plans"] if q["seq_len"] == n and q["plan"] == prof.COMPUTE_PLAN]
+        assert len(qs) == 2
+        error = np.mean([q["error"] for q in val["plans"] if q["seq_len"] in near[n] and q["plan"] == prof.COMPUTE_PLAN])
+        want = max(1.0, np.percentile((1 + error) * computing, 95)) / dev.tail_by_tokens[n]
         assert g == dev.compute_margin(n) == pytest.approx(max(1.0, want), rel=2e-3)
     assert dev.tail_ratio == max(dev.tail_by_tokens.values())
     assert dev.margin(12) == max(dev.tail_by_tokens[8], dev.tail_by_tokens[16])
@@ -174,13 +177,20 @@ def test_device_profile_fit(tiny_bert):
     if dev.int8_max_tokens:  # every quantized bitwidth's own constant and per-token cost, timed against 4 bits
         quantized = {b for b in Store.open(path).bits if b != 32}
         assert set(dev.int8_shard) == set(dev.int8_per_token_bits) == quantized and dev.int8_per_token_bits[4] == 0
-        by_bits = calib["int8_bits_minus_4bit_s"]  # at the middle length and the longest int8 products run at
-        lens = {8, max(n for n in (4, 8, 16) if n <= dev.int8_max_tokens)}
+        by_bits = calib["int8_bits_minus_4bit_s"]  # at every calibration length int8 products run at
+        lens = {n for n in (4, 8, 16) if n <= dev.int8_max_tokens}
         assert set(by_bits) == quantized - {4} and all(set(d) == lens for d in by_bits.values())
-        for b, d in by_bits.items():  # the line through both: per request, L x S shards
-            for n in lens:
-                per_shard = (dev.int8_shard[b] - dev.int8_shard[4]) + dev.int8_per_token_bits[b] * n
-                assert per_shard * CFG.num_layers * CFG.num_heads == pytest.approx(d[n], abs=1e-9)
+        for b, d in by_bits.items():  # the weighted line through them: per request, L x S shards
+            assert all(v["se_s"] >= 0 for v in d.values())
+            ns = sorted(d)
+            if len(ns) > 1:
+                w = 1 / np.maximum([d[n]["se_s"] for n in ns], 1e-6)
+                slope, a = np.polyfit(ns, [d[n]["diff_s"] for n in ns], 1, w=w)
+            else:
+                slope, a = 0.0, d[ns[0]]["diff_s"]
+            shards = CFG.num_layers * CFG.num_heads
+            assert (dev.int8_shard[b] - dev.int8_shard[4]) * shards == pytest.approx(a, abs=1e-9)
+            assert dev.int8_per_token_bits[b] * shards == pytest.approx(slope, abs=1e-12)
 
 
 def test_emulated_storage_profile(tiny_bert):
@@ -300,6 +310,21 @@ def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_o
     neg = [{"seq_len": n, "int8_ms": (2e-3 + 10 * (-20e-6 + 2e-6 * n)) * 1e3} for n in (16, 32)]
     const, per_token = prof._int8_cost(neg, 2, 5, 1e-3, 0.0)
     assert const == 0.0 and per_token > 0
+
+
+def test_a_bitwidths_line_leans_on_its_precise_lengths():
+    # 0.8 ms + 2 us per token, measured to +-20 us at three lengths and far off, +-1 ms, at 128
+    by_n = {n: {"diff_s": 0.8e-3 + 2e-6 * n, "se_s": 20e-6} for n in (16, 32, 64)}
+    by_n[128] = {"diff_s": 3e-3, "se_s": 1e-3}
+    a, slope = prof._bits_line(by_n)
+    assert a == pytest.approx(0.8e-3, rel=0.02) and slope == pytest.approx(2e-6, rel=0.05)
+    ends = (by_n[128]["diff_s"] - by_n[16]["diff_s"]) / 112  # the line through the two ends
+    assert ends > 8 * slope
+    # equal errors (or none measured: one repeat per length) weigh the lengths alike
+    flat = {n: {"diff_s": v["diff_s"], "se_s": 0.0} for n, v in by_n.items()}
+    ns = sorted(flat)
+    assert prof._bits_line(flat) == pytest.approx(tuple(np.polyfit(ns, [flat[n]["diff_s"] for n in ns], 1)[::-1]))
+    assert prof._bits_line({32: {"diff_s": 1e-3, "se_s": 0.0}}) == (1e-3, 0.0) and prof._bits_line({}) == (0.0, 0.0)
 
 
 

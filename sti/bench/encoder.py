@@ -86,6 +86,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sti import blas
 from sti.bench.engine import fmt_num
 from sti.errors import STIError
 
@@ -104,7 +105,7 @@ WORKER_TIMEOUT_S = 3600
 ROUND_TEXTS = 10  # requests per system per turn where the systems of a condition take turns
 # idle before each turn: OpenBLAS threads spin ~0.1 s after a call (sti.blas), and the previous
 # turn's process would otherwise hold a core through the next one's first requests
-TURN_PAUSE_S = 0.15
+TURN_PAUSE_S = blas.SPIN_S
 # idle between the turns of the references that set T (full grid): their 100 requests are
 # spread over ~1.5 min instead of ~4 s. The machine's fp32 speed moves in steps that last
 # minutes (one process, 25-request medians 8.5 ms, then 10.5 ms for the next 200 requests);
