@@ -26,8 +26,9 @@ planner (``sti.plan``) and stores them beside the shard store:
   latencies over their medians (pooled over lengths, and over those configurations' requests
   and the calibration's, streamed among other engines' requests); and per length the compute
   margin, by which planners stretch compute times where that margin, measured on requests that
-  mostly wait for reads, leaves the compute's own spread out (a compute-only configuration's
-  error times the preloaded engines' spread, over the deadline margin). ``storage="emmc" | "ufs" |
+  mostly wait for reads, leaves the compute's own spread out (compute-only configurations'
+  mean error over the length and its neighbours times the preloaded engines' spread, over the
+  deadline margin). ``storage="emmc" | "ufs" |
   "<N>MBps"`` replaces the measured IO by an emulated device that the runtime reproduces with
   the same :func:`parse_storage` throttle.
 
@@ -1797,7 +1798,7 @@ def format_summary(summary: dict) -> str:
     if cm:
         lines.append("  compute: planners stretch compute times by "
                      + ", ".join(f"{g:.2f} at {n}" for n, g in sorted(cm.items(), key=lambda kv: int(kv[0])))
-                     + f" tokens (the compute-only plan's error x the compute's p95 / median "
+                     + f" tokens (the compute-only plans' mean error near there x the compute's p95 / median "
                      f"{v.get('compute_spread_p95', 1.0):.2f}, over the margin above)")
     if d.get("embed_us_per_token"):
         lines.append(f"  input: its word-embedding rows {d['embed_us_per_token']:.1f} us per token before the first layer")

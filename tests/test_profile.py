@@ -137,7 +137,7 @@ def test_device_profile_fit(tiny_bert):
     assert val["plans"] and all(q["predicted_ms"] > 0 and q["median_ms"] > 0 for q in val["plans"])
     # the deadline margin per measured length: the 95th percentile of the model's error there
     # times the spreads of the validation's and the calibration's requests, pooled
-    # (the streamed plans'; the compute-only plan's gives the compute margin, below)
+    # (the streamed plans'; the compute-only plans' give the compute margin, below)
     assert set(dev.tail_by_tokens) == set(val["tail_by_tokens"]) == {4, 8, 16}
     streamed = [q for q in val["plans"] if q["plan"] != prof.COMPUTE_PLAN]
     assert val["rounds"] == 3 and val["spread_samples"] == len(calib["spread"]) + val["repeats"] * len(streamed)
