@@ -46,12 +46,13 @@ no other schedule of the same plan and read order is faster, and a plan's latenc
 when M grows. ``simulate`` computes the timeline: per read start/end and buffer wait, per layer
 start/end and stall (compute idle waiting for reads), totals, peak resident bytes.
 
-Accumulated IO budget. With an unbounded buffer the latency is
-``sum_k C_k + max(0, max_k (IO_k - sum_{j<k} C_j))`` (IO_k: cumulative read time of layers
+Accumulated IO budget. The runtime reads the input's word-embedding rows first (``E0 =
+embed_fixed + embed_per_token * n``), then the shards. With an unbounded buffer the latency is
+``E0 + sum_k C_k + max(0, max_k (IO_k - sum_{j<k} C_j))`` (IO_k: cumulative read time of layers
 0..k). So latency <= T iff every prefix keeps a non-negative accumulated IO budget
-``AIB(k) = AIB(k-1) + C_{k-1} - io_k``, ``AIB(-1) = T - sum_k C_k`` (``accumulated_io_budget``).
-A bounded buffer can only add waits, and the input's embedding rows (``embed_per_token``) delay
-the first layer, so AIB >= 0 is necessary; the simulator decides.
+``AIB(k) = AIB(k-1) + C_{k-1} - io_k``, ``AIB(-1) = T - E0 - sum_k C_k``
+(``accumulated_io_budget``). A bounded buffer can only add waits, so AIB >= 0 is necessary; the
+simulator decides.
 
 Planners
 --------
@@ -264,9 +265,11 @@ class DeviceProfile:
     # of a shard whose products run on dequantized weights, and of one that int8 products read
     stream_compute_per_byte: float = 0.0
     stream_compute_per_byte_int8: float = 0.0
-    # s per input token before the first layer can start: reading its word-embedding row (from
-    # the device when the store is cold: 32 rows took 0.6 ms there and 0.15 from the page cache)
+    # before the first layer, and before the first shard read: the input's word-embedding rows
+    # (from the device when the store is cold), ``embed_fixed + embed_per_token * n`` s, measured
+    # on the runtime (MiniLM, 32 tokens: 0.36-0.48 ms from the page cache, 0.71-0.76 cold)
     embed_per_token: float = 0.0
+    embed_fixed: float = 0.0
 
     def __post_init__(self):
         self.dequant_per_byte = {int(b): float(v) for b, v in sorted(_int_keys(self.dequant_per_byte).items())}
@@ -276,7 +279,8 @@ class DeviceProfile:
         self.compute_margin_by_tokens = {int(n): float(v)
                                          for n, v in sorted(_int_keys(self.compute_margin_by_tokens).items())}
         if not self.io_bandwidth > 0 or min(self.io_latency, self.c0, self.c1, self.c2, self.stream_compute_per_byte,
-                                            self.stream_compute_per_byte_int8, self.embed_per_token) < 0 \
+                                            self.stream_compute_per_byte_int8, self.embed_per_token,
+                                            self.embed_fixed) < 0 \
                 or any(v < 0 for v in self.dequant_per_byte.values()):
             raise STIError("a device profile needs io_bandwidth > 0 and non-negative times")
         if not self.tail_ratio >= 1.0 or not all(v >= 1.0 for v in self.tail_by_tokens.values()):
@@ -480,7 +484,7 @@ class _Ctx:
         self.shard_compute = {b: g * (dev.int8_time(b, seq_len) if b != 32 and dev.int8_applies(seq_len)
                                       else per_shard + dev.dequant_time(b, nb)) for b, nb in shape.shard_bytes.items()}
         self.c0 = g * dev.c0
-        self.start = dev.embed_per_token * seq_len  # the input's embedding rows, before layer 0
+        self.start = dev.embed_fixed + dev.embed_per_token * seq_len  # the embedding rows, before any read
         # what streaming a shard (not preloading it) adds to its layer's compute
         self.stream_compute = {b: g * nb * (dev.stream_compute_per_byte_int8 if b != 32 and dev.int8_applies(seq_len)
                                             else dev.stream_compute_per_byte) for b, nb in shape.shard_bytes.items()}
@@ -525,8 +529,7 @@ def _sim(ctx: _Ctx, bits, preload, M, order=None, record=False):
     st = [0.0] * L
     ready = [0.0] * L  # end of the last read of each layer
     done = 0
-    prev_end = ctx.start
-    io_free = 0.0
+    prev_end = io_free = ctx.start  # the runtime reads the input's embedding rows, then shards
     occ = 0
     peak_occ = 0
     held: deque = deque()  # [layer, bytes] in the buffer, layer ascending
@@ -633,7 +636,7 @@ def simulate(plan, shape: ModelShape, dev: DeviceProfile, seq_len: int | None = 
 def _aib(ctx: _Ctx, bits, preload, T) -> list[float]:
     C = [ctx.layer_compute(row, l, preload) for l, row in enumerate(bits)]
     io = [sum(ctx.read[b] for s, b in enumerate(row) if b and (l, s) not in preload) for l, row in enumerate(bits)]
-    out, a = [], T - sum(C)
+    out, a = [], T - ctx.start - sum(C)
     for k in range(ctx.L):
         a += (C[k - 1] if k else 0.0) - io[k]
         out.append(a)
@@ -642,7 +645,7 @@ def _aib(ctx: _Ctx, bits, preload, T) -> list[float]:
 
 def accumulated_io_budget(bits, shape: ModelShape, dev: DeviceProfile, target_latency: float, seq_len: int,
                           preload: Iterable[tuple[int, int]] = ()) -> list[float]:
-    """AIB(k) for k = 0..L-1 (seconds): AIB(-1) = T - sum C, AIB(k) = AIB(k-1) + C_{k-1} - io_k.
+    """AIB(k) for k = 0..L-1 (seconds): AIB(-1) = T - E0 - sum C, AIB(k) = AIB(k-1) + C_{k-1} - io_k.
     All >= 0 iff the plan meets T with an unbounded buffer (see the module docstring)."""
     b, pre = _as_config(bits, shape, preload)
     return _aib(_Ctx(shape, dev, seq_len, planning=False), b, pre, target_latency)
@@ -1165,6 +1168,7 @@ def _milp(ctx: _Ctx, imp, mode: str, T, M, min_width: int, time_limit, pairs) ->
     ub[Q0:nint] = S
     for *_, w in cols_w:
         integrality[w] = 1
+    lb[A(0, 0)] = ctx.start / tau  # reads start once the embedding rows are in
     ub[E0:E0 + L] = ub_E
     if MV is not None:
         ub[MV] = np.inf

@@ -101,6 +101,8 @@ from sti import blas
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 16: the time before the first layer (the embedding rows, which the runtime now reads before any
+# shard) measured on the runtime as fixed + per token, and reads timed from its end;
 # 15: each bitwidth's int8 products priced from paired requests at every int8 length, a line
 # weighted by their standard errors (14 drew it through two lengths' differences of medians);
 # compute margins from two compute-only plans per length, their errors averaged with the
@@ -121,7 +123,7 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 15
+PROFILE_VERSION = 16
 PROFILE_FILE = "profile.json"
 # the validation's plan that reads nothing: its error and its requests' spread are the compute's
 COMPUTE_PLAN = "random, all preloaded"
@@ -926,10 +928,11 @@ def _measure_io(store, rng, reads_per_bits: int = 24, repeats: int = 2, warm: bo
 
 
 def _measure_embed(store, seq_lens, rng, cold: bool, repeats: int = 9) -> dict:
-    """Seconds per input token to read a request's word-embedding rows, as the runtime does before
-    its first layer (``Store.embedding_rows``, checksums included): from the page cache, and with
-    ``cold`` also cold (the store evicted first). Medians per length, then a slope through the
-    origin."""
+    """Seconds per input token to read a request's word-embedding rows alone (``Store.embedding_rows``,
+    checksums included): from the page cache, and with ``cold`` also cold (the store evicted
+    first). Medians per length, then a slope through the origin. A reference: the runtime takes
+    longer before its first layer (MiniLM, 32 tokens, warm: 0.11 ms alone, 0.36-0.48 in a request;
+    see ``_calibrate_runtime``)."""
     out = {}
     for mode in ("warm", "cold") if cold else ("warm",):
         ns, med = [], []
@@ -1044,7 +1047,7 @@ def _measure_dequant(store, repeats, rng) -> dict:
 
 
 def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None,
-                       repeats: int = 21, warm: bool = False, embed_warm: float = 0.0) -> dict:
+                       repeats: int = 21, warm: bool = False) -> dict:
     """What the isolated measurements miss, measured on the real ``StreamingEncoder`` (both
     engines run interleaved, so they see the same machine), and the device profile corrected
     for it:
@@ -1118,6 +1121,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     lengths = sorted({min(int(n), store.config.max_position) for n in seq_lens})
     inputs = {n: rng.integers(0, store.config.vocab_size, (1, n)) for n in lengths}
     times = {n: {"pre": [], "str": [], "str8": [], "pre8": [], "busy8": [], "pair": []} for n in lengths}
+    fills = {n: {"pre": [], "str": []} for n in lengths}  # seconds before the first layer (Trace.fill)
     # The repeats run in rounds over the lengths: a burst of a shared VM (seconds) then slows some
     # requests of every length instead of all of one length's, which bent the fitted costs per
     # token (MiniLM: the preloaded int8 engine at 64 tokens 16.5 ms in one profile, 11.2-11.8 in
@@ -1131,8 +1135,10 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
             pre.run(ids, mask)  # warm-up (the previous request was of another length)
             streamed.run(ids, mask)
             for _ in range(k):
-                got["pre"].append(pre.run(ids, mask)[1].latency)
-                got["str"].append(streamed.run(ids, mask)[1].latency)
+                for eng, key in ((pre, "pre"), (streamed, "str")):
+                    trace = eng.run(ids, mask)[1]
+                    got[key].append(trace.latency)
+                    fills[n][key].append(trace.fill)
                 if streamed8 is not None:  # its tail among other work (see tail_ratio)
                     got["busy8"].append(streamed8.run(ids, mask)[1].latency)
             if pre8 is not None:  # with and without int8 products in alternating rounds, nothing else between
@@ -1151,13 +1157,15 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     for n in lengths:
         got = times[n]
         t_pre, t_str, t_str8, t_pre8, t_busy8, pair = (got[k] for k in ("pre", "str", "str8", "pre8", "busy8", "pair"))
-        # (the preloaded engine reads its embedding rows from the page cache)
-        predicted = embed_warm * n + L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
+        # the layers' model after the preloaded engine's own fill (its embedding rows)
+        fill = float(np.median(fills[n]["pre"]))
+        predicted = fill + L * (dev.compute_time(w, n) + w * dev.dequant_time(bits, shard_bytes))
         med = float(np.median(t_str))
         med8 = float(np.median(t_str8)) if t_str8 else 0.0
         busy8 = float(np.median(t_busy8)) if t_busy8 else 0.0
         relative.append(([t / med for t in t_str], [t / busy8 for t in t_busy8]))
-        rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3),
+        rows.append({"seq_len": n, "measured_ms": round(float(np.median(t_pre)) * 1e3, 3), "fill_ms": round(fill * 1e3, 4),
+                     "streamed_fill_ms": round(float(np.median(fills[n]["str"])) * 1e3, 4),
                      "predicted_ms": round(predicted * 1e3, 3), "streamed_median_ms": round(med * 1e3, 3),
                      "streamed_p95_ms": round(float(np.percentile(t_str, 95)) * 1e3, 3),
                      "tail_ratio": round(float(np.percentile(t_str, 95)) / med, 4),
@@ -1182,10 +1190,15 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     delta = max(float(delta), -dev.c1)
     per_byte = {b: v + overhead / store.shard_nbytes(0, min(store.shard_indices(0)), b)
                 for b, v in dev.dequant_per_byte.items()}
-    fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte})
+    # the embedding rows, as plans' requests read them: from the device where the store is cold
+    # (the streamed engine evicts it), else from the page cache (an emulated device paces shards)
+    embed_fixed, embed_per_token = _fill_line([(r["seq_len"], r["streamed_fill_ms" if throttle is None and not warm
+                                                                  else "fill_ms"] / 1e3) for r in rows])
+    fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte,
+                             "embed_fixed": embed_fixed, "embed_per_token": embed_per_token})
     # int8 products: where they win, and their own cost (against the layer model just corrected)
     int8_max = _int8_max(rows)
-    int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2, embed_warm) if int8_max else (0.0, 0.0)
+    int8_const, int8_per_token = _int8_cost(rows, L, w, fixed.c0, fixed.c2) if int8_max else (0.0, 0.0)
     int8_bits = _int8_by_bits(store, bits, pre8, rows, repeats, chunk_shards, rng, int8_max) if int8_max else {}
     # each bitwidth's difference from ``bits``, d(n) = a + s n fitted through the lengths measured, per shard
     int8_shard, int8_bits_token = {}, {}
@@ -1271,6 +1284,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                  "spread": [round(float(x), 4) for x in pooled],
                  "compute_spread": [round(float(x), 4) for x in computing],
                  "c1_correction": float(delta), "io_slowdown": k, "tail_ratio": tail,
+                 "embed_fixed": embed_fixed, "embed_per_token": embed_per_token,
                  "int8_max_tokens": int8_max, "int8_per_token": int8_per_token, "int8_shard": int8_shard,
                  "int8_bits_minus_4bit_s": int8_bits, "int8_per_token_bits": out.int8_per_token_bits,
                  "stream_compute_per_byte": out.stream_compute_per_byte,
@@ -1434,14 +1448,13 @@ def _int8_max(rows: list[dict]) -> int:
     return reach
 
 
-def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float,
-               embed: float = 0.0) -> tuple[float, float]:
+def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float) -> tuple[float, float]:
     """(const, per_token): one shard's cost with int8 products, ``const + per_token * n``, fitted
     by least squares on the preloaded int8 engine's medians (``int8_ms``, ``layers`` x ``width``
-    shards) after the layer constant ``c0``, attention's ``c2 * n^2`` and the embedding rows'
-    ``embed * n``; both kept >= 0."""
+    shards) after the layer constant ``c0``, attention's ``c2 * n^2`` and the preloaded engines'
+    time before the first layer (``fill_ms``: the embedding rows); both kept >= 0."""
     n = np.array([r["seq_len"] for r in rows if "int8_ms" in r], float)
-    y = np.array([(r["int8_ms"] / 1e3 - layers * c0 - embed * r["seq_len"]) / (layers * width)
+    y = np.array([(r["int8_ms"] - layers * c0 * 1e3 - r.get("fill_ms", 0.0)) / 1e3 / (layers * width)
                   for r in rows if "int8_ms" in r]) - c2 * n * n
     if len(n) >= 2:
         per_token, const = np.polyfit(n, y, 1)
@@ -1452,6 +1465,23 @@ def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float,
     if per_token < 0:
         const, per_token = float(y.mean()), 0.0
     return max(0.0, float(const)), float(per_token)
+
+
+def _fill_line(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(fixed, per_token) seconds of ``fixed + per_token * n`` through (length, seconds before the
+    first layer) points, by least squares, both kept >= 0 (through the origin, or flat, where the
+    free line has a negative part)."""
+    n = np.array([p[0] for p in points], float)
+    y = np.array([p[1] for p in points], float)
+    if len(n) >= 2 and np.ptp(n) > 0:
+        per_token, fixed = np.polyfit(n, y, 1)
+    else:
+        per_token, fixed = 0.0, float(y.mean())
+    if fixed < 0:
+        fixed, per_token = 0.0, float(n @ y / (n @ n))
+    if per_token < 0:
+        fixed, per_token = float(y.mean()), 0.0
+    return max(0.0, float(fixed)), max(0.0, float(per_token))
 
 
 def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng,
@@ -1563,17 +1593,14 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
         if real > emul:
             label += (f"; note: measured cold reads are slower than the emulation ({real * 1e3:.3g} vs "
                       f"{emul * 1e3:.3g} ms per {shard} B read), so emulation is exact only for warm reads")
-    # the input's embedding rows: from the device where the store is cold, else from the page
-    # cache (an emulated device paces the shard reads only)
+    # the input's embedding rows read alone, for reference (the profile's cost of them is the
+    # runtime's time before its first layer, measured by the calibration)
     cold = not warm and throttle is None
     emb = _measure_embed(store, seq_lens, rng, cold=cold)
-    emb["used"] = "cold" if cold else "warm"
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
-                        dequant_per_byte=deq["per_byte"], label=label,
-                        embed_per_token=emb[f"{emb['used']}_per_token"])
+                        dequant_per_byte=deq["per_byte"], label=label)
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
-    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm,
-                                    embed_warm=emb["warm_per_token"])
+    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm)
     _say(progress, "validating the model on plan-like configurations ...")
     # the deadline margin, per measured length: the model's error on plans it was not fitted on
     # there, times the spread of requests' latencies, pooled over the validation's requests and
@@ -1893,7 +1920,7 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "compute_margin_by_tokens": dev.compute_margin_by_tokens,
                    "stream_compute_ns_per_byte": dev.stream_compute_per_byte * 1e9,
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
-                   "embed_us_per_token": dev.embed_per_token * 1e6,
+                   "embed_us": dev.embed_fixed * 1e6, "embed_us_per_token": dev.embed_per_token * 1e6,
                    "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"],
                    "validation": {k: v for k, v in (dev_meta.get("validation") or {}).items()
                                   if k not in ("plans", "spread", "compute_spread")}

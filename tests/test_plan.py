@@ -130,16 +130,17 @@ def test_canonical_order_reads_wider_shards_first():
     assert (tl.latency, tl.stall) == (8, 5)
 
 
-def test_the_inputs_embedding_rows_delay_the_first_layer_not_the_reads():
+def test_the_inputs_embedding_rows_come_before_the_first_layer_and_the_reads():
     shape = ModelShape(2, 1, {4: 100}, fixed_bytes=0, scratch_bytes=0)
-    dev = DeviceProfile(io_bandwidth=100.0, c1=1.0, embed_per_token=0.5)  # 2 tokens: layer 0 may start at 1
+    # 2 tokens: the rows take 0.5 + 2 * 0.25 = 1, then layer 0 and the reads may start
+    dev = DeviceProfile(io_bandwidth=100.0, c1=1.0, embed_fixed=0.5, embed_per_token=0.25)
     preloaded = simulate([[4], [4]], shape, dev, 2, preload=[(0, 0), (1, 0)])
     assert [(t.start, t.end, t.stall) for t in preloaded.layers] == [(1, 3, 0), (3, 5, 0)]  # no IO stall
-    streamed = simulate([[4], [4]], shape, dev, 2)  # reads run from 0 beside the rows: layer 0 waits for its read
-    assert [(r.start, r.end) for r in streamed.reads] == [(0, 1), (1, 2)]
-    assert [(t.start, t.end) for t in streamed.layers] == [(1, 3), (3, 5)] and streamed.latency == 5
-    slow = simulate([[4], [4]], shape, DeviceProfile(io_bandwidth=50.0, c1=1.0, embed_per_token=0.5), 2)
-    assert [(t.start, t.end) for t in slow.layers] == [(2, 4), (4, 6)]  # the read, not the rows, is last
+    streamed = simulate([[4], [4]], shape, dev, 2)  # the runtime reads the rows, then the shards
+    assert [(r.start, r.end) for r in streamed.reads] == [(1, 2), (2, 3)]
+    assert [(t.start, t.end, t.stall) for t in streamed.layers] == [(2, 4, 1), (4, 6, 0)] and streamed.latency == 6
+    assert accumulated_io_budget([[4], [4]], shape, dev, 6, 2)[0] == 0  # exactly in time
+    assert min(accumulated_io_budget([[4], [4]], shape, dev, 5.9, 2)) < 0
 
 
 def test_deadlines_are_planned_with_the_margin_measured_at_the_requests_length():

@@ -302,6 +302,9 @@ def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_o
     rows = [{"seq_len": n, "int8_ms": (2 * 1e-3 + 10 * (50e-6 + 2e-6 * n)) * 1e3} for n in (16, 32, 64)]
     const, per_token = prof._int8_cost(rows, layers=2, width=5, c0=1e-3, c2=0.0)
     assert (const, per_token) == (pytest.approx(50e-6), pytest.approx(2e-6))
+    # the time before the first layer (the embedding rows) is not the products'
+    filled = [{**r, "int8_ms": r["int8_ms"] + 0.4 + 0.01 * r["seq_len"], "fill_ms": 0.4 + 0.01 * r["seq_len"]} for r in rows]
+    assert prof._int8_cost(filled, 2, 5, 1e-3, 0.0) == (pytest.approx(50e-6), pytest.approx(2e-6))
     # attention's c2 n^2 is not the products' cost; a single length gives a constant only
     rows_c2 = [{**r, "int8_ms": r["int8_ms"] + 10 * 1e-8 * r["seq_len"] ** 2 * 1e3} for r in rows]
     assert prof._int8_cost(rows_c2, 2, 5, 1e-3, 1e-8) == (pytest.approx(50e-6), pytest.approx(2e-6))
@@ -310,6 +313,15 @@ def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_o
     neg = [{"seq_len": n, "int8_ms": (2e-3 + 10 * (-20e-6 + 2e-6 * n)) * 1e3} for n in (16, 32)]
     const, per_token = prof._int8_cost(neg, 2, 5, 1e-3, 0.0)
     assert const == 0.0 and per_token > 0
+
+
+def test_the_time_before_the_first_layer_is_a_non_negative_line_in_the_length():
+    line = [(n, 0.3e-3 + 2e-6 * n) for n in (16, 32, 64, 128)]
+    assert prof._fill_line(line) == (pytest.approx(0.3e-3), pytest.approx(2e-6))
+    # a negative constant: through the origin; a falling line: flat at the mean; one length: flat
+    assert prof._fill_line([(16, 0.1e-3), (128, 1.6e-3)])[0] == 0.0
+    assert prof._fill_line([(16, 0.5e-3), (128, 0.3e-3)]) == (pytest.approx(0.4e-3), 0.0)
+    assert prof._fill_line([(32, 0.4e-3)]) == (pytest.approx(0.4e-3), 0.0)
 
 
 def test_a_bitwidths_line_leans_on_its_precise_lengths():

@@ -46,6 +46,17 @@ def test_fp32_stream_equals_in_memory(tiny_bert):
     assert trace.bytes_read == sum(e[5] for e in trace.io) > 0
 
 
+def test_the_inputs_embedding_rows_are_read_before_any_shard(tiny_bert):
+    _, _, path = tiny_bert
+    ids, mask = inputs()
+    with Store.open(path) as st:
+        eng = StreamingEncoder(st, Schedule.full(st, 4, chunk_shards=2), cold=True)
+        for _ in range(3):
+            _, trace = eng.run(ids, mask)
+            assert 0 < trace.fill == min(t0 for _, t0, _ in trace.compute)
+            assert trace.io and min(t0 for *_, t0, _t1, _n in trace.io) >= trace.fill
+
+
 def test_streamed_layer_equals_assembled_layer_at_every_bitwidth(tiny_bert):
     _, _, path = tiny_bert
     ids, mask = inputs()
