@@ -209,7 +209,7 @@ def trace_facts(trace) -> dict:
     comp = [(t0, t1) for _, t0, t1 in trace.compute]
     io = sum(t1 - t0 for t0, t1 in reads)
     compute = sum(t1 - t0 for t0, t1 in comp)
-    fill = min((t0 for t0, _ in comp), default=0.0)
+    fill = trace.fill
     last_read = max((t1 for _, t1 in reads), default=0.0)
     tail = sum(t1 - max(t0, last_read) for t0, t1 in comp if t1 > last_read) if reads else 0.0
     bound = max(fill + compute, io + tail)
