@@ -1192,7 +1192,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 for b, v in dev.dequant_per_byte.items()}
     # the embedding rows, as plans' requests read them: from the device where the store is cold
     # (the streamed engine evicts it), else from the page cache (an emulated device paces shards)
-    embed_fixed, embed_per_token = _fill_line([(r["seq_len"], r["streamed_fill_ms" if throttle is None and not warm
+    embed_fixed, embed_per_token = _line_at_least_0([(r["seq_len"], r["streamed_fill_ms" if throttle is None and not warm
                                                                   else "fill_ms"] / 1e3) for r in rows])
     fixed = DeviceProfile(**{**dev.__dict__, "c1": dev.c1 + delta, "dequant_per_byte": per_byte,
                              "embed_fixed": embed_fixed, "embed_per_token": embed_per_token})
@@ -1453,35 +1453,25 @@ def _int8_cost(rows: list[dict], layers: int, width: int, c0: float, c2: float) 
     by least squares on the preloaded int8 engine's medians (``int8_ms``, ``layers`` x ``width``
     shards) after the layer constant ``c0``, attention's ``c2 * n^2`` and the preloaded engines'
     time before the first layer (``fill_ms``: the embedding rows); both kept >= 0."""
-    n = np.array([r["seq_len"] for r in rows if "int8_ms" in r], float)
-    y = np.array([(r["int8_ms"] - layers * c0 * 1e3 - r.get("fill_ms", 0.0)) / 1e3 / (layers * width)
-                  for r in rows if "int8_ms" in r]) - c2 * n * n
-    if len(n) >= 2:
-        per_token, const = np.polyfit(n, y, 1)
-    else:
-        per_token, const = 0.0, float(y[0])
-    if const < 0:  # refit through the origin
-        const, per_token = 0.0, float(n @ y / (n @ n))
-    if per_token < 0:
-        const, per_token = float(y.mean()), 0.0
-    return max(0.0, float(const)), float(per_token)
+    return _line_at_least_0([(r["seq_len"], (r["int8_ms"] - layers * c0 * 1e3 - r.get("fill_ms", 0.0)) / 1e3
+                              / (layers * width) - c2 * r["seq_len"] ** 2) for r in rows if "int8_ms" in r])
 
 
-def _fill_line(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed, per_token) seconds of ``fixed + per_token * n`` through (length, seconds before the
-    first layer) points, by least squares, both kept >= 0 (through the origin, or flat, where the
-    free line has a negative part)."""
+def _line_at_least_0(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """(const, per_token) of ``const + per_token * n`` through (length, seconds) points, by least
+    squares, both kept >= 0: through the origin where the free line's constant is negative, flat
+    at the mean where its slope is (or where one length was measured)."""
     n = np.array([p[0] for p in points], float)
     y = np.array([p[1] for p in points], float)
     if len(n) >= 2 and np.ptp(n) > 0:
-        per_token, fixed = np.polyfit(n, y, 1)
+        per_token, const = np.polyfit(n, y, 1)
     else:
-        per_token, fixed = 0.0, float(y.mean())
-    if fixed < 0:
-        fixed, per_token = 0.0, float(n @ y / (n @ n))
+        per_token, const = 0.0, float(y.mean())
+    if const < 0:
+        const, per_token = 0.0, float(n @ y / (n @ n))
     if per_token < 0:
-        fixed, per_token = float(y.mean()), 0.0
-    return max(0.0, float(fixed)), max(0.0, float(per_token))
+        const, per_token = float(y.mean()), 0.0
+    return max(0.0, float(const)), max(0.0, float(per_token))
 
 
 def _int8_by_bits(store, bits: int, pre8, rows: list[dict], repeats: int, chunk_shards: int, rng,

@@ -317,11 +317,11 @@ def test_int8_stops_at_the_first_length_it_loses_and_its_cost_is_fitted_on_its_o
 
 def test_the_time_before_the_first_layer_is_a_non_negative_line_in_the_length():
     line = [(n, 0.3e-3 + 2e-6 * n) for n in (16, 32, 64, 128)]
-    assert prof._fill_line(line) == (pytest.approx(0.3e-3), pytest.approx(2e-6))
+    assert prof._line_at_least_0(line) == (pytest.approx(0.3e-3), pytest.approx(2e-6))
     # a negative constant: through the origin; a falling line: flat at the mean; one length: flat
-    assert prof._fill_line([(16, 0.1e-3), (128, 1.6e-3)])[0] == 0.0
-    assert prof._fill_line([(16, 0.5e-3), (128, 0.3e-3)]) == (pytest.approx(0.4e-3), 0.0)
-    assert prof._fill_line([(32, 0.4e-3)]) == (pytest.approx(0.4e-3), 0.0)
+    assert prof._line_at_least_0([(16, 0.1e-3), (128, 1.6e-3)])[0] == 0.0
+    assert prof._line_at_least_0([(16, 0.5e-3), (128, 0.3e-3)]) == (pytest.approx(0.4e-3), 0.0)
+    assert prof._line_at_least_0([(32, 0.4e-3)]) == (pytest.approx(0.4e-3), 0.0)
 
 
 def test_a_bitwidths_line_leans_on_its_precise_lengths():
