@@ -349,7 +349,7 @@ def cmd_profile(a) -> int:
         else:
             print(format_summary(res))
         return 0
-    res = run_profile(a.store, task=a.task, storage=a.storage, progress=not a.json)
+    res = run_profile(a.store, task=a.task, storage=a.storage, progress=not a.json, speed_window=a.speed_window)
     if a.json:
         _print_json(res)
     else:
@@ -513,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default="bbc-news", help="task whose calibration split is used (default: bbc-news)")
     sp.add_argument("--storage", help="emulate slower storage: emmc, ufs, <N>MBps (labelled as emulated); or warm: "
                                       "the real storage with the store in the page cache, as a server keeps it")
+    sp.add_argument("--speed-window", type=float, default=60.0, metavar="SECONDS",
+                    help="encoder stores: price compute at the machine's median speed over this many seconds "
+                         "(a probe request timed in bursts through the calibration and after it; a shared VM's "
+                         "speed moves by tens of percent over seconds to minutes); 0: at the calibration's "
+                         "moments (default: 60)")
     sp.add_argument("--json", action="store_true", help="print the profile summary as JSON")
 
     sp = add("plan", cmd_plan, "Plan a store's execution for a latency target and a memory budget.")

@@ -32,6 +32,7 @@ from sti.errors import STIError
 MEMORY_FRACTION = 0.05  # default memory budget: this share of the float32 model's bytes
 LATENCY_FACTOR = 2.0  # default latency target: this multiple of the whole model's warm latency
 TIMING_RUNS = 7  # warm runs of the whole model whose median sets the default target
+DEMO_SPEED_WINDOW_S = 20.0  # the profile samples the machine's speed over this many seconds (sti profile: 60)
 STORE_NAME = "minilm.sti"
 
 # Written for the demo, one or two per BBC News topic the built-in head knows.
@@ -119,7 +120,7 @@ def ensure_profile(store: Path, n_calib: int) -> tuple[str, dict]:
         if path.exists():
             print(f"  the cached profile cannot be used: {exc.problem}", flush=True)
     print(f"  profiling the store on {n_calib} calibration texts (a few minutes, once) ...", flush=True)
-    profiling.run_profile(store, n_calib=n_calib, progress=True)
+    profiling.run_profile(store, n_calib=n_calib, progress=True, speed_window=DEMO_SPEED_WINDOW_S)
     return "profiled", profiling.load_profile(store)[2]
 
 

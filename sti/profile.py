@@ -101,6 +101,9 @@ from sti import blas
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
+# 17: compute times at the machine's median speed over a window of a minute (a probe request
+# timed in bursts through the calibration and after the validation), not at the calibration's
+# moment of it;
 # 16: the time before the first layer (the embedding rows, which the runtime now reads before any
 # shard) measured on the runtime as fixed + per token, and reads timed from its end;
 # 15: each bitwidth's int8 products priced from paired requests at every int8 length, a line
@@ -123,10 +126,14 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 16
+PROFILE_VERSION = 17
 PROFILE_FILE = "profile.json"
 # the validation's plan that reads nothing: its error and its requests' spread are the compute's
 COMPUTE_PLAN = "random, all preloaded"
+# seconds over which the device profile samples the machine's speed (see _SpeedProbe): on a
+# shared 2-vCPU VM the same request's median over 10 s ranged 4.4-8.1 ms within 7 minutes, over
+# 60 s 4.6-5.9 ms, over 120 s 4.7-5.0 ms (MiniLM, every shard preloaded at 4 bits, 32 tokens)
+DEFAULT_SPEED_WINDOW_S = 60.0
 DEFAULT_TASK = "bbc-news"
 DEFAULT_N_CALIB = 48
 DEFAULT_SEQ_LEN = 64
@@ -1047,7 +1054,7 @@ def _measure_dequant(store, repeats, rng) -> dict:
 
 
 def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None,
-                       repeats: int = 21, warm: bool = False) -> dict:
+                       repeats: int = 21, warm: bool = False, probe=None) -> dict:
     """What the isolated measurements miss, measured on the real ``StreamingEncoder`` (both
     engines run interleaved, so they see the same machine), and the device profile corrected
     for it:
@@ -1094,6 +1101,9 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
       run at and fitted as a line weighted by their standard errors (``int8_bits``,
       :func:`_bits_line`): 8-bit codes cost more than 4-bit ones, a little more the longer the
       input (MiniLM, every shard: +0.85 ms at 16 tokens, +1.04 at 128).
+
+    ``probe`` (a :class:`_SpeedProbe`'s ``burst``) is called after every length of every round:
+    the machine's speed at the moments these requests ran.
 
     Returns (the corrected profile, the measurements)."""
     from sti.plan import simulate
@@ -1154,6 +1164,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
                 for eng, out in ((pre8, got["pre8"]), (streamed8, got["str8"])):
                     eng.run(ids, mask)
                     out += [eng.run(ids, mask)[1].latency for _ in range(k)]
+            if probe is not None:
+                probe()
     for n in lengths:
         got = times[n]
         t_pre, t_str, t_str8, t_pre8, t_busy8, pair = (got[k] for k in ("pre", "str", "str8", "pre8", "busy8", "pair"))
@@ -1546,8 +1558,82 @@ def _cpu_name() -> str:
     return cpu_model()
 
 
+class _SpeedProbe:
+    """The machine's speed as a plan's request sees it, sampled over a window: one fixed request
+    (every shard preloaded at the calibration's bitwidth, with int8 products where the kernels
+    have them, at the calibration length nearest 32 tokens) timed in bursts: a pause as between
+    requests arriving, one untimed request, then ``per_burst`` timed ones.
+
+    A shared VM's speed moves by tens of percent over seconds to minutes, and the calibration
+    measures it at one moment: profiles made minutes apart timed the same preloaded requests at
+    4.2 to 6.7 ms (MiniLM, 32 tokens), and every plan's prediction moved with them. Bursts run
+    between the calibration's lengths (``burst``, its moments) and then until ``window_s`` since
+    the first (``fill``); ``factor`` is the median of all over the median of the calibration's."""
+
+    def __init__(self, store, bits: int, chunk_shards: int, lengths, rng, per_burst: int = 5, gap_s: float = 0.25):
+        from sti.runtime import Schedule, StreamingEncoder
+
+        L = store.num_layers
+        layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
+        preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
+        self.engine = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
+                                                       int8_max_tokens=store.config.max_position))
+        self.tokens = min(lengths, key=lambda n: (abs(n - 32), n))
+        self.ids = rng.integers(0, store.config.vocab_size, (1, self.tokens))
+        self.per_burst, self.gap_s = per_burst, gap_s
+        self.t0: float | None = None
+        self.bursts: list[tuple[float, str, list[float]]] = []  # (seconds since the first, tag, latencies)
+        self.ended_s: float | None = None  # when the window's last burst ended
+
+    def burst(self, tag: str = "calibration") -> None:
+        mask = np.ones_like(self.ids)
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        at = time.perf_counter() - self.t0  # the burst's start, its pause included
+        time.sleep(self.gap_s)
+        self.engine.run(self.ids, mask)  # untimed: the machine last ran other work
+        self.bursts.append((at, tag, [self.engine.run(self.ids, mask)[1].latency for _ in range(self.per_burst)]))
+
+    def fill(self, window_s: float) -> None:
+        """Bursts until ``window_s`` seconds since the first burst."""
+        while self.t0 is None or time.perf_counter() - self.t0 < window_s:
+            self.burst("window")
+        self.ended_s = time.perf_counter() - self.t0
+
+    def factor(self) -> tuple[float, dict]:
+        """(median of every burst's latencies / median of the calibration's, the record)."""
+        cal = [t for _, tag, ts in self.bursts if tag == "calibration" for t in ts]
+        every = [t for _, _, ts in self.bursts for t in ts]
+        f = float(np.median(every) / np.median(cal)) if cal else 1.0
+        span = self.bursts[-1][0] if self.bursts else 0.0
+        return f, {"tokens": self.tokens, "per_burst": self.per_burst, "gap_s": self.gap_s,
+                   "span_s": round(span, 3), "ended_s": None if self.ended_s is None else round(self.ended_s, 3),
+                   "calibration_median_ms": round(float(np.median(cal)) * 1e3, 4) if cal else None,
+                   "median_ms": round(float(np.median(every)) * 1e3, 4) if every else None, "factor": f,
+                   "bursts": [{"at_s": round(at, 3), "tag": tag, "median_ms": round(float(np.median(ts)) * 1e3, 4)}
+                              for at, tag, ts in self.bursts]}
+
+
+def _at_speed(dev: DeviceProfile, f: float, warm: bool) -> DeviceProfile:
+    """``dev`` with every compute time x ``f`` (the machine ``f`` x slower than when they were
+    measured): the layers, dequantization, int8 products, the compute per streamed byte and the
+    time before the first layer; reads too where they are copies from the page cache (``warm``),
+    not a device's (or an emulated device's) time."""
+    scaled = {"c0": dev.c0 * f, "c1": dev.c1 * f, "c2": dev.c2 * f,
+              "dequant_per_byte": {b: v * f for b, v in dev.dequant_per_byte.items()},
+              "int8_shard": {b: v * f for b, v in dev.int8_shard.items()},
+              "int8_per_token": dev.int8_per_token * f,
+              "int8_per_token_bits": {b: v * f for b, v in dev.int8_per_token_bits.items()},
+              "stream_compute_per_byte": dev.stream_compute_per_byte * f,
+              "stream_compute_per_byte_int8": dev.stream_compute_per_byte_int8 * f,
+              "embed_fixed": dev.embed_fixed * f, "embed_per_token": dev.embed_per_token * f}
+    if warm:
+        scaled.update(io_bandwidth=dev.io_bandwidth / f, io_latency=dev.io_latency * f)
+    return DeviceProfile(**{**dev.__dict__, **scaled})
+
+
 def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15, chunk_shards=4, seed=0,
-                    progress=False):
+                    progress=False, speed_window: float = DEFAULT_SPEED_WINDOW_S):
     throttle = parse_storage(storage)
     warm = storage_key(storage) == WARM
     rng = np.random.default_rng(seed)
@@ -1590,7 +1676,10 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label)
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
-    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm)
+    lengths = sorted({min(int(n), store.config.max_position) for n in seq_lens})
+    probe = _SpeedProbe(store, 4 if 4 in store.bits else max(b for b in store.bits if b != FP32), chunk_shards,
+                        lengths, rng)
+    dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm, probe=probe.burst)
     _say(progress, "validating the model on plan-like configurations ...")
     # the deadline margin, per measured length: the model's error on plans it was not fitted on
     # there, times the spread of requests' latencies, pooled over the validation's requests and
@@ -1599,11 +1688,21 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
                     compute_spread=calib["compute_spread"])
     dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": val["tail_ratio"], "tail_by_tokens": val["tail_by_tokens"],
                            "compute_margin_by_tokens": val["compute_margin_by_tokens"]})
+    # The model was fitted and validated at the calibration's moments of the machine; its times
+    # move to the machine's median speed over the window (the margins, ratios, stay)
+    left = speed_window - (time.perf_counter() - probe.t0)
+    if left > 0:
+        _say(progress, f"sampling the machine's speed for {left:.0f} s more (a {speed_window:.0f} s window) ...")
+    probe.fill(speed_window)
+    speed, speed_info = probe.factor()
+    dev = _at_speed(dev, speed, warm)
+    dev.label += (f"; compute times x{speed:.3f}: the machine's median speed over {speed_info['span_s']:.0f} s "
+                  f"against the calibration's moments")
     if calib["io_slowdown"] > 1.0:
         dev.label += (f"; reads {calib['io_slowdown']:.2f}x slower than the device alone while the runtime "
                       f"computes beside them (measured on the streaming runtime)")
     meta = {"io_measured": io, "compute": comp, "dequant": deq, "embedding_rows": emb, "runtime_calibration": calib,
-            "validation": val,
+            "validation": val, "speed_window": speed_info,
             "storage": storage_key(storage),
             "seconds": {"io": round(t_io, 3), "compute": round(t_comp, 3), "dequant": round(t_deq, 3),
                         "total": round(time.perf_counter() - t0, 3)},
@@ -1817,6 +1916,11 @@ def format_summary(summary: dict) -> str:
                      + ", ".join(f"{g:.2f} at {n}" for n, g in sorted(cm.items(), key=lambda kv: int(kv[0])))
                      + f" tokens (the compute-only plans' mean error near there x the compute's p95 / median "
                      f"{v.get('compute_spread_p95', 1.0):.2f}, over the margin above)")
+    sw = d.get("speed_window")
+    if sw and sw.get("median_ms"):
+        lines.append(f"  speed: a probe request ({sw['tokens']} tokens, every shard preloaded) {sw['median_ms']:.2f} ms "
+                     f"median over {sw['span_s']:.0f} s against {sw['calibration_median_ms']:.2f} ms at the calibration's "
+                     f"moments: compute times x{sw['factor']:.3f}")
     if d.get("embed_us_per_token"):
         lines.append(f"  input: its word-embedding rows {d['embed_us_per_token']:.1f} us per token before the first layer")
     lines += ["",
@@ -1840,12 +1944,17 @@ def _bits_label(b) -> str:
 
 def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None, progress: bool = True, *,
                 n_calib: int = DEFAULT_N_CALIB, seq_len: int = DEFAULT_SEQ_LEN, chunk_shards: int = 4,
-                additivity_checks: int = 16, reuse: bool = True, repeats: int = 15) -> dict:
+                additivity_checks: int = 16, reuse: bool = True, repeats: int = 15,
+                speed_window: float = DEFAULT_SPEED_WINDOW_S) -> dict:
     """Profile a store (importance on ``task``'s calibration texts + this device, or an emulated
     ``storage``), save it as ``STORE/profile[-<storage>].json`` and return a JSON-able summary.
 
     With ``reuse``, an importance already measured for this store, task and calibration (in any
-    profile file of the store) is reused, so profiling another emulated storage takes seconds."""
+    profile file of the store) is reused, so profiling another emulated storage takes seconds
+    (and ``speed_window``: the device profile's compute times are the machine's median speed over
+    that many seconds, see :class:`_SpeedProbe`)."""
+    if not speed_window >= 0:
+        raise STIError(f"the speed window must be a non-negative number of seconds, got {speed_window!r}")
     from sti.store.reader import Store
 
     storage_key(storage)  # refuse a bad spec before any work
@@ -1868,7 +1977,8 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
             t_imp = time.perf_counter() - t1
             calib = imp_info.pop("calibration")
         t1 = time.perf_counter()
-        dev, dev_meta = _profile_device(store, storage, repeats=repeats, chunk_shards=chunk_shards, progress=progress)
+        dev, dev_meta = _profile_device(store, storage, repeats=repeats, chunk_shards=chunk_shards, progress=progress,
+                                        speed_window=speed_window)
         t_dev = time.perf_counter() - t1
         shape = model_shape(store, chunk_shards)
         imp.check(shape)
@@ -1912,6 +2022,7 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
                    "stream_compute_ns_per_byte_int8": dev.stream_compute_per_byte_int8 * 1e9,
                    "embed_us": dev.embed_fixed * 1e6, "embed_us_per_token": dev.embed_per_token * 1e6,
                    "io_slowdown": dev_meta["runtime_calibration"]["io_slowdown"],
+                   "speed_window": {k: v for k, v in dev_meta["speed_window"].items() if k != "bursts"},
                    "validation": {k: v for k, v in (dev_meta.get("validation") or {}).items()
                                   if k not in ("plans", "spread", "compute_spread")}
                    | {"plans": len((dev_meta.get("validation") or {}).get("plans", []))}},

@@ -120,7 +120,7 @@ def test_additivity_check_reports_actual_kl(importance, tiny_bert):
 def test_device_profile_fit(tiny_bert):
     _, _, path = tiny_bert
     with Store.open(path) as st:
-        dev, meta = prof._profile_device(st, seq_lens=(4, 8, 16), repeats=2)
+        dev, meta = prof._profile_device(st, seq_lens=(4, 8, 16), repeats=2, speed_window=2.0)
     assert isinstance(dev, DeviceProfile)
     assert dev.io_bandwidth > 0 and dev.io_latency >= 0
     assert "cold (posix_fadvise DONTNEED)" in dev.label
@@ -172,8 +172,21 @@ def test_device_profile_fit(tiny_bert):
                    and 0 < r["int8_dequant_best_ms"] <= r["int8_dequant_ms"]
                    for r in calib["rows"])
         assert all(r["streamed_int8_median_ms"] > 0 for r in calib["rows"])
-    assert (dev.int8_max_tokens, dev.int8_per_token, dev.int8_shard) == \
-        (calib["int8_max_tokens"], calib["int8_per_token"], calib["int8_shard"])
+    # the machine's speed: a probe request in bursts after every length of every calibration round,
+    # then until the window's end; compute times moved by the median of all over the calibration's
+    sw = meta["speed_window"]
+    tags = [b["tag"] for b in sw["bursts"]]
+    assert tags[:9] == ["calibration"] * 9 and set(tags[9:]) <= {"window"}  # rounds x lengths, then the window's
+    assert sw["tokens"] == 16  # the calibration length nearest 32
+    ats = [b["at_s"] for b in sw["bursts"]]  # (a tiny model's calibration may outlast a 2-s window)
+    assert ats[0] == 0 and ats == sorted(ats) and sw["span_s"] == ats[-1] and sw["ended_s"] >= 2.0
+    assert all(at < 2.0 for at, tag in zip(ats, tags) if tag == "window")
+    assert sw["factor"] == pytest.approx(sw["median_ms"] / sw["calibration_median_ms"], rel=1e-3)
+    assert f"compute times x{sw['factor']:.3f}" in dev.label
+    f = sw["factor"]  # the calibration's int8 costs, at the window's speed
+    assert dev.int8_max_tokens == calib["int8_max_tokens"]
+    assert dev.int8_per_token == pytest.approx(calib["int8_per_token"] * f, rel=1e-12)
+    assert dev.int8_shard == pytest.approx({int(b): v * f for b, v in calib["int8_shard"].items()}, rel=1e-12)
     if dev.int8_max_tokens:  # every quantized bitwidth's own constant and per-token cost, timed against 4 bits
         quantized = {b for b in Store.open(path).bits if b != 32}
         assert set(dev.int8_shard) == set(dev.int8_per_token_bits) == quantized and dev.int8_per_token_bits[4] == 0
@@ -189,14 +202,14 @@ def test_device_profile_fit(tiny_bert):
             else:
                 slope, a = 0.0, d[ns[0]]["diff_s"]
             shards = CFG.num_layers * CFG.num_heads
-            assert (dev.int8_shard[b] - dev.int8_shard[4]) * shards == pytest.approx(a, abs=1e-9)
-            assert dev.int8_per_token_bits[b] * shards == pytest.approx(slope, abs=1e-12)
+            assert (dev.int8_shard[b] - dev.int8_shard[4]) * shards / f == pytest.approx(a, abs=1e-9)
+            assert dev.int8_per_token_bits[b] * shards / f == pytest.approx(slope, abs=1e-12)
 
 
 def test_emulated_storage_profile(tiny_bert):
     _, _, path = tiny_bert
     with Store.open(path) as st:
-        dev, meta = prof._profile_device(st, storage="emmc", seq_lens=(8, 16), repeats=1)
+        dev, meta = prof._profile_device(st, storage="emmc", seq_lens=(8, 16), repeats=1, speed_window=0)
     # the emulated device's numbers, times the slowdown the runtime measured on its reads
     k = meta["runtime_calibration"]["io_slowdown"]
     assert k >= 1.0 and dev.io_bandwidth == pytest.approx(200e6 / k) and dev.io_latency == pytest.approx(0.5e-3 * k)
@@ -210,7 +223,7 @@ def test_emulated_storage_profile(tiny_bert):
 def test_warm_storage_profile_reads_from_the_page_cache(tiny_bert):
     _, _, path = tiny_bert
     with Store.open(path) as st:
-        dev, meta = prof._profile_device(st, storage="warm", seq_lens=(8, 16), repeats=1)
+        dev, meta = prof._profile_device(st, storage="warm", seq_lens=(8, 16), repeats=1, speed_window=0)
     assert dev.label.startswith("warm (page cache) reads") and meta["storage"] == "warm"
     assert "page cache" in meta["io_measured"]["pattern"]
 
@@ -322,6 +335,61 @@ def test_the_time_before_the_first_layer_is_a_non_negative_line_in_the_length():
     assert prof._line_at_least_0([(16, 0.1e-3), (128, 1.6e-3)])[0] == 0.0
     assert prof._line_at_least_0([(16, 0.5e-3), (128, 0.3e-3)]) == (pytest.approx(0.4e-3), 0.0)
     assert prof._line_at_least_0([(32, 0.4e-3)]) == (pytest.approx(0.4e-3), 0.0)
+
+
+def test_at_speed_moves_every_compute_time_and_page_cache_reads_only(tiny_bert):
+    from sti.plan import simulate
+
+    with Store.open(tiny_bert[2]) as st:
+        shape = prof.model_shape(st, int8_max_tokens=8)
+    bits = {b for b in shape.bits if b != 32}
+    dev = DeviceProfile(io_bandwidth=50e6, io_latency=2e-4, c0=1e-4, c1=2e-6, c2=3e-9,
+                        dequant_per_byte={b: 1e-9 * b for b in shape.bits}, int8_max_tokens=8, int8_per_token=1e-7,
+                        int8_shard={b: 5e-6 + 1e-7 * b for b in bits}, int8_per_token_bits={b: 1e-9 * b for b in bits},
+                        stream_compute_per_byte=2e-10, stream_compute_per_byte_int8=1e-10, embed_fixed=3e-5,
+                        embed_per_token=1e-6, tail_by_tokens={8: 1.2}, compute_margin_by_tokens={8: 1.1})
+    L, S = shape.num_layers, shape.shards_per_layer
+    mixed = [[(4, 8, 32, 0)[(layer + s) % 4] for s in range(S)] for layer in range(L)]
+    every = {(layer, s) for layer in range(L) for s in range(S) if mixed[layer][s]}
+    f = 1.37
+    for warm in (True, False):
+        fast = prof._at_speed(dev, f, warm)
+        assert (fast.tail_by_tokens, fast.compute_margin_by_tokens) == (dev.tail_by_tokens, dev.compute_margin_by_tokens)
+        for n in (4, 16):  # with int8 products and without; everything preloaded: compute alone
+            assert simulate(mixed, shape, fast, n, preload=every).latency == \
+                pytest.approx(f * simulate(mixed, shape, dev, n, preload=every).latency, rel=1e-9)
+            streamed = simulate(mixed, shape, fast, n).latency / simulate(mixed, shape, dev, n).latency
+            if warm:  # reads from the page cache are the CPU's work too
+                assert streamed == pytest.approx(f, rel=1e-9)
+            else:  # a device's reads take their time whatever the CPU's speed
+                assert (fast.io_bandwidth, fast.io_latency) == (dev.io_bandwidth, dev.io_latency) and 1 < streamed < f
+
+
+def test_the_speed_probe_runs_bursts_until_the_window_ends(tiny_bert):
+    with Store.open(tiny_bert[2]) as st:
+        probe = prof._SpeedProbe(st, 4, 4, (8, 16, 64), np.random.default_rng(0), per_burst=3, gap_s=0.01)
+        probe.burst()
+        probe.burst()
+        probe.fill(0.3)
+    assert probe.tokens == 16 and probe.ids.shape == (1, 16)
+    tags = [tag for _, tag, _ in probe.bursts]
+    assert tags[:2] == ["calibration"] * 2 and len(tags) > 2 and set(tags[2:]) == {"window"}
+    assert all(len(ts) == 3 and min(ts) > 0 for _, _, ts in probe.bursts)
+    assert probe.bursts[-1][0] < 0.3 <= probe.ended_s
+    assert probe.factor()[1]["factor"] > 0
+
+
+def test_the_speed_factor_is_the_whole_windows_median_over_the_calibrations():
+    probe = prof._SpeedProbe.__new__(prof._SpeedProbe)
+    probe.tokens, probe.per_burst, probe.gap_s, probe.ended_s = 32, 3, 0.25, 31.0
+    probe.bursts = [(0.0, "calibration", [4e-3, 5e-3, 6e-3]), (1.0, "calibration", [5e-3, 5e-3, 5e-3]),
+                    (2.0, "window", [7e-3, 8e-3, 9e-3]), (30.0, "window", [6e-3, 6e-3, 7e-3])]
+    f, info = probe.factor()
+    assert f == pytest.approx(6e-3 / 5e-3) and info["factor"] == f and info["span_s"] == 30.0
+    assert (info["calibration_median_ms"], info["median_ms"]) == (5.0, 6.0)
+    assert [b["median_ms"] for b in info["bursts"]] == [5.0, 5.0, 8.0, 6.0]
+    probe.bursts = probe.bursts[:2]  # no window: the calibration's own speed
+    assert probe.factor()[0] == 1.0
 
 
 def test_a_bitwidths_line_leans_on_its_precise_lengths():
