@@ -1053,6 +1053,86 @@ def _measure_dequant(store, repeats, rng) -> dict:
     return {"per_byte": out, "ms_per_shard": detail}
 
 
+class _SpeedProbe:
+    """The machine's speed as a plan's request sees it, sampled over a window: one fixed request
+    (every shard preloaded at the calibration's bitwidth, with int8 products where the kernels
+    have them, at the calibration length nearest 32 tokens) timed in bursts: a pause as between
+    requests arriving, one untimed request, then ``per_burst`` timed ones.
+
+    A shared VM's speed moves by tens of percent over seconds to minutes, and the calibration
+    measures it at one moment: profiles made minutes apart timed the same preloaded requests at
+    4.2 to 6.7 ms (MiniLM, 32 tokens), and every plan's prediction moved with them. Bursts run
+    between the calibration's lengths (``burst``, its moments) and then until ``window_s`` since
+    the first (``fill``); ``factor`` is the median of all over the median of the calibration's."""
+
+    def __init__(self, store, bits: int, chunk_shards: int, lengths, rng, per_burst: int = 5, gap_s: float = 0.25):
+        from sti.runtime import Schedule, StreamingEncoder
+
+        L = store.num_layers
+        layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
+        preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
+        self.engine = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
+                                                       int8_max_tokens=store.config.max_position))
+        self.tokens = min(lengths, key=lambda n: (abs(n - 32), n))
+        self.ids = rng.integers(0, store.config.vocab_size, (1, self.tokens))
+        self.per_burst, self.gap_s = per_burst, gap_s
+        self.t0: float | None = None
+        self.bursts: list[tuple[float, str, list[float]]] = []  # (seconds since the first, tag, latencies)
+        self.ended_s: float | None = None  # when the window's last burst ended
+
+    def burst(self, tag: str = "calibration") -> None:
+        mask = np.ones_like(self.ids)
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        at = time.perf_counter() - self.t0  # the burst's start, its pause included
+        time.sleep(self.gap_s)
+        self.engine.run(self.ids, mask)  # untimed: the machine last ran other work
+        self.bursts.append((at, tag, [self.engine.run(self.ids, mask)[1].latency for _ in range(self.per_burst)]))
+
+    def fill(self, window_s: float) -> None:
+        """Bursts until ``window_s`` seconds since the first burst."""
+        while self.t0 is None or time.perf_counter() - self.t0 < window_s:
+            self.burst("window")
+        self.ended_s = time.perf_counter() - self.t0
+
+    def speed(self, tag: str | None = None) -> float:
+        """The median latency of ``tag``'s bursts (every burst's: None) over the calibration's."""
+        cal = [t for _, tg, ts in self.bursts if tg == "calibration" for t in ts]
+        got = [t for _, tg, ts in self.bursts if tag is None or tg == tag for t in ts]
+        return float(np.median(got) / np.median(cal)) if cal and got else 1.0
+
+    def factor(self) -> tuple[float, dict]:
+        """(median of every burst's latencies / median of the calibration's, the record)."""
+        cal = [t for _, tag, ts in self.bursts if tag == "calibration" for t in ts]
+        every = [t for _, _, ts in self.bursts for t in ts]
+        f = self.speed()
+        span = self.bursts[-1][0] if self.bursts else 0.0
+        return f, {"tokens": self.tokens, "per_burst": self.per_burst, "gap_s": self.gap_s,
+                   "span_s": round(span, 3), "ended_s": None if self.ended_s is None else round(self.ended_s, 3),
+                   "calibration_median_ms": round(float(np.median(cal)) * 1e3, 4) if cal else None,
+                   "median_ms": round(float(np.median(every)) * 1e3, 4) if every else None, "factor": f,
+                   "bursts": [{"at_s": round(at, 3), "tag": tag, "median_ms": round(float(np.median(ts)) * 1e3, 4)}
+                              for at, tag, ts in self.bursts]}
+
+
+def _at_speed(dev: DeviceProfile, f: float, warm: bool) -> DeviceProfile:
+    """``dev`` with every compute time x ``f`` (the machine ``f`` x slower than when they were
+    measured): the layers, dequantization, int8 products, the compute per streamed byte and the
+    time before the first layer; reads too where they are copies from the page cache (``warm``),
+    not a device's (or an emulated device's) time."""
+    scaled = {"c0": dev.c0 * f, "c1": dev.c1 * f, "c2": dev.c2 * f,
+              "dequant_per_byte": {b: v * f for b, v in dev.dequant_per_byte.items()},
+              "int8_shard": {b: v * f for b, v in dev.int8_shard.items()},
+              "int8_per_token": dev.int8_per_token * f,
+              "int8_per_token_bits": {b: v * f for b, v in dev.int8_per_token_bits.items()},
+              "stream_compute_per_byte": dev.stream_compute_per_byte * f,
+              "stream_compute_per_byte_int8": dev.stream_compute_per_byte_int8 * f,
+              "embed_fixed": dev.embed_fixed * f, "embed_per_token": dev.embed_per_token * f}
+    if warm:
+        scaled.update(io_bandwidth=dev.io_bandwidth / f, io_latency=dev.io_latency * f)
+    return DeviceProfile(**{**dev.__dict__, **scaled})
+
+
 def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None,
                        repeats: int = 21, warm: bool = False, probe=None) -> dict:
     """What the isolated measurements miss, measured on the real ``StreamingEncoder`` (both
@@ -1304,7 +1384,8 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
 
 
 def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None, cold: bool = False,
-              repeats: int = 12, rounds: int = 3, spread: list[float] = (), compute_spread: list[float] = ()) -> dict:
+              repeats: int = 12, rounds: int = 3, spread: list[float] = (), compute_spread: list[float] = (),
+              probe: _SpeedProbe | None = None) -> dict:
     """The profiled model against the runtime on plan-like configurations it was not fitted on,
     and the deadline margin that follows. At each length, three plans (of the bitwidths plans
     offer there): (1) random bitwidths, ~15% of shards dropped, a third preloaded, an unbounded
@@ -1337,7 +1418,14 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     second-slowest, one slow second of a shared VM. That direct estimate is kept as
     ``direct_by_tokens``. Margins still move between profiles with the model's error (MiniLM,
     warm, three profiles minutes apart: validation medians -19..-3%, -5..+20% and -19..-1% of
-    the predictions; largest margins 1.12, 1.47, 1.13)."""
+    the predictions; largest margins 1.12, 1.47, 1.13).
+
+    With a ``probe`` (:class:`_SpeedProbe`), its bursts run after each length's plans of every
+    round, and each plan's error is taken against its prediction at the machine's speed then
+    (``speed``: the probe's median over the calibration's): the model's error, not the
+    machine's move since the calibration (warm MiniLM: a profile whose validation ran 27%
+    faster than its calibration had every plan at -39..-9% of the unmoved predictions, and
+    margins of 1.00)."""
     from sti.plan import simulate
     from sti.runtime import Schedule, StreamingEncoder
 
@@ -1345,6 +1433,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     idx = [store.shard_indices(layer) for layer in range(L)]
     S = len(idx[0])
     engines = []  # (length, name, engine, predicted s, latencies)
+    configs_run = []  # and each one's (shape, bits, preload, buffer, stream order)
     for n in seq_lens:
         shape = model_shape(store, chunk_shards=chunk_shards, input_tokens=n, int8_max_tokens=dev.int8_max_tokens)
         offered = [b for b in shape.bits if b != FP32] if dev.int8_applies(n) else list(shape.bits)
@@ -1382,11 +1471,12 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             except STIError:  # the runtime's accounting wants more than the model's: not a plan
                 continue
             engines.append((int(n), name, eng, tl.latency, []))
+            configs_run.append((shape, bits, pre, M, [(r.layer, r.shard, r.bits) for r in tl.reads]))
     inputs = {n: rng.integers(0, store.config.vocab_size, (1, n)) for n in seq_lens}
     rounds = max(1, min(rounds, repeats))
     dequantized = False  # the last engine ran BLAS products (its threads may still spin)
     for k in [repeats // rounds + (r < repeats % rounds) for r in range(rounds)]:
-        for n, _, eng, _, got in engines:
+        for i, (n, _, eng, _, got) in enumerate(engines):
             ids = inputs[n]
             mask = np.ones_like(ids)
             if dequantized and eng.uses_int8(n):
@@ -1394,13 +1484,20 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             eng.run(ids, mask)  # warm-up: the previous request was another engine's
             got += [eng.run(ids, mask)[1].latency for _ in range(k)]
             dequantized = not eng.uses_int8(n)
+            if probe is not None and (i + 1 == len(engines) or engines[i + 1][0] != n):
+                probe.burst("validation")
+                dequantized = False  # the probe's requests let the BLAS threads sleep
+    speed = probe.speed("validation") if probe is not None else 1.0
+    now = _at_speed(dev, speed, warm=throttle is None and not cold)
     plans, own, own_compute = [], [], []
-    for n, name, _, pred, got in engines:
+    for (n, name, _, pred, got), (shape, bits, pre, M, order) in zip(engines, configs_run):
         med = float(np.median(got))
         (own_compute if name == COMPUTE_PLAN else own).extend(round(t / med, 4) for t in got)
+        at_speed = simulate(bits, shape, now, n, preload=pre, memory_budget=M, stream_order=order).latency
         plans.append({"seq_len": n, "plan": name, "predicted_ms": round(pred * 1e3, 3),
+                      "predicted_at_speed_ms": round(at_speed * 1e3, 3),
                       "median_ms": round(med * 1e3, 3), "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
-                      "error": round(med / pred - 1, 4)})
+                      "error": round(med / at_speed - 1, 4)})
     pooled = np.asarray([*spread, *own])
     spread_p95 = max(1.0, round(float(np.percentile(pooled, 95)), 4)) if len(pooled) else 1.0
     pooled_compute = np.asarray([*compute_spread, *own_compute])
@@ -1419,7 +1516,7 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
         if errors and len(pooled_compute):
             compute[n] = max(1.0, round(p95([(1 + float(np.mean(errors))) * pooled_compute]) / by_len[n], 4))
     errors = [q["error"] for q in plans]
-    return {"plans": plans, "repeats": repeats, "rounds": rounds,
+    return {"plans": plans, "repeats": repeats, "rounds": rounds, "speed": speed,
             "spread": own, "spread_p95": spread_p95, "spread_samples": int(len(pooled)),
             "compute_spread": own_compute, "compute_spread_samples": int(len(pooled_compute)),
             "compute_spread_p95": (max(1.0, round(float(np.percentile(pooled_compute, 95)), 4))
@@ -1558,80 +1655,6 @@ def _cpu_name() -> str:
     return cpu_model()
 
 
-class _SpeedProbe:
-    """The machine's speed as a plan's request sees it, sampled over a window: one fixed request
-    (every shard preloaded at the calibration's bitwidth, with int8 products where the kernels
-    have them, at the calibration length nearest 32 tokens) timed in bursts: a pause as between
-    requests arriving, one untimed request, then ``per_burst`` timed ones.
-
-    A shared VM's speed moves by tens of percent over seconds to minutes, and the calibration
-    measures it at one moment: profiles made minutes apart timed the same preloaded requests at
-    4.2 to 6.7 ms (MiniLM, 32 tokens), and every plan's prediction moved with them. Bursts run
-    between the calibration's lengths (``burst``, its moments) and then until ``window_s`` since
-    the first (``fill``); ``factor`` is the median of all over the median of the calibration's."""
-
-    def __init__(self, store, bits: int, chunk_shards: int, lengths, rng, per_burst: int = 5, gap_s: float = 0.25):
-        from sti.runtime import Schedule, StreamingEncoder
-
-        L = store.num_layers
-        layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
-        preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
-        self.engine = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
-                                                       int8_max_tokens=store.config.max_position))
-        self.tokens = min(lengths, key=lambda n: (abs(n - 32), n))
-        self.ids = rng.integers(0, store.config.vocab_size, (1, self.tokens))
-        self.per_burst, self.gap_s = per_burst, gap_s
-        self.t0: float | None = None
-        self.bursts: list[tuple[float, str, list[float]]] = []  # (seconds since the first, tag, latencies)
-        self.ended_s: float | None = None  # when the window's last burst ended
-
-    def burst(self, tag: str = "calibration") -> None:
-        mask = np.ones_like(self.ids)
-        if self.t0 is None:
-            self.t0 = time.perf_counter()
-        at = time.perf_counter() - self.t0  # the burst's start, its pause included
-        time.sleep(self.gap_s)
-        self.engine.run(self.ids, mask)  # untimed: the machine last ran other work
-        self.bursts.append((at, tag, [self.engine.run(self.ids, mask)[1].latency for _ in range(self.per_burst)]))
-
-    def fill(self, window_s: float) -> None:
-        """Bursts until ``window_s`` seconds since the first burst."""
-        while self.t0 is None or time.perf_counter() - self.t0 < window_s:
-            self.burst("window")
-        self.ended_s = time.perf_counter() - self.t0
-
-    def factor(self) -> tuple[float, dict]:
-        """(median of every burst's latencies / median of the calibration's, the record)."""
-        cal = [t for _, tag, ts in self.bursts if tag == "calibration" for t in ts]
-        every = [t for _, _, ts in self.bursts for t in ts]
-        f = float(np.median(every) / np.median(cal)) if cal else 1.0
-        span = self.bursts[-1][0] if self.bursts else 0.0
-        return f, {"tokens": self.tokens, "per_burst": self.per_burst, "gap_s": self.gap_s,
-                   "span_s": round(span, 3), "ended_s": None if self.ended_s is None else round(self.ended_s, 3),
-                   "calibration_median_ms": round(float(np.median(cal)) * 1e3, 4) if cal else None,
-                   "median_ms": round(float(np.median(every)) * 1e3, 4) if every else None, "factor": f,
-                   "bursts": [{"at_s": round(at, 3), "tag": tag, "median_ms": round(float(np.median(ts)) * 1e3, 4)}
-                              for at, tag, ts in self.bursts]}
-
-
-def _at_speed(dev: DeviceProfile, f: float, warm: bool) -> DeviceProfile:
-    """``dev`` with every compute time x ``f`` (the machine ``f`` x slower than when they were
-    measured): the layers, dequantization, int8 products, the compute per streamed byte and the
-    time before the first layer; reads too where they are copies from the page cache (``warm``),
-    not a device's (or an emulated device's) time."""
-    scaled = {"c0": dev.c0 * f, "c1": dev.c1 * f, "c2": dev.c2 * f,
-              "dequant_per_byte": {b: v * f for b, v in dev.dequant_per_byte.items()},
-              "int8_shard": {b: v * f for b, v in dev.int8_shard.items()},
-              "int8_per_token": dev.int8_per_token * f,
-              "int8_per_token_bits": {b: v * f for b, v in dev.int8_per_token_bits.items()},
-              "stream_compute_per_byte": dev.stream_compute_per_byte * f,
-              "stream_compute_per_byte_int8": dev.stream_compute_per_byte_int8 * f,
-              "embed_fixed": dev.embed_fixed * f, "embed_per_token": dev.embed_per_token * f}
-    if warm:
-        scaled.update(io_bandwidth=dev.io_bandwidth / f, io_latency=dev.io_latency * f)
-    return DeviceProfile(**{**dev.__dict__, **scaled})
-
-
 def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15, chunk_shards=4, seed=0,
                     progress=False, speed_window: float = DEFAULT_SPEED_WINDOW_S):
     throttle = parse_storage(storage)
@@ -1685,7 +1708,7 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     # there, times the spread of requests' latencies, pooled over the validation's requests and
     # the calibration's (streamed among other engines' requests)
     val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=cold, spread=calib["spread"],
-                    compute_spread=calib["compute_spread"])
+                    compute_spread=calib["compute_spread"], probe=probe)
     dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": val["tail_ratio"], "tail_by_tokens": val["tail_by_tokens"],
                            "compute_margin_by_tokens": val["compute_margin_by_tokens"]})
     # The model was fitted and validated at the calibration's moments of the machine; its times
@@ -1902,7 +1925,8 @@ def format_summary(summary: dict) -> str:
     v = d.get("validation") or {}
     if v.get("plans"):
         lo, hi = v["error_range"]
-        lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted {lo:+.0%}..{hi:+.0%} "
+        lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted (at the machine's speed "
+                     f"then, x{v.get('speed', 1.0):.3f}) {lo:+.0%}..{hi:+.0%} "
                      f"(median |error| {v['median_abs_error']:.0%}); requests' p95 / median "
                      f"{v['spread_p95']:.2f} ({v['spread_samples']} pooled)")
     by = d.get("tail_by_tokens") or {}

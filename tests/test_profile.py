@@ -176,13 +176,20 @@ def test_device_profile_fit(tiny_bert):
     # then until the window's end; compute times moved by the median of all over the calibration's
     sw = meta["speed_window"]
     tags = [b["tag"] for b in sw["bursts"]]
-    assert tags[:9] == ["calibration"] * 9 and set(tags[9:]) <= {"window"}  # rounds x lengths, then the window's
+    # rounds x lengths of the calibration, then of the validation, then the window's
+    assert tags[:18] == ["calibration"] * 9 + ["validation"] * 9 and set(tags[18:]) <= {"window"}
     assert sw["tokens"] == 16  # the calibration length nearest 32
     ats = [b["at_s"] for b in sw["bursts"]]  # (a tiny model's calibration may outlast a 2-s window)
     assert ats[0] == 0 and ats == sorted(ats) and sw["span_s"] == ats[-1] and sw["ended_s"] >= 2.0
     assert all(at < 2.0 for at, tag in zip(ats, tags) if tag == "window")
     assert sw["factor"] == pytest.approx(sw["median_ms"] / sw["calibration_median_ms"], rel=1e-3)
     assert f"compute times x{sw['factor']:.3f}" in dev.label
+    # the validation's errors: against each plan's prediction at the machine's speed while it ran
+    assert val["speed"] > 0
+    for q in val["plans"]:
+        assert q["error"] == pytest.approx(q["median_ms"] / q["predicted_at_speed_ms"] - 1, abs=0.01 + 2e-3 / q["median_ms"])
+        if q["plan"] == prof.COMPUTE_PLAN:  # nothing read: every time of it moved with the machine
+            assert q["predicted_at_speed_ms"] == pytest.approx(q["predicted_ms"] * val["speed"], abs=2e-3)
     f = sw["factor"]  # the calibration's int8 costs, at the window's speed
     assert dev.int8_max_tokens == calib["int8_max_tokens"]
     assert dev.int8_per_token == pytest.approx(calib["int8_per_token"] * f, rel=1e-12)
