@@ -414,8 +414,6 @@ def test_a_bitwidths_line_leans_on_its_precise_lengths():
     assert prof._bits_line({32: {"diff_s": 1e-3, "se_s": 0.0}}) == (1e-3, 0.0) and prof._bits_line({}) == (0.0, 0.0)
 
 
-
-
 def test_the_terminal_summary_states_the_device_model_and_the_importance():
     """``sti profile`` without --json prints format_summary: the numbers the planner uses, in
     words (it printed the first 4000 characters of the JSON before)."""
@@ -427,7 +425,9 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
               "stream_compute_ns_per_byte": 0.23, "stream_compute_ns_per_byte_int8": 0.07, "io_slowdown": 1.0,
               "embed_us_per_token": 4.7, "validation": {"plans": 12, "error_range": [-0.04, 0.07],
                                                         "median_abs_error": 0.03, "spread_p95": 1.08,
-                                                        "spread_samples": 180}}
+                                                        "spread_samples": 180, "speed": 0.9},
+              "speed_window": {"tokens": 32, "median_ms": 5.68, "span_s": 59.8, "calibration_median_ms": 4.81,
+                               "factor": 1.181}}
     summary = {"profile": "STORE/profile-warm.json", "task": "bbc-news", "storage": "warm",
                "seconds": {"total": 13.0, "importance": 0.0, "device": 13.0},
                "calibration": {"head": "bbc-news", "n_texts": 48, "seq_len": 64}, "full_accuracy": 0.9375,
@@ -438,7 +438,8 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
     text = prof.format_summary(summary)
     for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
                  "8-bit 52.5", "0.23 ns of compute per streamed byte (0.07 where int8 products read it)", "T / 1.16",
-                 "validation on 12 plan-like configurations: median over predicted -4%..+7%",
+                 "validation on 12 plan-like configurations: median over predicted (at the machine's speed then, "
+                 "x0.900) -4%..+7%", "5.68 ms median over 60 s against 4.81 ms", "compute times x1.181",
                  "p95 / median 1.08 (180 pooled)", "accuracy there 0.938",
                  "layer 1 shard 10 (0.059)", "Spearman 0.95", "rows 4.7 us per token"):
         assert part in text, part
