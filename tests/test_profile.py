@@ -125,11 +125,16 @@ def test_device_profile_fit(tiny_bert):
     assert dev.io_bandwidth > 0 and dev.io_latency >= 0
     assert "cold (posix_fadvise DONTNEED)" in dev.label
     assert min(dev.c0, dev.c1, dev.c2) >= 0
-    # the fit of the isolated layer measurements grows with width and length (the runtime calibration
-    # may then move c1 down, to 0 at most, where the real engine ran faster than that fit: noise on
-    # a tiny model's sub-millisecond layers)
+    # the isolated layer measurements grow from the narrowest, shortest layer to the widest, longest
+    # (16 x the shard-tokens), and their fit never falls with width or length (between neighbours,
+    # a tiny model's sub-millisecond layers differ by less than a noisy machine's spread: a strict
+    # w=1 -> 4 at 16 tokens failed about once in 30 runs; the runtime calibration may then move c1
+    # down, to 0 at most, where the real engine ran faster than that fit)
+    med = meta["compute"]["median_ms"]
+    assert med["w4_n16"] > med["w1_n4"]
     fit = DeviceProfile(io_bandwidth=1.0, c0=meta["compute"]["c0"], c1=meta["compute"]["c1"], c2=meta["compute"]["c2"])
-    assert fit.compute_time(4, 16) > fit.compute_time(1, 16) and fit.compute_time(2, 16) > fit.compute_time(2, 4)
+    assert fit.compute_time(4, 16) >= fit.compute_time(1, 16) and fit.compute_time(2, 16) >= fit.compute_time(2, 4)
+    assert fit.compute_time(4, 16) > fit.compute_time(1, 4) or med["w4_n16"] < 1.2 * med["w1_n4"]
     assert set(dev.dequant_per_byte) == set(Store.open(path).bits) and all(v > 0 for v in dev.dequant_per_byte.values())
     assert meta["compute"]["fit"]["max_rel_error"] >= 0 and len(meta["io_measured"]["by_sequence"]) >= 4
     calib = meta["runtime_calibration"]  # the real runtime, streaming every shard: its tail
