@@ -1053,6 +1053,11 @@ def _measure_dequant(store, repeats, rng) -> dict:
     return {"per_byte": out, "ms_per_shard": detail}
 
 
+def _calibration_bits(store) -> int:
+    """The bitwidth the runtime is calibrated at: 4 where stored, else the widest quantized one."""
+    return 4 if 4 in store.bits else max(b for b in store.bits if b != FP32)
+
+
 class _SpeedProbe:
     """The machine's speed as a plan's request sees it, sampled over a window: one fixed request
     (every shard preloaded at the calibration's bitwidth, with int8 products where the kernels
@@ -1062,10 +1067,11 @@ class _SpeedProbe:
     A shared VM's speed moves by tens of percent over seconds to minutes, and the calibration
     measures it at one moment: profiles made minutes apart timed the same preloaded requests at
     4.2 to 6.7 ms (MiniLM, 32 tokens), and every plan's prediction moved with them. Bursts run
-    between the calibration's lengths (``burst``, its moments) and then until ``window_s`` since
-    the first (``fill``); ``factor`` is the median of all over the median of the calibration's."""
+    between the calibration's lengths (``burst``, its moments), between the validation's, and
+    then until ``window_s`` since the first (``fill``); ``factor`` is the median of all over the
+    median of the calibration's, ``speed(tag)`` one phase's over the calibration's."""
 
-    def __init__(self, store, bits: int, chunk_shards: int, lengths, rng, per_burst: int = 5, gap_s: float = 0.25):
+    def __init__(self, store, bits: int, chunk_shards: int, seq_lens, rng, per_burst: int = 5, gap_s: float = 0.25):
         from sti.runtime import Schedule, StreamingEncoder
 
         L = store.num_layers
@@ -1073,7 +1079,7 @@ class _SpeedProbe:
         preload = {(layer, s) for layer in range(L) for s in store.shard_indices(layer)}
         self.engine = StreamingEncoder(store, Schedule(layers, preload=preload, chunk_shards=chunk_shards,
                                                        int8_max_tokens=store.config.max_position))
-        self.tokens = min(lengths, key=lambda n: (abs(n - 32), n))
+        self.tokens = min((min(int(n), store.config.max_position) for n in seq_lens), key=lambda n: (abs(n - 32), n))
         self.ids = rng.integers(0, store.config.vocab_size, (1, self.tokens))
         self.per_burst, self.gap_s = per_burst, gap_s
         self.t0: float | None = None
@@ -1189,7 +1195,7 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
     from sti.plan import simulate
     from sti.runtime import Schedule, StreamingEncoder
 
-    bits = 4 if 4 in store.bits else max(b for b in store.bits if b != FP32)
+    bits = _calibration_bits(store)
     L = store.num_layers
     layers = [{s: bits for s in store.shard_indices(layer)} for layer in range(L)]
     w = len(layers[0])
@@ -1699,9 +1705,7 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     dev = DeviceProfile(io_bandwidth=float(bw), io_latency=float(lat), c0=comp["c0"], c1=comp["c1"], c2=comp["c2"],
                         dequant_per_byte=deq["per_byte"], label=label)
     _say(progress, "calibrating per-layer overhead on the streaming runtime ...")
-    lengths = sorted({min(int(n), store.config.max_position) for n in seq_lens})
-    probe = _SpeedProbe(store, 4 if 4 in store.bits else max(b for b in store.bits if b != FP32), chunk_shards,
-                        lengths, rng)
+    probe = _SpeedProbe(store, _calibration_bits(store), chunk_shards, seq_lens, rng)
     dev, calib = _calibrate_runtime(store, dev, seq_lens, chunk_shards, rng, throttle, warm=warm, probe=probe.burst)
     _say(progress, "validating the model on plan-like configurations ...")
     # the deadline margin, per measured length: the model's error on plans it was not fitted on
@@ -1978,7 +1982,8 @@ def run_profile(store_path, task: str = DEFAULT_TASK, storage: str | None = None
     (and ``speed_window``: the device profile's compute times are the machine's median speed over
     that many seconds, see :class:`_SpeedProbe`)."""
     if not speed_window >= 0:
-        raise STIError(f"the speed window must be a non-negative number of seconds, got {speed_window!r}")
+        raise STIError(f"the speed window must be a non-negative number of seconds, got {speed_window!r}",
+                       "pass --speed-window 60 (the default), or 0 to price compute at the calibration's moments")
     from sti.store.reader import Store
 
     storage_key(storage)  # refuse a bad spec before any work

@@ -391,6 +391,12 @@ def test_the_speed_probe_runs_bursts_until_the_window_ends(tiny_bert):
     assert probe.factor()[1]["factor"] > 0
 
 
+def test_a_negative_speed_window_is_refused_before_any_work(tiny_bert):
+    with pytest.raises(STIError) as e:
+        prof.run_profile(tiny_bert[2], speed_window=-1, progress=False)
+    assert "speed window" in str(e.value) and "--speed-window 60" in str(e.value)
+
+
 def test_the_speed_factor_is_the_whole_windows_median_over_the_calibrations():
     probe = prof._SpeedProbe.__new__(prof._SpeedProbe)
     probe.tokens, probe.per_burst, probe.gap_s, probe.ended_s = 32, 3, 0.25, 31.0
