@@ -101,10 +101,6 @@ from sti import blas
 from sti.errors import STIError
 from sti.plan import DeviceProfile, Importance, ModelShape
 
-# 18: the validation has a plan whose buffer holds 1.25 of its streamed layers, so that the
-# margins cover requests whose reads wait on the compute (the plans of small budgets); its
-# errors are taken against the profile's own predictions, at the window's speed; the speed
-# probe's bursts follow a lead of requests instead of a pause (the calibration's regime);
 # 17: compute times at the machine's median speed over a window of a minute (a probe request
 # timed in bursts through the calibration and after the validation), not at the calibration's
 # moment of it;
@@ -130,13 +126,10 @@ from sti.plan import DeviceProfile, Importance, ModelShape
 # int8_shard[bits] + int8_per_token n, the streaming cost and tail_ratio
 # (pooled over lengths) measured on the engine plans run; 5: int8_shard + (c1 + int8_delta) n;
 # 4, 3: a slope only; 2: medians and tail_ratio; 1: best-of
-PROFILE_VERSION = 18
+PROFILE_VERSION = 17
 PROFILE_FILE = "profile.json"
 # the validation's plan that reads nothing: its error and its requests' spread are the compute's
 COMPUTE_PLAN = "random, all preloaded"
-# the validation's plan whose reads wait for the compute to free buffer space, as plans under
-# small budgets do (see _validate)
-TIGHT_PLAN = "random, a third preloaded, 1.25 layers of buffer"
 # seconds over which the device profile samples the machine's speed (see _SpeedProbe): on a
 # shared 2-vCPU VM the same request's median over 10 s ranged 4.4-8.1 ms within 7 minutes, over
 # 60 s 4.6-5.9 ms, over 120 s 4.7-5.0 ms (MiniLM, every shard preloaded at 4 bits, 32 tokens)
@@ -1068,14 +1061,8 @@ def _calibration_bits(store) -> int:
 class _SpeedProbe:
     """The machine's speed as a plan's request sees it, sampled over a window: one fixed request
     (every shard preloaded at the calibration's bitwidth, with int8 products where the kernels
-    have them, at the calibration length nearest 32 tokens) timed in bursts: ``lead_s`` of
-    untimed requests, then ``per_burst`` timed ones.
-
-    The lead keeps the machine busy before every burst, as the calibration and the validation
-    keep it: this VM runs a request ~20% faster right after other work than after a pause
-    (MiniLM, 32 tokens, shuffled bursts: 4.33 ms median after 0.25 s of requests, 5.27-5.36 after
-    0.1, 0.25 or 1 s idle). Bursts after pauses made the window's median a different regime from
-    the calibration's, not the machine's move (factors 0.96-1.54 between profiles minutes apart).
+    have them, at the calibration length nearest 32 tokens) timed in bursts: a pause as between
+    requests arriving, one untimed request, then ``per_burst`` timed ones.
 
     A shared VM's speed moves by tens of percent over seconds to minutes, and the calibration
     measures it at one moment: profiles made minutes apart timed the same preloaded requests at
@@ -1084,7 +1071,7 @@ class _SpeedProbe:
     then until ``window_s`` since the first (``fill``); ``factor`` is the median of all over the
     median of the calibration's, ``speed(tag)`` one phase's over the calibration's."""
 
-    def __init__(self, store, bits: int, chunk_shards: int, seq_lens, rng, per_burst: int = 5, lead_s: float = 0.25):
+    def __init__(self, store, bits: int, chunk_shards: int, seq_lens, rng, per_burst: int = 5, gap_s: float = 0.25):
         from sti.runtime import Schedule, StreamingEncoder
 
         L = store.num_layers
@@ -1094,7 +1081,7 @@ class _SpeedProbe:
                                                        int8_max_tokens=store.config.max_position))
         self.tokens = min((min(int(n), store.config.max_position) for n in seq_lens), key=lambda n: (abs(n - 32), n))
         self.ids = rng.integers(0, store.config.vocab_size, (1, self.tokens))
-        self.per_burst, self.lead_s = per_burst, lead_s
+        self.per_burst, self.gap_s = per_burst, gap_s
         self.t0: float | None = None
         self.bursts: list[tuple[float, str, list[float]]] = []  # (seconds since the first, tag, latencies)
         self.ended_s: float | None = None  # when the window's last burst ended
@@ -1103,11 +1090,9 @@ class _SpeedProbe:
         mask = np.ones_like(self.ids)
         if self.t0 is None:
             self.t0 = time.perf_counter()
-        at = time.perf_counter() - self.t0  # the burst's start, its lead included
-        t = time.perf_counter()
-        self.engine.run(self.ids, mask)  # untimed: at least one, the machine last ran other work
-        while time.perf_counter() - t < self.lead_s:
-            self.engine.run(self.ids, mask)
+        at = time.perf_counter() - self.t0  # the burst's start, its pause included
+        time.sleep(self.gap_s)
+        self.engine.run(self.ids, mask)  # untimed: the machine last ran other work
         self.bursts.append((at, tag, [self.engine.run(self.ids, mask)[1].latency for _ in range(self.per_burst)]))
 
     def fill(self, window_s: float) -> None:
@@ -1128,7 +1113,7 @@ class _SpeedProbe:
         every = [t for _, _, ts in self.bursts for t in ts]
         f = self.speed()
         span = self.bursts[-1][0] if self.bursts else 0.0
-        return f, {"tokens": self.tokens, "per_burst": self.per_burst, "lead_s": self.lead_s,
+        return f, {"tokens": self.tokens, "per_burst": self.per_burst, "gap_s": self.gap_s,
                    "span_s": round(span, 3), "ended_s": None if self.ended_s is None else round(self.ended_s, 3),
                    "calibration_median_ms": round(float(np.median(cal)) * 1e3, 4) if cal else None,
                    "median_ms": round(float(np.median(every)) * 1e3, 4) if every else None, "factor": f,
@@ -1406,18 +1391,12 @@ def _calibrate_runtime(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, t
 
 def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=None, cold: bool = False,
               repeats: int = 12, rounds: int = 3, spread: list[float] = (), compute_spread: list[float] = (),
-              probe: _SpeedProbe | None = None, window_s: float = 0.0, progress: bool = False) -> dict:
+              probe: _SpeedProbe | None = None) -> dict:
     """The profiled model against the runtime on plan-like configurations it was not fitted on,
-    and the deadline margin that follows. At each length, four plans (of the bitwidths plans
+    and the deadline margin that follows. At each length, three plans (of the bitwidths plans
     offer there): (1) random bitwidths, ~15% of shards dropped, a third preloaded, an unbounded
-    buffer; (2) one random bitwidth, every shard streamed through a buffer of 1.5 layers (of the
-    widest bitwidth); (3) random bitwidths, ~15% dropped, streamed through 2.5 such layers; (4)
-    random bitwidths, ~15% dropped, a third preloaded, the rest streamed through a buffer of
-    1.25 of its own largest streamed layer (``TIGHT_PLAN``): its reads wait for the compute to
-    free space, as those of plans under small budgets do, and the compute's noise reaches the
-    read times (MiniLM, 200 MB/s, 32 tokens, plans at 2.5-10% of the weights: +0..+10% over the
-    model, p95 1.04-1.11 of the median, where the three looser plans were within +2% and 1.02,
-    and margins of 1.03 let a quarter of such plans' requests miss). Each runs ``repeats`` requests
+    buffer; (2) one random bitwidth, every shard streamed through a buffer of 1.5 layers; (3)
+    random bitwidths, ~15% dropped, streamed through 2.5 layers. Each runs ``repeats`` requests
     in ``rounds`` rounds over all lengths' plans, each plan's share of a round back to back, as
     an engine serves them and as the model's int8 costs are timed, in the stream order the
     model assumes (in turns with the other plans request by request, each engine's requests ran
@@ -1448,15 +1427,11 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
     the predictions; largest margins 1.12, 1.47, 1.13).
 
     With a ``probe`` (:class:`_SpeedProbe`), its bursts run after each length's plans of every
-    round and then until ``window_s`` since its first, and each plan's error is taken against
-    its prediction at the window's median speed (``speed``: the probe's median over all its
-    bursts over the calibration's), which is the profile's own prediction: the model is fitted
-    at the calibration's moments of the machine, and planners use it moved to the window's
-    speed. Errors against the speed of the validation's own bursts removed more than the
-    machine's move: those bursts, run right after the validation's requests, ran 10-29% faster
-    than the calibration's in every profile, the plans beside them not as much (warm MiniLM:
-    probe x0.71, plans +8..+49% over predictions so moved, margins 1.55-1.74, while 95% of the
-    requests ran within 1.03-1.10 of the window's predictions)."""
+    round, and each plan's error is taken against its prediction at the machine's speed then
+    (``speed``: the probe's median over the calibration's): the model's error, not the
+    machine's move since the calibration (warm MiniLM: a profile whose validation ran 27%
+    faster than its calibration had every plan at -39..-9% of the unmoved predictions, and
+    margins of 1.00)."""
     from sti.plan import simulate
     from sti.runtime import Schedule, StreamingEncoder
 
@@ -1485,12 +1460,6 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
         configs.append((f"{one}-bit, 1.5 layers of buffer", [[one] * S for _ in range(L)], [],
                         shape.base_bytes + int(1.5 * layer_max)))
         configs.append(("random, 2.5 layers of buffer", random_bits(0.15), [], shape.base_bytes + int(2.5 * layer_max)))
-        bits = random_bits(0.15)
-        pre = [(layer, s) for layer in range(L) for s in range(S) if bits[layer][s] and rng.random() < 1 / 3]
-        streamed = [sum(shape.shard_bytes[b] for s, b in enumerate(row) if b and (layer, s) not in pre)
-                    for layer, row in enumerate(bits)]
-        configs.append((TIGHT_PLAN, bits, pre, shape.base_bytes + sum(shape.shard_bytes[bits[l][s]] for l, s in pre)
-                        + int(1.25 * max(streamed))))
         for _ in range(2):  # no reads: the compute's own error (COMPUTE_PLAN)
             bits = random_bits(0.15)
             configs.append((COMPUTE_PLAN, bits,
@@ -1524,20 +1493,14 @@ def _validate(store, dev: DeviceProfile, seq_lens, chunk_shards, rng, throttle=N
             if probe is not None and (i + 1 == len(engines) or engines[i + 1][0] != n):
                 probe.burst("validation")
                 dequantized = False  # the probe's requests let the BLAS threads sleep
-    speed = 1.0
-    if probe is not None:
-        left = window_s - (time.perf_counter() - probe.t0)
-        if left > 0:
-            _say(progress, f"sampling the machine's speed for {left:.0f} s more (a {window_s:.0f} s window) ...")
-        probe.fill(window_s)
-        speed = probe.speed()
+    speed = probe.speed("validation") if probe is not None else 1.0
     now = _at_speed(dev, speed, warm=throttle is None and not cold)
     plans, own, own_compute = [], [], []
     for (n, name, _, pred, got), (shape, bits, pre, M, order) in zip(engines, configs_run):
         med = float(np.median(got))
         (own_compute if name == COMPUTE_PLAN else own).extend(round(t / med, 4) for t in got)
         at_speed = simulate(bits, shape, now, n, preload=pre, memory_budget=M, stream_order=order).latency
-        plans.append({"seq_len": n, "plan": name, "memory_budget": M, "predicted_ms": round(pred * 1e3, 3),
+        plans.append({"seq_len": n, "plan": name, "predicted_ms": round(pred * 1e3, 3),
                       "predicted_at_speed_ms": round(at_speed * 1e3, 3),
                       "median_ms": round(med * 1e3, 3), "p95_ms": round(float(np.percentile(got, 95)) * 1e3, 3),
                       "error": round(med / at_speed - 1, 4)})
@@ -1749,11 +1712,15 @@ def _profile_device(store, storage=None, seq_lens=(16, 32, 64, 128), repeats=15,
     # there, times the spread of requests' latencies, pooled over the validation's requests and
     # the calibration's (streamed among other engines' requests)
     val = _validate(store, dev, seq_lens, chunk_shards, rng, throttle, cold=cold, spread=calib["spread"],
-                    compute_spread=calib["compute_spread"], probe=probe, window_s=speed_window, progress=progress)
+                    compute_spread=calib["compute_spread"], probe=probe)
     dev = DeviceProfile(**{**dev.__dict__, "tail_ratio": val["tail_ratio"], "tail_by_tokens": val["tail_by_tokens"],
                            "compute_margin_by_tokens": val["compute_margin_by_tokens"]})
-    # The model was fitted at the calibration's moments of the machine; its times move to the
-    # machine's median speed over the window the validation filled (the margins, ratios, stay)
+    # The model was fitted and validated at the calibration's moments of the machine; its times
+    # move to the machine's median speed over the window (the margins, ratios, stay)
+    left = speed_window - (time.perf_counter() - probe.t0)
+    if left > 0:
+        _say(progress, f"sampling the machine's speed for {left:.0f} s more (a {speed_window:.0f} s window) ...")
+    probe.fill(speed_window)
     speed, speed_info = probe.factor()
     dev = _at_speed(dev, speed, warm)
     dev.label += (f"; compute times x{speed:.3f}: the machine's median speed over {speed_info['span_s']:.0f} s "
@@ -1962,8 +1929,8 @@ def format_summary(summary: dict) -> str:
     v = d.get("validation") or {}
     if v.get("plans"):
         lo, hi = v["error_range"]
-        lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted (at the window's "
-                     f"speed, x{v.get('speed', 1.0):.3f}) {lo:+.0%}..{hi:+.0%} "
+        lines.append(f"  validation on {v['plans']} plan-like configurations: median over predicted (at the machine's speed "
+                     f"then, x{v.get('speed', 1.0):.3f}) {lo:+.0%}..{hi:+.0%} "
                      f"(median |error| {v['median_abs_error']:.0%}); requests' p95 / median "
                      f"{v['spread_p95']:.2f} ({v['spread_samples']} pooled)")
     by = d.get("tail_by_tokens") or {}

@@ -145,9 +145,6 @@ def test_device_profile_fit(tiny_bert):
     # (the streamed plans'; the compute-only plans' give the compute margin, below)
     assert set(dev.tail_by_tokens) == set(val["tail_by_tokens"]) == {4, 8, 16}
     streamed = [q for q in val["plans"] if q["plan"] != prof.COMPUTE_PLAN]
-    # among them, at every length, one whose buffer leaves its reads waiting for the compute
-    tight = [q for q in streamed if q["plan"] == prof.TIGHT_PLAN]
-    assert sorted(q["seq_len"] for q in tight) == [4, 8, 16] and all(q["memory_budget"] > 0 for q in tight)
     assert val["rounds"] == 3 and val["spread_samples"] == len(calib["spread"]) + val["repeats"] * len(streamed)
     spread = np.array(calib["spread"] + val["spread"])
     for n, v in dev.tail_by_tokens.items():
@@ -192,8 +189,8 @@ def test_device_profile_fit(tiny_bert):
     assert all(at < 2.0 for at, tag in zip(ats, tags) if tag == "window")
     assert sw["factor"] == pytest.approx(sw["median_ms"] / sw["calibration_median_ms"], rel=1e-3)
     assert f"compute times x{sw['factor']:.3f}" in dev.label
-    # the validation's errors: against each plan's prediction at the window's speed, the profile's
-    assert val["speed"] == pytest.approx(sw["factor"], rel=1e-9)
+    # the validation's errors: against each plan's prediction at the machine's speed while it ran
+    assert val["speed"] > 0
     for q in val["plans"]:
         assert q["error"] == pytest.approx(q["median_ms"] / q["predicted_at_speed_ms"] - 1, abs=0.01 + 2e-3 / q["median_ms"])
         if q["plan"] == prof.COMPUTE_PLAN:  # nothing read: every time of it moved with the machine
@@ -382,15 +379,10 @@ def test_at_speed_moves_every_compute_time_and_page_cache_reads_only(tiny_bert):
 
 def test_the_speed_probe_runs_bursts_until_the_window_ends(tiny_bert):
     with Store.open(tiny_bert[2]) as st:
-        probe = prof._SpeedProbe(st, 4, 4, (8, 16, 64), np.random.default_rng(0), per_burst=3, lead_s=0.05)
-        run, calls = probe.engine.run, []
-        probe.engine.run = lambda *a: calls.append(1) or run(*a)
+        probe = prof._SpeedProbe(st, 4, 4, (8, 16, 64), np.random.default_rng(0), per_burst=3, gap_s=0.01)
         probe.burst()
         probe.burst()
         probe.fill(0.3)
-    # every burst's timed requests follow a lead of untimed ones (0.05 s: more than one request
-    # of a tiny model), not a pause
-    assert len(calls) > len(probe.bursts) * (3 + 2)
     assert probe.tokens == 16 and probe.ids.shape == (1, 16)
     tags = [tag for _, tag, _ in probe.bursts]
     assert tags[:2] == ["calibration"] * 2 and len(tags) > 2 and set(tags[2:]) == {"window"}
@@ -407,7 +399,7 @@ def test_a_negative_speed_window_is_refused_before_any_work(tiny_bert):
 
 def test_the_speed_factor_is_the_whole_windows_median_over_the_calibrations():
     probe = prof._SpeedProbe.__new__(prof._SpeedProbe)
-    probe.tokens, probe.per_burst, probe.lead_s, probe.ended_s = 32, 3, 0.25, 31.0
+    probe.tokens, probe.per_burst, probe.gap_s, probe.ended_s = 32, 3, 0.25, 31.0
     probe.bursts = [(0.0, "calibration", [4e-3, 5e-3, 6e-3]), (1.0, "calibration", [5e-3, 5e-3, 5e-3]),
                     (2.0, "window", [7e-3, 8e-3, 9e-3]), (30.0, "window", [6e-3, 6e-3, 7e-3])]
     f, info = probe.factor()
@@ -457,7 +449,7 @@ def test_the_terminal_summary_states_the_device_model_and_the_importance():
     text = prof.format_summary(summary)
     for part in ("7794 MB/s", "4.61 ms", "2-bit 2.90, fp32 0.31", "int8 products up to 64 tokens",
                  "8-bit 52.5", "0.23 ns of compute per streamed byte (0.07 where int8 products read it)", "T / 1.16",
-                 "validation on 12 plan-like configurations: median over predicted (at the window's speed, "
+                 "validation on 12 plan-like configurations: median over predicted (at the machine's speed then, "
                  "x0.900) -4%..+7%", "5.68 ms median over 60 s against 4.81 ms", "compute times x1.181",
                  "p95 / median 1.08 (180 pooled)", "accuracy there 0.938",
                  "layer 1 shard 10 (0.059)", "Spearman 0.95", "rows 4.7 us per token"):
